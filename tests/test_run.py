@@ -1,0 +1,121 @@
+"""End to end on a tiny synthetic set: metrics, the results table, MLflow, hooks, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+
+from conftest import CONF, ROOT, TINY
+from craterlab.errors import ConfigError, UnknownComponentError
+from craterlab.run import run
+
+
+def tiny_config(tmp_path, *overrides: str):
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            config_name="config",
+            overrides=[
+                *TINY,
+                f"output_dir={tmp_path / 'run'}",
+                f"tracking.uri={store}",
+                f"tracking.artifact_location={tmp_path / 'artifacts'}",
+                *overrides,
+            ],
+        )
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("run")
+    cfg = tiny_config(tmp_path)
+    return cfg, run(cfg), tmp_path
+
+
+def test_every_mode_reports_every_metric(default_run) -> None:
+    cfg, result, _ = default_run
+    assert set(result.results) == {"single", "exhaustive", "two_stage"}
+    for metrics in result.results.values():
+        for key in ("R@1", "R@5", "R@10", "mAP", "bytes_per_image", "ms_per_query"):
+            assert key in metrics
+        assert 0.0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 1.0
+    assert "R@S" in result.results["two_stage"]
+    assert result.storage["tokens_per_image"] == 8  # k=8
+    assert result.storage["token_bytes_per_image"] == 8 * 384 * 4  # fp32
+
+
+def test_untrained_weights_are_declared(default_run) -> None:
+    _, result, tmp_path = default_run
+    assert result.weights_status.startswith("random")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (mlrun,) = client.search_runs(client.get_experiment_by_name("craterlab").experiment_id)
+    assert mlrun.data.tags["craterlab.untrained_weights"] == "true"
+
+
+def test_mlflow_records_config_metrics_and_artifacts(default_run) -> None:
+    _, result, tmp_path = default_run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (mlrun,) = client.search_runs(client.get_experiment_by_name("craterlab").experiment_id)
+    assert mlrun.data.params["aggregator.k"] == "8"
+    assert mlrun.data.params["backbone.name"] == "dino_s16" or "backbone.model" in mlrun.data.params
+    metrics = mlrun.data.metrics
+    for mode in ("single", "exhaustive", "two_stage"):
+        assert metrics[f"{mode}/mAP"] == pytest.approx(result.results[mode]["mAP"])
+        assert f"{mode}/R_at_10" in metrics
+    assert "two_stage/R_at_S" in metrics
+    assert "storage/token_bytes_per_image" in metrics
+    assert "time/encode_gallery_seconds" in metrics
+    assert any(k.startswith("two_stage/latency_") for k in metrics)
+    artifacts = {a.path for a in client.list_artifacts(mlrun.info.run_id)}
+    assert {"resolved_config.yaml", "rankings.json"} <= artifacts
+
+
+def test_second_run_hits_the_feature_cache(default_run, tmp_path) -> None:
+    cfg = tiny_config(tmp_path, "tracking=none")
+    result = run(cfg)
+    assert result.timings["encode_gallery_cache_hit"] == 1.0
+    assert result.timings["encode_query_cache_hit"] == 1.0
+
+
+def test_unknown_component_fails_before_any_work(tmp_path) -> None:
+    cfg = tiny_config(tmp_path, "tracking=none", "+aggregator.kk=3")
+    with pytest.raises(ConfigError, match="Valid keys"):
+        run(cfg)
+    cfg = tiny_config(tmp_path, "tracking=none", "pooling.name=gemm")
+    with pytest.raises(UnknownComponentError, match="Did you mean 'gem'"):
+        run(cfg)
+
+
+def cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "craterlab", *args],
+        capture_output=True, text=True, cwd=cwd, env=None,
+    )
+
+
+def test_user_mistakes_print_one_paragraph_without_traceback(tmp_path) -> None:
+    result = cli("tracking=none", "pooling.name=gemm", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Unknown pooling 'gemm'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_plugins_listing_shows_every_kind(tmp_path) -> None:
+    result = cli("plugins", cwd=tmp_path)
+    assert result.returncode == 0
+    for kind in ("dataset", "backbone", "pooling", "selector", "aggregator", "matcher",
+                 "quantizer", "stage", "loss"):
+        assert f"  {kind} " in result.stdout
+    assert "craterlab.tokens" in result.stdout
+
+
+def test_module_runs_from_any_directory(tmp_path) -> None:
+    """The configs are found relative to the package, not the working directory."""
+    assert (ROOT / "conf" / "config.yaml").is_file()
+    result = cli("--cfg", "job", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "aggregator:" in result.stdout
