@@ -128,6 +128,9 @@ def run(cfg: DictConfig) -> RunResult:
     tokenizer = selector if aggregator is None else aggregator
     token_method = cfg.selector.name if aggregator is None else cfg.aggregator.name
     backbone = registry.build("backbone", cfg.backbone, seed=seed)
+    from craterlab.train.config import validate_train_config
+
+    validate_train_config(cfg.train)
 
     tags = {
         "craterlab.dataset": str(cfg.dataset.name),
@@ -219,17 +222,22 @@ def run(cfg: DictConfig) -> RunResult:
             metrics = dict(evaluation.metrics)
             metrics.update(stage_timings(ranking))
             metrics.update({k: float(v) for k, v in ranking.extra.items()})
-            metrics["bytes_per_image"] = _bytes_per_image(label, cfg, storage, ranking)
+            metrics["bytes_per_image"] = _bytes_per_image(
+                label, cfg, storage, ranking, len(gallery_ids)
+            )
             results[label] = metrics
             rankings[label] = ranking
         _recovery(results, cfg)
+        if cfg.get("save_index"):
+            _save_index(cfg, dataset, g_vectors, store, run_dir)
 
         flat = {f"{mode}/{k}": v for mode, m in results.items() for k, v in m.items()}
         flat.update({f"storage/{k}": v for k, v in storage.items()})
         flat.update({f"time/{k}": v for k, v in timings.items()})
         tracker.log_metrics(flat)
         _save_rankings(rankings, dataset, run_dir, tracker)
-        print(format_results(results, weights, str(cfg.backbone.name), token_method))
+        backbone_name = str(cfg.backbone.get("model") or cfg.backbone.name)
+        print(format_results(results, weights, backbone_name, token_method))
         pm.hook.run_finished(config=config, run_dir=str(run_dir), results=results)
     if tracker.not_logged:
         print(f"Tracking: not logged: {'; '.join(tracker.not_logged)}")
@@ -238,13 +246,15 @@ def run(cfg: DictConfig) -> RunResult:
     return RunResult(results, storage, timings, weights, run_dir)
 
 
-def _bytes_per_image(label: str, cfg: DictConfig, storage: dict[str, float], ranking: Ranking):
-    """Storage a deployment of this mode keeps per gallery image."""
+def _bytes_per_image(
+    label: str, cfg: DictConfig, storage: dict[str, float], ranking: Ranking, n_gallery: int
+) -> float:
+    """Storage a deployment of this mode keeps per gallery image (index + token store)."""
     stage_name = str(cfg.retrieval.stages[label].name)
     vector = storage["vector_bytes_per_image"]
+    if "index_bytes" in ranking.extra:
+        vector = float(ranking.extra["index_bytes"]) / n_gallery
     tokens = storage["token_bytes_per_image"]
-    if "index_bytes_per_image" in ranking.extra:
-        vector = float(ranking.extra["index_bytes_per_image"])
     if stage_name == "single":
         return vector
     if stage_name == "exhaustive":
@@ -308,9 +318,24 @@ def _save_rankings(rankings: dict[str, Ranking], dataset: Any, run_dir: Path, tr
     tracker.log_artifact(path)
 
 
+def _save_index(cfg: DictConfig, dataset: Any, vectors: torch.Tensor, store: Any, run_dir: Path):
+    """Write the gallery (ids, stage-1 index, token store) so it can be queried without the
+    backbone: ``GalleryIndex.load(dir).search(...)``."""
+    from craterlab.retrieval.index import GalleryIndex
+
+    stage1 = next(
+        (s for s in cfg.retrieval.stages.values() if "index" in s), {"index": "Flat"}
+    )
+    index = GalleryIndex(
+        [r.image_id for r in dataset.records("gallery")], vectors, store, index=str(stage1["index"])
+    )
+    index.save(run_dir / "index")
+    log.info("gallery index saved to %s", run_dir / "index")
+
+
 def _finetune(cfg, registry, backbone, dataset, device, run_dir, tracker):
     """Fine-tune the backbone on the train split, then rebuild it from the checkpoint."""
-    from craterlab.train.finetune import finetune
+    from craterlab.train.finetune import finetune, finetune_dir
 
     train_cfg = OmegaConf.to_container(cfg.train, resolve=True)
 
@@ -324,7 +349,7 @@ def _finetune(cfg, registry, backbone, dataset, device, run_dir, tracker):
         dataset,
         device=device,
         seed=int(cfg.seed),
-        out_dir=run_dir / "finetune",
+        out_dir=finetune_dir(Path("outputs") / "finetune", cfg.train, backbone, dataset, cfg.seed),
         on_epoch_end=on_epoch_end,
     )
     backbone_cfg = OmegaConf.to_container(cfg.backbone, resolve=True)

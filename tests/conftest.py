@@ -16,8 +16,8 @@ CONF = ROOT / "conf"
 # A tiny composition that runs end to end offline in seconds (used by run and sweep tests).
 TINY = [
     "dataset=synthetic",
-    "dataset.identities=12",
-    "dataset.query_craters=4",
+    "dataset.n_identities=12",
+    "dataset.n_query_craters=4",
     "backbone.weights=random",
     "batch_size=16",
     "k=8",
@@ -26,8 +26,8 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _isolated_outputs(tmp_path_factory: pytest.TempPathFactory, monkeypatch) -> None:
-    """Keep the feature cache per test session, never in the repository's outputs/."""
-    cache = tmp_path_factory.getbasetemp() / "feature-cache"
-    monkeypatch.setenv("CRATERLAB_CACHE", str(cache))
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """One feature cache per test session, never the repository's outputs/ (session scope, so
+    module-scoped fixtures that run the pipeline see it too)."""
+    os.environ["CRATERLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "feature-cache")

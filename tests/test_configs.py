@@ -15,10 +15,28 @@ from craterlab.testing import random_features, random_tokens
 from craterlab.types import Fittable, RetrievalInputs, Tokens
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ["dataset", "backbone", "pooling", "selector", "aggregator", "matcher", "quantizer",
-          "retrieval", "train", "tracking", "experiment"]
-COMPONENT_GROUPS = {"dataset", "backbone", "pooling", "selector", "aggregator", "matcher",
-                    "quantizer"}
+GROUPS = [
+    "dataset",
+    "backbone",
+    "pooling",
+    "selector",
+    "aggregator",
+    "matcher",
+    "quantizer",
+    "retrieval",
+    "train",
+    "tracking",
+    "experiment",
+]
+COMPONENT_GROUPS = {
+    "dataset",
+    "backbone",
+    "pooling",
+    "selector",
+    "aggregator",
+    "matcher",
+    "quantizer",
+}
 
 
 def options(group: str) -> list[str]:
@@ -32,7 +50,8 @@ def compose_config(*overrides: str):
 
 def component_configs(cfg) -> list[tuple[str, dict]]:
     """(kind, component config) pairs a composed config will build."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in (*COMPONENT_GROUPS,
+                                                                      "retrieval", "train")}
     pairs = [(group, plain[group]) for group in COMPONENT_GROUPS]
     pairs += [("stage", stage) for stage in plain["retrieval"]["stages"].values()]
     if plain["train"]["name"] != "none":
@@ -98,8 +117,9 @@ def unit_norm(x: torch.Tensor) -> bool:
     return torch.allclose(x.norm(dim=-1), torch.ones(x.shape[:-1]), atol=1e-4)
 
 
-@pytest.mark.parametrize(("kind", "name"), [c for c in COMPONENTS if c[0] in
-                                            ("pooling", "selector", "aggregator")])
+@pytest.mark.parametrize(
+    ("kind", "name"), [c for c in COMPONENTS if c[0] in ("pooling", "selector", "aggregator")]
+)
 def test_token_method_contract(kind: str, name: str) -> None:
     component = get_registry().build(kind, CONFIGS[(kind, name)], seed=0)
     if component is None:  # aggregator 'none': the run uses the selector's tokens
@@ -181,3 +201,51 @@ def test_loss_contract(name: str) -> None:
 def test_kinds_covered() -> None:
     kinds = {k for k, _ in COMPONENTS}
     assert kinds == set(KINDS)
+
+
+@pytest.mark.parametrize("name", [n for k, n in COMPONENTS if k == "backbone"])
+def test_backbone_contract(name: str) -> None:
+    """Each registered backbone factory, built from its smallest-named config with random
+    weights (every config's shapes are checked in test_backbones.py)."""
+    from PIL import Image
+
+    config = dict(CONFIGS[("backbone", name)], weights="random")
+    if name == "marsdino":
+        config["size"] = "s"
+    backbone = get_registry().build("backbone", config, seed=0)
+    images = torch.stack([backbone.transform(Image.new("RGB", (64, 48), c)) for c in ("red", "blue")])
+    features = backbone.encode(images)
+    rows, cols = features.grid
+    assert features.tokens.shape == (2, rows * cols, backbone.dim)
+    assert features.cls.shape == (2, backbone.dim)
+    if backbone.has_attention:
+        torch.testing.assert_close(features.attn.sum(-1), torch.ones(2))
+    else:
+        assert features.attn is None
+    assert backbone.weights_status.startswith("random")
+    assert backbone.identity()
+
+
+@pytest.mark.parametrize("name", [n for k, n in COMPONENTS if k == "dataset"])
+def test_dataset_contract(name: str, tmp_path) -> None:
+    registry = get_registry()
+    tiny = {"name": "synthetic", "size": "tiny", "n_identities": 6, "n_query_craters": 2,
+            "image_size": 64}
+    if name == "synthetic":
+        config = tiny
+    elif name == "manifest":
+        config = {"name": "manifest", "path": str(CONF.parent / "examples/manifest/manifest.csv")}
+    else:  # a release in the CraterBench-R layout, written by the exporter
+        from craterlab.data.export import export_dataset
+
+        export_dataset(registry.build("dataset", tiny), tmp_path / "release", progress=False)
+        config = {"name": name, "root": str(tmp_path / "release"), "download": False}
+    dataset = registry.build("dataset", config)
+    gallery, queries = dataset.records("gallery"), dataset.records("query")
+    assert gallery and queries
+    assert len({r.image_id for r in gallery}) == len(gallery)
+    gallery_ids = {r.crater_id for r in gallery}
+    assert all(q.relevant_ids & gallery_ids for q in queries)
+    image = dataset.load_image(queries[0])
+    assert image.mode == "RGB" and min(image.size) > 0
+    assert isinstance(dataset.identity(), str) and dataset.identity()

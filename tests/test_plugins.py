@@ -64,8 +64,17 @@ def test_builtins_are_plugins_registered_like_third_party_ones() -> None:
     registry = fill_registry(pm)
     plugins = {c.plugin for c in registry}
     assert plugins <= set(DEFAULT_PLUGINS)
-    for kind in ("dataset", "backbone", "pooling", "selector", "aggregator", "matcher",
-                 "quantizer", "stage", "loss"):
+    for kind in (
+        "dataset",
+        "backbone",
+        "pooling",
+        "selector",
+        "aggregator",
+        "matcher",
+        "quantizer",
+        "stage",
+        "loss",
+    ):
         assert registry.names(kind), f"no built-in {kind}"
 
 
@@ -105,8 +114,18 @@ def installed_example(tmp_path_factory) -> dict[str, str]:
     """The example plugin package installed into a private target directory."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(EXAMPLE)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLE),
+        ],
         check=True,
         capture_output=True,
     )
@@ -117,16 +136,26 @@ def installed_example(tmp_path_factory) -> dict[str, str]:
 def test_example_plugin_is_listed_once_installed(installed_example) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "craterlab", "plugins", "--json"],
-        env=installed_example, capture_output=True, text=True, check=True,
+        env=installed_example,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     rows = json.loads(out)
-    assert {"plugin": "center", "kind": "selector", "name": "center",
-            "description": "K patch tokens nearest the crop centre (example plugin)"} in rows
+    assert {
+        "plugin": "center",
+        "kind": "selector",
+        "name": "center",
+        "description": "K patch tokens nearest the crop centre (example plugin)",
+    } in rows
 
 
 def test_example_plugin_own_tests_pass(installed_example) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
-        env=installed_example, capture_output=True, text=True, cwd=EXAMPLE,
+        env=installed_example,
+        capture_output=True,
+        text=True,
+        cwd=EXAMPLE,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -13,8 +13,14 @@ from craterlab.registry import Registry
 class Scaled:
     """Scale things by a factor."""
 
-    def __init__(self, k: int, factor: float = 1.0, mode: Literal["a", "b"] = "a",
-                 tags: list[str] | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        k: int,
+        factor: float = 1.0,
+        mode: Literal["a", "b"] = "a",
+        tags: list[str] | None = None,
+        seed: int = 0,
+    ) -> None:
         self.k, self.factor, self.mode, self.tags, self.seed = k, factor, mode, tags, seed
 
 

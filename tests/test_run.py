@@ -15,17 +15,16 @@ from craterlab.run import run
 
 
 def tiny_config(tmp_path, *overrides: str):
-    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking = [
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.artifact_location={tmp_path / 'artifacts'}",
+    ]
+    if "tracking=none" in overrides:
+        tracking = []
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(
             config_name="config",
-            overrides=[
-                *TINY,
-                f"output_dir={tmp_path / 'run'}",
-                f"tracking.uri={store}",
-                f"tracking.artifact_location={tmp_path / 'artifacts'}",
-                *overrides,
-            ],
+            overrides=[*TINY, f"output_dir={tmp_path / 'run'}", *overrides, *tracking],
         )
 
 
@@ -93,7 +92,10 @@ def test_unknown_component_fails_before_any_work(tmp_path) -> None:
 def cli(*args: str, cwd) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "craterlab", *args],
-        capture_output=True, text=True, cwd=cwd, env=None,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=None,
     )
 
 
@@ -107,8 +109,17 @@ def test_user_mistakes_print_one_paragraph_without_traceback(tmp_path) -> None:
 def test_plugins_listing_shows_every_kind(tmp_path) -> None:
     result = cli("plugins", cwd=tmp_path)
     assert result.returncode == 0
-    for kind in ("dataset", "backbone", "pooling", "selector", "aggregator", "matcher",
-                 "quantizer", "stage", "loss"):
+    for kind in (
+        "dataset",
+        "backbone",
+        "pooling",
+        "selector",
+        "aggregator",
+        "matcher",
+        "quantizer",
+        "stage",
+        "loss",
+    ):
         assert f"  {kind} " in result.stdout
     assert "craterlab.tokens" in result.stdout
 

@@ -15,11 +15,24 @@ def test_multirun_logs_one_child_run_per_job(tmp_path) -> None:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", CRATERLAB_CACHE=str(tmp_path / "cache"))
     result = subprocess.run(
-        [sys.executable, "-m", "craterlab", "-m", *TINY, "aggregator=instance,none", "k=4,8",
-         "retrieval=two_stage", f"tracking.uri={store}",
-         f"tracking.artifact_location={tmp_path / 'artifacts'}",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "craterlab",
+            "-m",
+            *TINY,
+            "aggregator=instance,none",
+            "k=4,8",
+            "retrieval=two_stage",
+            f"tracking.uri={store}",
+            f"tracking.artifact_location={tmp_path / 'artifacts'}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     client = MlflowClient(store)

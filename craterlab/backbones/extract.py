@@ -1,0 +1,224 @@
+"""Run a backbone over a dataset split, batched, with progress, through the feature cache.
+
+Images are decoded and transformed in DataLoader workers (``num_workers``) and copied to the
+accelerator from pinned memory, so on a GPU the decode/resize overlaps the forward passes.
+Results are returned on CPU: cls and attn float32, tokens float16 (memory-mapped when they come
+from the cache; consumers cast chunks to float32). With and without the cache the values are
+the same (tokens are rounded to fp16 either way).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from craterlab.cache import FeatureCache, entry_key, entry_name
+from craterlab.types import Backbone, CraterDataset, Features, ImageRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractInfo:
+    """How features were obtained: from the cache or computed, how long, how many images."""
+
+    cache_hit: bool
+    seconds: float
+    images: int
+    path: str | None = None
+    computed: int = 0  # images actually run through the backbone (0 on a hit; < images on resume)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.computed / self.seconds if self.seconds > 0 and self.computed else 0.0
+
+
+class RecordImages(Dataset):
+    """Records -> transformed image tensors (runs in DataLoader workers)."""
+
+    def __init__(self, dataset: CraterDataset, records: Sequence[ImageRecord], transform: Any):
+        self.dataset = dataset
+        self.records = records
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.transform(self.dataset.load_image(self.records[i]))
+
+
+def resolve_device(device: torch.device | str) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def make_loader(
+    dataset: CraterDataset,
+    records: Sequence[ImageRecord],
+    transform: Any,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+) -> DataLoader:
+    """Batches of transformed images; workers decode ahead, pinned memory on CUDA."""
+    return DataLoader(
+        RecordImages(dataset, records, transform),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def _empty(backbone: Backbone) -> Features:
+    d = backbone.dim
+    attn = torch.zeros(0, 0) if backbone.has_attention else None
+    return Features(torch.zeros(0, d), torch.zeros(0, 0, d, dtype=torch.float16), attn, (0, 0))
+
+
+def _batches(
+    backbone: Backbone,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    total: int,
+    initial: int,
+    progress: bool,
+    desc: str,
+) -> Any:
+    """Yield CPU Features batch by batch with a tqdm bar."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, initial=initial, disable=not progress, desc=desc, unit="img") as bar:
+        for images in loader:
+            feats = backbone.encode(images.to(device, non_blocking=True))
+            out = Features(
+                cls=feats.cls.float().cpu(),
+                tokens=feats.tokens.to(torch.float16).cpu(),
+                attn=None if feats.attn is None else feats.attn.float().cpu(),
+                grid=feats.grid,
+            )
+            bar.update(len(out))
+            yield out
+
+
+def extract_features(
+    backbone: Backbone,
+    dataset: CraterDataset,
+    split: str,
+    *,
+    device: torch.device | str,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    commit_every: int | None = None,
+    verify: bool | None = None,
+) -> tuple[Features, ExtractInfo]:
+    """Features of every image of ``dataset.records(split)``, in record order, on CPU.
+
+    With ``cache_dir`` a cached entry is returned without any forward pass (a cache hit), a
+    partial one is resumed, and a computed one is stored. ``commit_every`` (images, default
+    max(batch_size, 1024)) sets how often progress is made durable; ``verify`` forces (or
+    skips) checksum verification of a cached entry.
+    """
+    t0 = time.perf_counter()
+    device = resolve_device(device)
+    records = list(dataset.records(split))
+    n = len(records)
+    backbone.to(device)
+    name = getattr(dataset, "name", type(dataset).__name__)
+    desc = f"encode {name}/{split}"
+    if n == 0:
+        return _empty(backbone), ExtractInfo(False, time.perf_counter() - t0, 0, None)
+
+    def loader_from(start: int) -> DataLoader:
+        return make_loader(
+            dataset,
+            records[start:],
+            backbone.transform,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+        )
+
+    if cache_dir is None:
+        parts = list(
+            _batches(
+                backbone, loader_from(0), device, total=n, initial=0, progress=progress, desc=desc
+            )
+        )
+        feats = Features(
+            cls=torch.cat([p.cls for p in parts]),
+            tokens=torch.cat([p.tokens for p in parts]),
+            attn=None if parts[0].attn is None else torch.cat([p.attn for p in parts]),
+            grid=parts[0].grid,
+        )
+        return feats, ExtractInfo(False, time.perf_counter() - t0, n, None, computed=n)
+
+    identity = backbone.identity()
+    dataset_identity = dataset.identity()
+    entry = entry_name(identity, name, dataset_identity, split)
+    cache = FeatureCache(cache_dir)
+    with cache.lock(entry):
+        cached = cache.load(entry, verify=verify)
+        if cached is not None:
+            if len(cached) != n:
+                log.warning(
+                    "Cache entry %s has %d images, expected %d; rebuilding", entry, len(cached), n
+                )
+                cache.path(entry).rename(cache.path(entry).with_name(entry + ".stale"))
+                import shutil
+
+                shutil.rmtree(cache.path(entry).with_name(entry + ".stale"), ignore_errors=True)
+            else:
+                secs = time.perf_counter() - t0
+                log.info("Feature cache hit: %s (%d images, %.2f s)", cache.path(entry), n, secs)
+                return cached, ExtractInfo(True, secs, n, str(cache.path(entry)), computed=0)
+        meta = {
+            "key": entry_key(identity, dataset_identity, split),
+            "backbone": identity,
+            "weights_status": getattr(backbone, "weights_status", ""),
+            "dataset_name": name,
+            "dataset": dataset_identity,
+            "split": split,
+            "image_ids": [r.image_id for r in records],
+        }
+        writer = cache.writer(entry, n, meta)
+        start = writer.done
+        every = commit_every or max(batch_size, 1024)
+        since = 0
+        last_commit = time.monotonic()
+        for batch in _batches(
+            backbone,
+            loader_from(start),
+            device,
+            total=n,
+            initial=start,
+            progress=progress,
+            desc=desc,
+        ):
+            writer.write(batch)
+            since += len(batch)
+            if since >= every or time.monotonic() - last_commit > 60:
+                writer.commit()
+                since, last_commit = 0, time.monotonic()
+        path = writer.finalize()
+        feats = cache.load(entry, verify=False)
+        if feats is None:
+            raise RuntimeError(f"cache entry {path} vanished after writing")
+    secs = time.perf_counter() - t0
+    log.info("Encoded %d images of %s/%s in %.1f s -> %s", n - start, name, split, secs, path)
+    return feats, ExtractInfo(False, secs, n, str(path), computed=n - start)

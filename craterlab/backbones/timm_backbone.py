@@ -1,0 +1,333 @@
+"""Frozen timm backbones: ViTs (CLS, patch tokens, last-block CLS->patch attention) and CNNs
+(final feature map as tokens, its global average as the global vector, no attention).
+
+The image transform is the model's own pretrained preprocessing (timm's resolve_data_config +
+create_transform: size, crop, mean, std, interpolation). Weights come from the timm hub, a
+local checkpoint, an ``hf-hub:`` id or a seeded random init; see :mod:`.weights`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Any, Literal
+
+import timm
+import torch
+from PIL import Image
+
+from craterlab.backbones import weights as W
+from craterlab.errors import CraterlabError
+from craterlab.types import Features
+
+log = logging.getLogger(__name__)
+
+EXTRACTOR_VERSION = "1"
+"""Bump when the way features are computed from a model changes (invalidates the cache)."""
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+def resolve_weights(weights: str) -> str:
+    """Normalize the ``weights`` config value: 'pretrained', 'random', 'hf-hub:...' or a path."""
+    w = (weights or "").strip()
+    if w in ("pretrained", "random") or w.startswith("hf-hub:"):
+        return w
+    if not w:
+        raise ValueError(
+            "weights is empty: use 'pretrained', 'random', a checkpoint path or 'hf-hub:ORG/NAME'"
+        )
+    return w
+
+
+class TimmBackbone:
+    """Common parts of the timm backbones: model creation, weights, transform, identity."""
+
+    has_attention: bool = False
+    kind: str = "timm"
+    sized_model: bool = False  # whether the architecture takes img_size (ViTs) or not (CNNs)
+
+    def __init__(
+        self,
+        model: str,
+        pretrained_tag: str | None = None,
+        weights: str = "pretrained",
+        allow_random_weights: bool = False,
+        seed: int = 0,
+        image_size: int | None = None,
+        precision: Precision = "auto",
+        checkpoint_key: str = "teacher",
+        label: str | None = None,
+        unavailable_reason: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        self.model_name = model
+        self.pretrained_tag = pretrained_tag or None
+        self.full_name = f"{model}.{pretrained_tag}" if pretrained_tag else model
+        self.label = label or self.full_name
+        self.precision = precision
+        self.image_size = image_size
+        self.seed = seed
+        weights = resolve_weights(weights)
+        if not timm.is_model(model):
+            raise ValueError(
+                f"timm has no model {model!r}; list them with "
+                f"`python -c \"import timm; print(timm.list_models('{model.split('_')[0]}*'))\"`"
+            )
+        kwargs: dict[str, Any] = {"num_classes": 0, **(model_kwargs or {})}
+        if image_size is not None and self.sized_model:
+            kwargs["img_size"] = image_size
+        self._weights_id: dict[str, Any]
+        self.model = self._create(
+            weights, allow_random_weights, seed, checkpoint_key, kwargs, unavailable_reason
+        )
+        self.model.eval().requires_grad_(False)
+        self._device = torch.device("cpu")
+        data_cfg_args: dict[str, Any] = {}
+        if image_size is not None:
+            data_cfg_args["input_size"] = (3, image_size, image_size)
+        self.data_config = timm.data.resolve_data_config(data_cfg_args, model=self.model)
+        self._transform = timm.data.create_transform(**self.data_config, is_training=False)
+
+    # ------------------------------------------------------------------ weights
+
+    def _create(
+        self,
+        weights: str,
+        allow_random: bool,
+        seed: int,
+        checkpoint_key: str,
+        kwargs: dict[str, Any],
+        unavailable_reason: str | None,
+    ) -> torch.nn.Module:
+        if weights == "random":
+            self.weights_status = "random (requested)"
+            self._weights_id = {"weights": "random", "seed": seed}
+            return self._random(seed, kwargs)
+        if weights == "pretrained":
+            try:
+                if unavailable_reason:
+                    raise W.WeightsUnavailable(unavailable_reason)
+                if not self.pretrained_tag:
+                    raise W.WeightsUnavailable(
+                        f"no pretrained tag is configured for {self.model_name}"
+                    )
+                cfg = timm.models.get_pretrained_cfg(self.full_name)
+                if cfg is None:
+                    raise ValueError(f"timm has no pretrained weights {self.full_name!r}")
+                overlay = W.pretrained_source(cfg.to_dict())
+                model = timm.create_model(
+                    self.full_name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs
+                )
+                self.weights_status = "pretrained"
+                self._weights_id = {"weights": "pretrained", "tag": self.full_name}
+                return model
+            except W.WeightsUnavailable as exc:
+                return self._fallback(str(exc), allow_random, seed, kwargs)
+        # a checkpoint: hf-hub id or local path
+        if weights.startswith("hf-hub:"):
+            spec = weights[len("hf-hub:") :]
+            parts = spec.split("/")
+            repo, rev = W.split_repo("/".join(parts[:2]))
+            files = ("/".join(parts[2:]),) if len(parts) > 2 else W.CHECKPOINT_HUB_FILES
+            try:
+                path = W.download_hub_file(repo, files, rev)
+            except W.WeightsUnavailable as exc:
+                return self._fallback(str(exc), allow_random, seed, kwargs)
+            source = weights
+        else:
+            path = weights
+            source = f"checkpoint:{path}"
+            if not os.path.isfile(path):
+                raise CraterlabError(
+                    f"Checkpoint file {path!r} for backbone {self.label} does not exist. Pass an "
+                    "existing file (backbone.weights=/path/to/checkpoint.pth), an "
+                    "'hf-hub:ORG/NAME' id, 'pretrained' or 'random'."
+                )
+        model = self._random(seed, kwargs)
+        W.load_checkpoint_into(model, path, key=checkpoint_key, label=self.label)
+        self.weights_status = source
+        self._weights_id = {
+            "weights": "checkpoint",
+            "source": source,
+            "sha256": W.file_sha256(path),
+            "checkpoint_key": checkpoint_key,
+        }
+        return model
+
+    def _random(self, seed: int, kwargs: dict[str, Any]) -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return timm.create_model(self.full_name, pretrained=False, **kwargs)
+
+    def _fallback(
+        self, reason: str, allow_random: bool, seed: int, kwargs: dict[str, Any]
+    ) -> torch.nn.Module:
+        if not allow_random:
+            raise CraterlabError(
+                f"Pretrained weights for backbone {self.label} are unavailable: {reason}. "
+                "Fix: connect to the internet once (the weights are then cached), or pre-download "
+                "them into the Hugging Face cache (huggingface-cli download ...), or pass a local "
+                "checkpoint (backbone.weights=/path/to/file), or run with untrained weights "
+                "(allow_random_weights=true; results are then meaningless for retrieval quality)."
+            )
+        self.weights_status = (
+            f"random (fallback: pretrained weights for {self.label} unreachable: {reason})"
+        )
+        log.warning(
+            "!!! USING RANDOM WEIGHTS for %s: pretrained weights unreachable (%s). Features are "
+            "untrained; retrieval metrics will not reflect the model. Set "
+            "allow_random_weights=false to make this an error.",
+            self.label,
+            reason,
+        )
+        self._weights_id = {"weights": "random", "seed": seed}
+        return self._random(seed, kwargs)
+
+    # ------------------------------------------------------------------ protocol
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def transform(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image to a normalized (3, H, W) tensor (the model's own preprocessing)."""
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        return self._transform(image)
+
+    def to(self, device: torch.device | str) -> TimmBackbone:
+        self._device = torch.device(device)
+        self.model.to(self._device)
+        return self
+
+    def effective_precision(self) -> str:
+        if self.precision == "auto":
+            return "bf16" if self._device.type == "cuda" else "fp32"
+        return self.precision
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        p = self.effective_precision()
+        if p == "fp32" or self._device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def encode(self, images: torch.Tensor) -> Features:
+        """(B, 3, H, W) on the model's device -> float32 Features, no gradients, eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                return self._features(images)
+        finally:
+            self.model.train(was_training)
+
+    def forward_features(self, images: torch.Tensor) -> Features:
+        """Like :meth:`encode` but differentiable (for fine-tuning); keeps the train/eval mode."""
+        return self._features(images)
+
+    def _features(self, images: torch.Tensor) -> Features:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """Everything that determines the features; the feature cache hashes it."""
+        return {
+            "kind": self.kind,
+            "model": self.model_name,
+            "pretrained_tag": self.pretrained_tag,
+            "label": self.label,
+            "weights": self._weights_id,
+            "image_size": self.image_size,
+            "transform": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()
+            },
+            "precision": self.effective_precision(),
+            "extractor_version": EXTRACTOR_VERSION,
+            "timm": timm.__version__,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label}, dim={self.dim}, weights={self.weights_status})"
+
+
+class TimmViT(TimmBackbone):
+    """A timm Vision Transformer: CLS, patch tokens (prefix/register tokens dropped), and the
+    last block's CLS->patch attention averaged over heads, renormalized over patch tokens."""
+
+    has_attention = True
+    kind = "timm_vit"
+    sized_model = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        m = self.model
+        if not hasattr(m, "blocks") or not hasattr(m, "num_prefix_tokens"):
+            raise ValueError(f"{self.model_name} is not a ViT (no blocks / prefix tokens)")
+        self.dim = int(m.num_features)
+        self.num_prefix_tokens = int(m.num_prefix_tokens)
+        self.has_class_token = getattr(m, "cls_token", None) is not None
+        self.grid = tuple(int(g) for g in m.patch_embed.grid_size)
+        attn = m.blocks[-1].attn
+        if not hasattr(attn, "fused_attn") or not hasattr(attn, "attn_drop"):
+            raise ValueError(
+                f"{self.model_name}: the last block's attention ({type(attn).__name__}) does not "
+                "expose its weights (no fused_attn / attn_drop)"
+            )
+        # The fused SDPA kernel never materializes the weights: compute the last block
+        # explicitly and read softmax(qk^T) where it passes through attn_drop.
+        attn.fused_attn = False
+        self._captured: torch.Tensor | None = None
+        attn.attn_drop.register_forward_hook(self._capture)
+
+    def _capture(self, module: torch.nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        # (B, H, N, N) -> CLS row only, (B, H, N)
+        self._captured = output[:, :, 0, :]
+
+    def _features(self, images: torch.Tensor) -> Features:
+        self._captured = None
+        with self._autocast():
+            x = self.model.forward_features(images)
+        npt = self.num_prefix_tokens
+        tokens = x[:, npt:, :].float()
+        if self.has_class_token:
+            cls = x[:, 0, :].float()
+        else:
+            with self._autocast():
+                cls = self.model.forward_head(x, pre_logits=True).float()
+        rows, cols = self.grid
+        if tokens.shape[1] != rows * cols:
+            raise RuntimeError(f"{tokens.shape[1]} patch tokens for a {rows}x{cols} grid")
+        if self._captured is None:
+            raise RuntimeError("the attention hook did not fire")
+        a = self._captured.float().mean(dim=1)[:, npt:]
+        attn = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        self._captured = None
+        return Features(cls=cls, tokens=tokens, attn=attn, grid=(rows, cols))
+
+
+class TimmCNN(TimmBackbone):
+    """A timm CNN: the final feature map's cells are the tokens, their mean the global vector."""
+
+    has_attention = False
+    kind = "timm_cnn"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        size = self.data_config["input_size"]
+        with torch.inference_mode():
+            fmap = self.model.forward_features(torch.zeros(1, *size))
+        if fmap.ndim != 4:
+            raise ValueError(
+                f"{self.model_name}: forward_features gave {tuple(fmap.shape)}, not NCHW"
+            )
+        self.dim = int(fmap.shape[1])
+        self.grid = (int(fmap.shape[2]), int(fmap.shape[3]))
+
+    def _features(self, images: torch.Tensor) -> Features:
+        with self._autocast():
+            fmap = self.model.forward_features(images)
+        tokens = fmap.float().flatten(2).transpose(1, 2)
+        cls = tokens.mean(dim=1)
+        return Features(cls=cls, tokens=tokens, attn=None, grid=(fmap.shape[2], fmap.shape[3]))

@@ -1,0 +1,291 @@
+"""Matchers: late interaction over token sets and cosine over single vectors.
+
+Scoring functions are pure (tensors in, tensors out) and run unchanged on CPU and CUDA.
+
+Late interaction (ColBERT-style, the study's definition)::
+
+    s(q, g) = (1 / Kq) * sum_i max_j <q_i, g_j>
+
+over the real tokens of each side (``Tokens.mask``; padded tokens are ignored). A query with
+no real token scores 0 everywhere; a gallery item with no real token scores ``-inf``.
+
+The exhaustive score is tiled *gallery-major*: a tile of gallery tokens forms the rows of one
+matmul against a chunk of query tokens, and the max runs over the gallery-token axis, so memory
+stays bounded (``tile_bytes``) at any gallery size. On CUDA the matmuls run in fp16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from craterlab.hookspecs import hookimpl
+from craterlab.types import Tokens
+
+GatherFn = Callable[[torch.Tensor], Tokens]
+"""Gallery rows (1-D long indices) -> their tokens (decoded), on the compute device."""
+
+DEFAULT_TILE_BYTES = 64 * 2**20
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """fp16 on CUDA (tensor cores), fp32 on CPU (fp16/bf16 matmuls are slower there)."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def _finish(maxsim: torch.Tensor, qmask: torch.Tensor | None) -> torch.Tensor:
+    """(..., Kq) per-query-token maxima -> (...) masked mean over the query tokens."""
+    if qmask is None:
+        return maxsim.mean(dim=-1)
+    qm = qmask.to(maxsim.device)  # broadcastable to maxsim
+    total = torch.where(qm, maxsim, torch.zeros((), dtype=maxsim.dtype, device=maxsim.device))
+    count = qm.sum(dim=-1).clamp(min=1).to(maxsim.dtype)
+    return total.sum(dim=-1) / count
+
+
+def _masked_max(sim: torch.Tensor, gmask: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """Max over the gallery-token axis ``dim`` of ``sim``, padding tokens excluded (-inf)."""
+    if gmask is not None:
+        sim = sim.masked_fill(~gmask, float("-inf"))
+    return sim.amax(dim=dim)
+
+
+def late_interaction_score(
+    queries: Tokens,
+    gallery: Tokens | None = None,
+    *,
+    num_gallery: int | None = None,
+    gather: GatherFn | None = None,
+    device: torch.device | str | None = None,
+    tile_bytes: int = DEFAULT_TILE_BYTES,
+) -> torch.Tensor:
+    """(Nq, Ng) late-interaction scores of every query against every gallery item.
+
+    Either ``gallery`` tokens, or ``num_gallery`` plus a ``gather`` function that decodes
+    gallery rows on demand (a quantized store), so the whole gallery is never materialized in
+    fp32. Memory per step is about ``tile_bytes``; the result lives on CPU.
+    """
+    if gallery is not None:
+        num_gallery = len(gallery)
+        gather = _tokens_gather(gallery)
+    assert gather is not None and num_gallery is not None
+    dev = torch.device(device) if device is not None else queries.vectors.device
+    dt = compute_dtype(dev)
+    q = queries.vectors.to(dev, dt)
+    nq, kq, d = q.shape
+    qmask = None if queries.mask is None else queries.mask.to(dev)
+    out = torch.empty(nq, num_gallery, dtype=torch.float32, device=dev)
+    if nq == 0 or num_gallery == 0:
+        return out.cpu()
+    probe = gather(torch.arange(1))
+    kg = probe.vectors.shape[1]
+    elem = torch.finfo(dt).bits // 8
+    # Tile sizes: the (Gt*Kg, Qc*Kq) similarity block stays within tile_bytes, with at least
+    # ~64 gallery images per tile so each matmul is large enough to run near peak.
+    q_chunk = max(1, min(nq, tile_bytes // max(1, elem * kq * kg * 64)))
+    g_tile = max(1, min(num_gallery, tile_bytes // max(1, elem * kg * q_chunk * kq)))
+    qflat = q.reshape(nq * kq, d)
+    for g0 in range(0, num_gallery, g_tile):
+        idx = torch.arange(g0, min(g0 + g_tile, num_gallery))
+        tile = gather(idx)
+        gt = len(idx)
+        gv = tile.vectors.to(dev, dt).reshape(gt * kg, d)
+        gm = None if tile.mask is None else tile.mask.to(dev).reshape(gt, kg, 1)
+        for q0 in range(0, nq, q_chunk):
+            q1 = min(q0 + q_chunk, nq)
+            sim = gv @ qflat[q0 * kq : q1 * kq].T  # (Gt*Kg, Qc*Kq), gallery tokens as rows
+            mx = _masked_max(sim.view(gt, kg, (q1 - q0) * kq), gm, dim=1)  # (Gt, Qc*Kq)
+            mx = mx.view(gt, q1 - q0, kq).float()
+            s = _finish(mx, None if qmask is None else qmask[q0:q1].unsqueeze(0))
+            out[q0:q1, g0 : g0 + gt] = s.T
+    return out.cpu()
+
+
+def late_interaction_rerank(
+    queries: Tokens,
+    candidates: torch.Tensor,
+    gallery: Tokens | None = None,
+    *,
+    gather: GatherFn | None = None,
+    device: torch.device | str | None = None,
+    chunk_bytes: int = 32 * 2**20,
+) -> torch.Tensor:
+    """(Nq, S) late-interaction scores of each query against its own candidates (Nq, S).
+
+    Candidates of a chunk of queries are gathered (decoded) into one block and scored with one
+    batched matmul per chunk; the chunk is sized so the gathered block stays near
+    ``chunk_bytes``. Candidate index -1 (no candidate) scores ``-inf``.
+    """
+    if gallery is not None:
+        gather = _tokens_gather(gallery)
+    assert gather is not None
+    dev = torch.device(device) if device is not None else queries.vectors.device
+    dt = compute_dtype(dev)
+    nq, s = candidates.shape
+    out = torch.full((nq, s), float("-inf"), dtype=torch.float32)
+    if nq == 0 or s == 0:
+        return out
+    q = queries.vectors.to(dev, dt)
+    kq, d = q.shape[1:]
+    qmask = None if queries.mask is None else queries.mask.to(dev)
+    cand = candidates.to(torch.long)
+    valid = cand >= 0
+    probe = gather(torch.zeros(1, dtype=torch.long))
+    kg = probe.vectors.shape[1]
+    per_query = s * kg * d * (torch.finfo(dt).bits // 8)
+    chunk = max(1, min(nq, chunk_bytes // max(1, per_query)))
+    for q0 in range(0, nq, chunk):
+        q1 = min(q0 + chunk, nq)
+        c = cand[q0:q1].clamp(min=0).reshape(-1)
+        tok = gather(c)
+        g = tok.vectors.to(dev, dt).view(q1 - q0, s * kg, d)
+        sim = torch.bmm(g, q[q0:q1].transpose(1, 2))  # (Qc, S*Kg, Kq)
+        gm = None if tok.mask is None else tok.mask.to(dev).view(q1 - q0, s, kg, 1)
+        mx = _masked_max(sim.view(q1 - q0, s, kg, kq), gm, dim=2).float()  # (Qc, S, Kq)
+        out[q0:q1] = _finish(mx, None if qmask is None else qmask[q0:q1].unsqueeze(1)).cpu()
+    return out.masked_fill_(~valid, float("-inf"))
+
+
+def _tokens_gather(gallery: Tokens) -> GatherFn:
+    def gather(index: torch.Tensor) -> Tokens:
+        index = index.to(gallery.vectors.device)
+        return Tokens(
+            gallery.vectors.index_select(0, index),
+            None if gallery.mask is None else gallery.mask.index_select(0, index),
+        )
+
+    return gather
+
+
+class LateInteraction:
+    """Late interaction (1/Kq) sum_i max_j <q_i, g_j>, masks respected, tiled exhaustive search.
+
+    ``device``: where the matmuls run ("auto" = CUDA when available); fp16 on CUDA.
+    ``tile_mb``: memory bound of one exhaustive tile / rerank chunk in MiB.
+    """
+
+    def __init__(self, device: str = "auto", tile_mb: int = 64) -> None:
+        if tile_mb < 1:
+            raise ValueError(f"tile_mb must be >= 1 (MiB), got {tile_mb}")
+        self.device = _resolve_device(device)
+        self.tile_bytes = tile_mb * 2**20
+
+    def score(self, queries: Tokens, gallery: Tokens) -> torch.Tensor:
+        return late_interaction_score(
+            queries, gallery, device=self.device, tile_bytes=self.tile_bytes
+        )
+
+    def rerank(self, queries: Tokens, gallery: Tokens, candidates: torch.Tensor) -> torch.Tensor:
+        return late_interaction_rerank(
+            queries, candidates, gallery, device=self.device, chunk_bytes=self.tile_bytes // 2
+        )
+
+    # Store-aware paths: stages call these so quantized stores are scored from their codes
+    # (directly when the store has a fast path, else decoding only the rows needed).
+    def score_store(self, queries: Tokens, store: Any) -> torch.Tensor:
+        direct = getattr(store, "li_score", None)
+        if direct is not None:
+            return direct(queries, device=self.device, tile_bytes=self.tile_bytes)
+        return late_interaction_score(
+            queries,
+            num_gallery=len(store),
+            gather=_store_gather(store),
+            device=self.device,
+            tile_bytes=self.tile_bytes,
+        )
+
+    def rerank_store(self, queries: Tokens, store: Any, candidates: torch.Tensor) -> torch.Tensor:
+        direct = getattr(store, "li_rerank", None)
+        if direct is not None:
+            return direct(queries, candidates, device=self.device)
+        return late_interaction_rerank(
+            queries,
+            candidates,
+            gather=_store_gather(store),
+            device=self.device,
+            chunk_bytes=self.tile_bytes // 2,
+        )
+
+
+def _store_gather(store: Any) -> GatherFn:
+    gather = getattr(store, "gather", None)
+    if gather is not None:
+        return gather
+    return store.decode
+
+
+class Cosine:
+    """Cosine similarity of single vectors.
+
+    Token sets with K=1 are their single vector; for K>1 the real tokens are mean-pooled and
+    L2-normalized first (the "pooled instance tokens" baseline), so any token set works.
+    """
+
+    def __init__(self, device: str = "auto") -> None:
+        self.device = _resolve_device(device)
+
+    def vectors(self, tokens: Tokens) -> torch.Tensor:
+        """(N, D) unit vectors: the single token, or the normalized masked mean."""
+        v = tokens.vectors.to(self.device, torch.float32)
+        if tokens.mask is None:
+            pooled = v.mean(dim=1)
+        else:
+            m = tokens.mask.to(self.device).unsqueeze(-1).to(v.dtype)
+            pooled = (v * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+    def score(self, queries: Tokens, gallery: Tokens) -> torch.Tensor:
+        return (self.vectors(queries) @ self.vectors(gallery).T).cpu()
+
+    def rerank(self, queries: Tokens, gallery: Tokens, candidates: torch.Tensor) -> torch.Tensor:
+        q = self.vectors(queries)
+        g = self.vectors(gallery)
+        cand = candidates.to(self.device, torch.long)
+        out = torch.einsum("qd,qsd->qs", q, g[cand.clamp(min=0)])
+        return out.masked_fill(cand < 0, float("-inf")).cpu()
+
+    def score_store(self, queries: Tokens, store: Any) -> torch.Tensor:
+        return self.score(queries, store.decode())
+
+    def rerank_store(self, queries: Tokens, store: Any, candidates: torch.Tensor) -> torch.Tensor:
+        return self.rerank(queries, store.decode(), candidates)
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
+    return dev
+
+
+def score_store(matcher: Any, queries: Tokens, store: Any) -> torch.Tensor:
+    """(Nq, Ng) scores from any matcher: its store-aware path, else the decoded store."""
+    fn = getattr(matcher, "score_store", None)
+    return fn(queries, store) if fn is not None else matcher.score(queries, store.decode())
+
+
+def rerank_store(
+    matcher: Any, queries: Tokens, store: Any, candidates: torch.Tensor
+) -> torch.Tensor:
+    """(Nq, S) rerank scores from any matcher: its store-aware path, else the decoded store."""
+    fn = getattr(matcher, "rerank_store", None)
+    if fn is not None:
+        return fn(queries, store, candidates)
+    return matcher.rerank(queries, store.decode(), candidates)
+
+
+@hookimpl
+def register_matchers(register: Any) -> None:
+    register(
+        "late_interaction",
+        LateInteraction,
+        "Late interaction (1/Kq) sum_i max_j <q_i, g_j> with masks; tiled, CPU/CUDA",
+    )
+    register("cosine", Cosine, "Cosine of single vectors (K>1: normalized mean of the tokens)")

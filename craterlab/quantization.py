@@ -1,0 +1,488 @@
+"""Quantized token stores: FP32, FP16, INT8 (per-token symmetric scalar) and product quantization.
+
+A quantizer encodes the gallery's token sets (N, K, D) into a :class:`CodeStore`. The store's
+``nbytes`` is exactly the size of its serialized per-image payload (``save`` writes one raw
+``.bin`` file per array; a test checks the file sizes), and ``bytes_per_image`` is
+``nbytes / N``. Per-gallery constants (the PQ codebook) are reported apart as
+``overhead_bytes``. Study figures at K=32, D=384: FP32 49,152 B, FP16 24,576 B, INT8 12,416 B
+(384 code bytes + a 4-byte scale per token), PQ-96 3,072 B, PQ-48 1,536 B per image.
+
+Scores are computed from the codes: ``gather`` decodes only the gallery rows a matcher needs;
+the INT8 store also scores directly on CPU (``li_rerank`` / ``li_score``: queries quantized the
+same way, an int8 x int8 -> int32 matmul, the per-token gallery scale applied before the max),
+which is the fast path stages use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, ClassVar
+
+import faiss
+import numpy as np
+import torch
+
+from craterlab.errors import DataError
+from craterlab.hookspecs import hookimpl
+from craterlab.matching import _finish, late_interaction_rerank, late_interaction_score
+from craterlab.types import Tokens
+
+# --------------------------------------------------------------------------- stores
+
+_NP_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+}
+
+
+class CodeStore:
+    """Encoded gallery token sets: per-image arrays (``payload``) plus per-gallery constants.
+
+    Subclasses define ``decode_rows`` (payload rows -> fp tokens). The mask of real tokens, when
+    the tokens had one, is stored bit-packed (ceil(K/8) bytes per image) and counted in nbytes.
+    """
+
+    format: ClassVar[str] = ""
+    formats: ClassVar[dict[str, type[CodeStore]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.format:
+            CodeStore.formats[cls.format] = cls
+
+    def __init__(
+        self,
+        payload: dict[str, torch.Tensor],
+        k: int,
+        dim: int,
+        mask: torch.Tensor | None = None,
+        overhead: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.payload = payload
+        self.overhead = overhead or {}
+        self.k = k
+        self.dim = dim
+        self.mask = mask
+        self.n = next(iter(payload.values())).shape[0]
+
+    # -- TokenStore protocol
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the per-image codes (and packed mask), equal to the serialized payload."""
+        total = sum(t.numel() * t.element_size() for t in self.payload.values())
+        if self.mask is not None:
+            total += self.n * ((self.k + 7) // 8)
+        return total
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Bytes of per-gallery constants (PQ codebook), not counted per image."""
+        return sum(t.numel() * t.element_size() for t in self.overhead.values())
+
+    def bytes_per_image(self) -> float:
+        return self.nbytes / max(1, self.n)
+
+    def bytes_per_token(self) -> float:
+        return self.nbytes / max(1, self.n * self.k)
+
+    def decode(self, index: slice | torch.Tensor | None = None) -> Tokens:
+        """FP32 tokens reconstructed from the codes (all images, or the given indices)."""
+        if index is None:
+            index = torch.arange(self.n)
+        elif isinstance(index, slice):
+            index = torch.arange(self.n)[index]
+        tok = self.gather(index)
+        return Tokens(tok.vectors.float(), tok.mask)
+
+    def gather(self, index: torch.Tensor) -> Tokens:
+        """Tokens of the given rows, decoded in the store's compute dtype (fp16 stays fp16)."""
+        index = index.to(self._device(), torch.long)
+        rows = {name: t.index_select(0, index) for name, t in self.payload.items()}
+        mask = None if self.mask is None else self.mask.index_select(0, index)
+        return Tokens(self.decode_rows(rows), mask)
+
+    def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _device(self) -> torch.device:
+        return next(iter(self.payload.values())).device
+
+    def to(self, device: torch.device | str) -> CodeStore:
+        """The same store with its tensors on ``device`` (a GPU keeps the codes resident)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.payload = {k: v.to(device) for k, v in self.payload.items()}
+        new.overhead = {k: v.to(device) for k, v in self.overhead.items()}
+        new.mask = None if self.mask is None else self.mask.to(device)
+        return new
+
+    # -- serialization
+    def save(self, directory: str | os.PathLike[str]) -> int:
+        """Write ``meta.json`` plus one raw ``.bin`` per array; returns the payload bytes."""
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        arrays: dict[str, dict[str, Any]] = {}
+        written = 0
+        for group, tensors in (("payload", self.payload), ("overhead", self.overhead)):
+            for name, t in tensors.items():
+                arr = t.detach().cpu().contiguous().numpy()
+                arr.tofile(path / f"{name}.bin")
+                arrays[name] = {"group": group, "dtype": str(arr.dtype), "shape": list(arr.shape)}
+                written += arr.nbytes if group == "payload" else 0
+        if self.mask is not None:
+            packed = np.packbits(self.mask.cpu().numpy().astype(bool), axis=1)
+            packed.tofile(path / "mask.bin")
+            arrays["mask"] = {"group": "mask", "dtype": "uint8", "shape": list(packed.shape)}
+            written += packed.nbytes
+        meta = {"format": self.format, "n": self.n, "k": self.k, "dim": self.dim, "arrays": arrays}
+        meta.update(self._meta())
+        (path / "meta.json").write_text(json.dumps(meta, indent=1))
+        return written
+
+    def _meta(self) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def load(directory: str | os.PathLike[str]) -> CodeStore:
+        """A store saved by :meth:`save` (any format)."""
+        path = Path(directory)
+        meta_file = path / "meta.json"
+        if not meta_file.exists():
+            raise DataError(
+                f"No token store at {path} (missing meta.json). Point to a directory written "
+                "by CodeStore.save / GalleryIndex.save."
+            )
+        meta = json.loads(meta_file.read_text())
+        cls = CodeStore.formats.get(meta["format"])
+        if cls is None:
+            raise DataError(
+                f"Token store {path} has unknown format {meta['format']!r}; known formats: "
+                f"{', '.join(CodeStore.formats)}. Is it from a newer craterlab?"
+            )
+        payload: dict[str, torch.Tensor] = {}
+        overhead: dict[str, torch.Tensor] = {}
+        mask = None
+        for name, info in meta["arrays"].items():
+            arr = np.fromfile(path / f"{name}.bin", dtype=info["dtype"]).reshape(info["shape"])
+            if info["group"] == "mask":
+                bits = np.unpackbits(arr, axis=1, count=meta["k"]).astype(bool)
+                mask = torch.from_numpy(bits)
+            else:
+                (payload if info["group"] == "payload" else overhead)[name] = torch.from_numpy(arr)
+        store = object.__new__(cls)
+        CodeStore.__init__(store, payload, meta["k"], meta["dim"], mask, overhead)
+        store._load_meta(meta)
+        return store
+
+    def _load_meta(self, meta: dict[str, Any]) -> None:
+        pass
+
+
+class Fp32Store(CodeStore):
+    """Tokens as float32: 4 bytes per dimension."""
+
+    format = "fp32"
+
+    def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        return rows["codes"]
+
+
+class Fp16Store(CodeStore):
+    """Tokens as float16: 2 bytes per dimension (decoded to fp16; the matcher upcasts on CPU)."""
+
+    format = "fp16"
+
+    def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        return rows["codes"]
+
+
+class Int8Store(CodeStore):
+    """Per-token symmetric int8: codes (N, K, D) int8 and one fp32 scale per token.
+
+    ``direct``: score on CPU with integer matmuls (queries quantized the same way) instead of
+    decoding; ``threads``: worker threads of the per-query integer rerank.
+    """
+
+    format = "int8"
+
+    def __init__(self, *args: Any, direct: bool = True, threads: int = 2, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.direct = direct
+        self.threads = threads
+        self._setup()
+
+    def _setup(self) -> None:
+        codes = self.payload["codes"]
+        self._flat = codes.reshape(self.n, self.k * self.dim)
+        self._bias = None
+        if self.mask is not None:
+            zero = torch.zeros((), dtype=torch.float32)
+            self._bias = torch.where(self.mask, zero, torch.tensor(float("-inf")))
+        self._local = threading.local()
+
+    def _meta(self) -> dict[str, Any]:
+        return {"direct": self.direct, "threads": self.threads}
+
+    def _load_meta(self, meta: dict[str, Any]) -> None:
+        self.direct = bool(meta.get("direct", True))
+        self.threads = int(meta.get("threads", 2))
+        self._setup()
+
+    def to(self, device: torch.device | str) -> CodeStore:
+        new = super().to(device)
+        assert isinstance(new, Int8Store)
+        new._setup()
+        return new
+
+    def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        return rows["codes"].float() * rows["scales"].unsqueeze(-1)
+
+    def _use_direct(self, device: torch.device | str | None) -> bool:
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        # torch's int8 matmul is slower than fp16 on GPUs measured here: decode there instead.
+        return self.direct and dev.type == "cpu" and self._device().type == "cpu"
+
+    def li_rerank(
+        self, queries: Tokens, candidates: torch.Tensor, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """(Nq, S) late-interaction scores from the int8 codes (int32 matmul per query)."""
+        if not self._use_direct(device):
+            return late_interaction_rerank(queries, candidates, gather=self.gather, device=device)
+        qc, qs = quantize_int8(queries.vectors.float())
+        nq, s = candidates.shape
+        out = torch.full((nq, s), float("-inf"))
+        if nq == 0 or s == 0:
+            return out
+        cand = candidates.to(torch.long)
+        scales = self.payload["scales"]
+        qmask = queries.mask
+
+        def one(i: int) -> None:
+            buf = getattr(self._local, "buf", None)
+            if buf is None or buf.shape[0] != s:
+                buf = torch.empty(s, self.k * self.dim, dtype=torch.int8)
+                self._local.buf = buf
+            c = cand[i]
+            ok = c >= 0
+            cc = c.clamp(min=0)
+            torch.index_select(self._flat, 0, cc, out=buf)
+            sim = torch._int_mm(buf.view(s * self.k, self.dim), qc[i].T)  # (S*K, Kq) int32
+            sim = sim.view(s, self.k, -1).float().mul_(scales.index_select(0, cc).unsqueeze(-1))
+            if self._bias is not None:
+                sim.add_(self._bias.index_select(0, cc).unsqueeze(-1))
+            mx = sim.amax(dim=1).mul_(qs[i])  # (S, Kq)
+            r = _finish(mx, None if qmask is None else qmask[i].unsqueeze(0))
+            out[i] = r.masked_fill(~ok, float("-inf"))
+
+        if self.threads > 1 and nq > 1:
+            with ThreadPoolExecutor(self.threads) as pool:
+                list(pool.map(one, range(nq)))
+        else:
+            for i in range(nq):
+                one(i)
+        return out
+
+    def li_score(
+        self,
+        queries: Tokens,
+        device: torch.device | str | None = None,
+        tile_bytes: int = 64 * 2**20,
+    ) -> torch.Tensor:
+        """(Nq, Ng) exhaustive late-interaction scores from the int8 codes, tiled gallery-major."""
+        if not self._use_direct(device):
+            return late_interaction_score(
+                queries,
+                num_gallery=self.n,
+                gather=self.gather,
+                device=device,
+                tile_bytes=tile_bytes,
+            )
+        qc, qs = quantize_int8(queries.vectors.float())
+        nq, kq, d = qc.shape
+        k = self.k
+        out = torch.empty(nq, self.n)
+        qmask = queries.mask
+        q_chunk = max(1, min(nq, tile_bytes // max(1, 4 * kq * k * 64)))
+        g_tile = max(1, min(self.n, tile_bytes // max(1, 4 * k * q_chunk * kq)))
+        scales = self.payload["scales"]
+        for q0 in range(0, nq, q_chunk):
+            q1 = min(q0 + q_chunk, nq)
+            qflat_t = qc[q0:q1].reshape(-1, d).T  # (D, Qc*Kq)
+            qsc = qs[q0:q1].unsqueeze(0)  # (1, Qc, Kq)
+            qm = None if qmask is None else qmask[q0:q1].unsqueeze(0)
+            for g0 in range(0, self.n, g_tile):
+                g1 = min(g0 + g_tile, self.n)
+                gt = g1 - g0
+                sim = torch._int_mm(self.payload["codes"][g0:g1].reshape(gt * k, d), qflat_t)
+                sim = sim.view(gt, k, -1).float().mul_(scales[g0:g1].unsqueeze(-1))
+                if self._bias is not None:
+                    sim.add_(self._bias[g0:g1].unsqueeze(-1))
+                mx = sim.amax(dim=1).view(gt, q1 - q0, kq).mul_(qsc)
+                out[q0:q1, g0:g1] = _finish(mx, qm).T
+        return out
+
+
+class PQStore(CodeStore):
+    """Product-quantized tokens: m one-byte codes per token, decoded with the codebook."""
+
+    format = "pq"
+
+    def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        codes = rows["codes"].long()  # (n, K, m)
+        book = self.overhead["codebook"]  # (m, 256, dsub)
+        m, ksub, dsub = book.shape
+        offsets = torch.arange(m, device=codes.device) * ksub
+        flat = book.reshape(m * ksub, dsub)
+        dec = flat.index_select(0, (codes + offsets).reshape(-1))
+        return dec.view(*codes.shape[:-1], m * dsub)
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-vector symmetric int8: codes = round(x / s), s = max|x| / 127 (0 vectors: s = 0)."""
+    amax = x.abs().amax(dim=-1)
+    scale = amax / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(x / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
+    return codes, scale.float()
+
+
+# --------------------------------------------------------------------------- quantizers
+
+
+def _cpu_tokens(tokens: Tokens) -> tuple[torch.Tensor, torch.Tensor | None]:
+    v = tokens.vectors.detach().float().cpu()
+    if v.dim() != 3:
+        raise DataError(f"Token sets must be (N, K, D); got shape {tuple(v.shape)}.")
+    mask = None if tokens.mask is None else tokens.mask.detach().cpu().bool()
+    if mask is not None:
+        v = v * mask.unsqueeze(-1)
+    return v.contiguous(), mask
+
+
+class Fp32Quantizer:
+    """No compression: float32 tokens (4 bytes per dimension)."""
+
+    def fit(self, tokens: Tokens) -> None:
+        pass
+
+    def encode(self, tokens: Tokens) -> Fp32Store:
+        v, mask = _cpu_tokens(tokens)
+        return Fp32Store({"codes": v}, v.shape[1], v.shape[2], mask)
+
+
+class Fp16Quantizer:
+    """Half precision tokens (2 bytes per dimension)."""
+
+    def fit(self, tokens: Tokens) -> None:
+        pass
+
+    def encode(self, tokens: Tokens) -> Fp16Store:
+        v, mask = _cpu_tokens(tokens)
+        return Fp16Store({"codes": v.half()}, v.shape[1], v.shape[2], mask)
+
+
+class Int8Quantizer:
+    """Per-token symmetric int8 (1 byte per dimension + one fp32 scale per token).
+
+    ``direct``: score the codes with integer matmuls on CPU (else decode to fp32 first).
+    ``threads``: worker threads of the direct per-query rerank.
+    """
+
+    def __init__(self, direct: bool = True, threads: int = 2) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        self.direct = direct
+        self.threads = threads
+
+    def fit(self, tokens: Tokens) -> None:
+        pass
+
+    def encode(self, tokens: Tokens) -> Int8Store:
+        v, mask = _cpu_tokens(tokens)
+        codes, scales = quantize_int8(v)
+        return Int8Store(
+            {"codes": codes, "scales": scales},
+            v.shape[1],
+            v.shape[2],
+            mask,
+            direct=self.direct,
+            threads=self.threads,
+        )
+
+
+class PQQuantizer:
+    """Product quantization (FAISS): m sub-quantizers of 2**nbits centroids, trained on the
+    gallery tokens; m bytes per token at nbits=8.
+
+    ``max_train``: at most this many tokens (sampled with ``seed``) train the codebooks.
+    """
+
+    def __init__(self, m: int = 96, nbits: int = 8, max_train: int = 200_000, seed: int = 0):
+        if m < 1:
+            raise ValueError(f"m must be >= 1, got {m}")
+        if nbits != 8:
+            raise ValueError(f"only nbits=8 (one byte per sub-quantizer) is supported, got {nbits}")
+        self.m = m
+        self.nbits = nbits
+        self.max_train = max_train
+        self.seed = seed
+        self.pq: Any = None
+        self.dim: int | None = None
+
+    def fit(self, tokens: Tokens) -> None:
+        v, mask = _cpu_tokens(tokens)
+        d = v.shape[-1]
+        if d % self.m:
+            raise DataError(
+                f"PQ with m={self.m} needs a token dimension divisible by m; got dim={d}. "
+                f"Choose m among the divisors of {d} (e.g. quantizer.m={_divisor_near(d, self.m)})."
+            )
+        x = v.reshape(-1, d) if mask is None else v[mask]
+        ksub = 2**self.nbits
+        if x.shape[0] < ksub:
+            raise DataError(
+                f"PQ training needs at least {ksub} gallery tokens (2**nbits centroids per "
+                f"sub-quantizer); got {x.shape[0]}. Use a larger gallery or quantizer=int8."
+            )
+        if x.shape[0] > self.max_train:
+            g = torch.Generator().manual_seed(self.seed)
+            x = x[torch.randperm(x.shape[0], generator=g)[: self.max_train]]
+        pq = faiss.ProductQuantizer(d, self.m, self.nbits)
+        pq.cp.seed = self.seed
+        pq.train(np.ascontiguousarray(x.numpy(), dtype=np.float32))
+        self.pq = pq
+        self.dim = d
+
+    def encode(self, tokens: Tokens) -> PQStore:
+        v, mask = _cpu_tokens(tokens)
+        if self.pq is None:
+            self.fit(tokens)
+        n, k, d = v.shape
+        if d != self.dim:
+            raise DataError(f"PQ was trained on dim {self.dim}; these tokens have dim {d}.")
+        codes = self.pq.compute_codes(np.ascontiguousarray(v.reshape(-1, d).numpy()))
+        codes_t = torch.from_numpy(codes.reshape(n, k, self.m).copy())
+        book = faiss.vector_to_array(self.pq.centroids).reshape(self.m, 2**self.nbits, -1)
+        return PQStore({"codes": codes_t}, k, d, mask, {"codebook": torch.from_numpy(book.copy())})
+
+
+def _divisor_near(d: int, m: int) -> int:
+    divisors = [x for x in range(1, d + 1) if d % x == 0]
+    return min(divisors, key=lambda x: abs(x - m))
+
+
+@hookimpl
+def register_quantizers(register: Any) -> None:
+    register("fp32", Fp32Quantizer, "FP32 tokens (no compression; 4 B per dimension)")
+    register("fp16", Fp16Quantizer, "FP16 tokens (2 B per dimension)")
+    register("int8", Int8Quantizer, "INT8 per-token symmetric scalar (1 B/dim + 4 B scale/token)")
+    register("pq", PQQuantizer, "Product quantization via FAISS (m bytes per token)")

@@ -1,0 +1,34 @@
+"""Fine-tuning baselines: metric-learning losses (registered as plugins) and ``finetune``.
+
+The losses are registered through the same ``register_losses`` hook a third-party plugin uses.
+The training loop lives in :mod:`craterlab.train.finetune` (imported on demand, since it pulls
+in torchvision); its config is checked by :func:`craterlab.train.config.validate_train_config`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from craterlab.hookspecs import hookimpl
+from craterlab.train.losses import ArcFaceLoss, BatchHardTripletLoss, SupConLoss
+
+__all__ = ["ArcFaceLoss", "BatchHardTripletLoss", "SupConLoss", "register_losses"]
+
+
+@hookimpl
+def register_losses(register: Any) -> None:
+    register(
+        "supcon",
+        SupConLoss,
+        "Supervised contrastive loss (Khosla et al. 2020), all same-label samples positive",
+    )
+    register(
+        "arcface",
+        ArcFaceLoss,
+        "ArcFace additive angular margin (s=64, m=0.5); class weights sized from the train split",
+    )
+    register(
+        "triplet",
+        BatchHardTripletLoss,
+        "Batch-hard triplet loss (Hermans et al. 2017) on L2-normalized embeddings, margin 0.2",
+    )

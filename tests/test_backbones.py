@@ -1,0 +1,328 @@
+"""Backbones: every conf/backbone/*.yaml builds with random weights (no downloads), gives the
+right token, attention and grid shapes, and the attention is the last block's CLS->patch
+softmax averaged over heads; weights fall back / fail loudly offline."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+
+from craterlab.backbones import TimmViT, timm_vit
+from craterlab.errors import CraterlabError
+from craterlab.plugins import get_registry
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "backbone"
+CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
+
+# Tokens per image and dim each config must give (the study's table).
+EXPECTED = {
+    "dino_s16": (196, 384), "dino_s8": (784, 384), "dino_b16": (196, 768), "dino_b8": (784, 768),
+    "dinov2_s14": (256, 384), "dinov2_b14": (256, 768),
+    "dinov3_s16": (256, 384), "dinov3_b16": (256, 768),
+    "dinov3_l16_lvd": (256, 1024), "dinov3_l16_sat": (256, 1024),
+    "dinov3_7b16_lvd": (256, 4096), "dinov3_7b16_sat": (256, 4096),
+    "mae_b16": (196, 768), "clip_b16": (196, 768), "augreg_s16": (196, 384),
+    "vit_b16": (196, 768), "deit_s16": (196, 384), "deit_b16": (196, 768),
+    "deit3_s16": (196, 384), "deit3_b16": (196, 768),
+    "marsdino_s": (196, 384), "marsdino_b": (196, 768),
+    "resnet18": (49, 512), "resnet50": (49, 2048), "resnet101": (49, 2048),
+    "convnext_t": (49, 768), "efficientnet_b0": (49, 1280), "densenet121": (49, 1024),
+    "vgg16": (49, 512), "mobilenetv3_l": (49, 960),
+}  # fmt: skip
+
+# Really instantiated (seeded random init + forward) in the default test run: the small ones.
+# Base-size models take seconds each to initialize on 2 cores (slow marker); ViT-L and 7B are
+# only checked on the meta device (architecture, shapes), never instantiated in tests.
+REAL_FAST = [
+    "dino_s16", "dinov2_s14", "dinov3_s16", "augreg_s16", "deit_s16", "deit3_s16",
+    "marsdino_s", "resnet18", "efficientnet_b0", "mobilenetv3_l",
+]  # fmt: skip
+META_ONLY = {"dinov3_l16_lvd", "dinov3_l16_sat", "dinov3_7b16_lvd", "dinov3_7b16_sat"}
+REAL_SLOW = [c for c in CONFIGS if c not in REAL_FAST and c not in META_ONLY]
+
+
+def config(name: str, **overrides: object) -> dict:
+    cfg = OmegaConf.merge(
+        OmegaConf.create({"allow_random_weights": False}),
+        {"backbone": OmegaConf.load(CONF / f"{name}.yaml")},
+    )
+    node = OmegaConf.to_container(cfg, resolve=True)["backbone"]
+    node.update({"weights": "random", **overrides})
+    return node
+
+
+def test_every_study_backbone_has_a_config() -> None:
+    assert sorted(EXPECTED) == CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_names_a_real_timm_model_and_tag(name: str) -> None:
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / f"{name}.yaml"))
+    assert raw["name"] in ("timm_vit", "timm_cnn", "marsdino")
+    if raw["name"] != "marsdino":
+        assert timm.is_model(raw["model"]), raw["model"]
+        full = f"{raw['model']}.{raw['pretrained_tag']}"
+        assert timm.list_pretrained(full) == [full]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_shapes_on_meta_device(name: str) -> None:
+    """Every config (7B included) builds and runs on the meta device: no memory, no compute."""
+    with torch.device("meta"):
+        backbone = get_registry().build("backbone", config(name))
+        size = backbone.data_config["input_size"]
+        feats = backbone.encode(torch.empty(2, *size))
+    tokens, dim = EXPECTED[name]
+    assert backbone.dim == dim
+    assert feats.tokens.shape == (2, tokens, dim)
+    assert feats.cls.shape == (2, dim)
+    assert feats.grid[0] * feats.grid[1] == tokens
+    if backbone.has_attention:
+        assert feats.attn is not None and feats.attn.shape == (2, tokens)
+    else:
+        assert feats.attn is None
+
+
+def reference_attention(backbone: TimmViT, images: torch.Tensor) -> torch.Tensor:
+    """Last-block CLS->patch attention recomputed by hand, head by head."""
+    model = backbone.model
+    seen = {}
+    block = model.blocks[-1]
+    hook = block.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    with torch.no_grad():
+        model.forward_features(images)
+        hook.remove()
+        x = block.norm1(seen["x"])
+        attn = block.attn
+        b, n, _ = x.shape
+        q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        heads = []
+        for h in range(attn.num_heads):
+            logits = torch.einsum("bd,bnd->bn", q[:, h, 0, :], k[:, h]) * attn.scale
+            heads.append(torch.softmax(logits, dim=-1))
+        mean = torch.stack(heads).mean(0)[:, backbone.num_prefix_tokens :]
+    return mean / mean.sum(-1, keepdim=True)
+
+
+def check_real(name: str) -> None:
+    backbone = get_registry().build("backbone", config(name))
+    assert backbone.weights_status == "random (requested)"
+    size = backbone.data_config["input_size"]
+    images = torch.randn(1, *size, generator=torch.Generator().manual_seed(0))
+    feats = backbone.encode(images)
+    tokens, dim = EXPECTED[name]
+    assert feats.tokens.shape == (1, tokens, dim) and feats.cls.shape == (1, dim)
+    assert feats.tokens.dtype == torch.float32 and torch.isfinite(feats.tokens).all()
+    if backbone.has_attention:
+        assert torch.allclose(feats.attn.sum(-1), torch.ones(1), atol=1e-5)
+        assert (feats.attn >= 0).all()
+        if isinstance(backbone.model, timm.models.VisionTransformer):  # (Eva uses RoPE)
+            ref = reference_attention(backbone, images)
+            assert torch.allclose(feats.attn, ref, atol=1e-5)
+        # CLS = the final-norm'ed class token; register/prefix tokens are dropped
+        with torch.no_grad():
+            out = backbone.model.forward_features(images)
+        assert torch.allclose(feats.cls, out[:, 0], atol=1e-5)
+        assert torch.allclose(feats.tokens, out[:, backbone.num_prefix_tokens :], atol=1e-5)
+    else:
+        with torch.no_grad():
+            fmap = backbone.model.forward_features(images)
+        ref = fmap.flatten(2).transpose(1, 2)
+        assert torch.allclose(feats.tokens, ref, atol=1e-5)
+        assert torch.allclose(feats.cls, ref.mean(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", REAL_FAST)
+def test_config_real_forward(name: str) -> None:
+    check_real(name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REAL_SLOW)
+def test_config_real_forward_base_models(name: str) -> None:
+    check_real(name)
+
+
+def test_random_weights_are_seeded() -> None:
+    a = timm_vit("vit_small_patch16_224", "dino", weights="random", seed=3)
+    b = timm_vit("vit_small_patch16_224", "dino", weights="random", seed=3)
+    c = timm_vit("vit_small_patch16_224", "dino", weights="random", seed=4)
+    pa, pb, pc = (next(iter(x.model.parameters())) for x in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    assert a.identity() == b.identity() != c.identity()
+
+
+def test_transform_follows_pretrained_config() -> None:
+    from PIL import Image
+
+    dino = timm_vit("vit_small_patch16_224", "dino", weights="random")
+    assert dino.data_config["interpolation"] == "bicubic"
+    assert dino.data_config["crop_pct"] == 0.9
+    image = Image.new("RGB", (300, 200), (255, 0, 0))
+    x = dino.transform(image)
+    assert x.shape == (3, 224, 224)
+    mean, std = dino.data_config["mean"], dino.data_config["std"]
+    assert torch.allclose(x[0], torch.full((224, 224), (1 - mean[0]) / std[0]), atol=1e-4)
+    clip = timm_vit("vit_base_patch16_clip_224", "openai", weights="random")
+    assert clip.data_config["mean"] != dino.data_config["mean"]  # CLIP's own normalization
+    assert dino.transform(Image.new("L", (50, 50))).shape == (3, 224, 224)
+
+
+def test_forward_features_has_gradients() -> None:
+    backbone = timm_vit("vit_small_patch16_224", "dino", weights="random")
+    backbone.model.requires_grad_(True)
+    feats = backbone.forward_features(torch.randn(1, 3, 224, 224))
+    (feats.cls.sum() + feats.attn[:, 0].sum()).backward()
+    assert backbone.model.blocks[0].attn.qkv.weight.grad is not None
+    with torch.no_grad():
+        assert not backbone.encode(torch.randn(1, 3, 224, 224)).cls.requires_grad
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def test_offline_pretrained_fails_fast_with_the_fix(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(CraterlabError, match="allow_random_weights=true"):
+        timm_vit("vit_small_patch16_224", "dino")
+    assert time.perf_counter() - t0 < 10
+
+
+def test_unreachable_hub_without_offline_flag_fails_fast(monkeypatch, tmp_path) -> None:
+    from craterlab.backbones import weights
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: refused at once
+    monkeypatch.setattr(weights, "_REACHABLE", {})
+    t0 = time.perf_counter()
+    backbone = timm_vit("vit_small_patch16_224", "dino", allow_random_weights=True)
+    assert time.perf_counter() - t0 < 15
+    assert backbone.weights_status.startswith("random (fallback: pretrained weights for")
+    assert "127.0.0.1" in backbone.weights_status
+
+
+def test_fallback_to_random_is_loud(monkeypatch, caplog) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backbone = timm_vit("vit_small_patch16_224", "dino", allow_random_weights=True)
+    assert backbone.weights_status.startswith("random (fallback")
+    assert any("RANDOM WEIGHTS" in r.message and r.levelname == "WARNING" for r in caplog.records)
+    assert backbone.identity()["weights"] == {"weights": "random", "seed": 0}
+
+
+def test_pretrained_weights_load_from_the_local_hub_cache(monkeypatch, tmp_path) -> None:
+    """Weights already in the HF cache load offline, without any request."""
+    import huggingface_hub.constants as hc
+    from safetensors.torch import save_file
+
+    source = timm.create_model("vit_small_patch16_224.dino", pretrained=False, num_classes=0)
+    rev = "a" * 40
+    repo = tmp_path / "models--timm--vit_small_patch16_224.dino"
+    (repo / "snapshots" / rev).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(rev)
+    save_file(source.state_dict(), repo / "snapshots" / rev / "model.safetensors")
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backbone = timm_vit("vit_small_patch16_224", "dino")
+    assert backbone.weights_status == "pretrained"
+    for (k, v), (k2, v2) in zip(
+        backbone.model.state_dict().items(), source.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(v, v2)
+
+
+def dino_checkpoint(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """A DINO-style training checkpoint: teacher/student, module.backbone. prefixes, head."""
+    teacher = {f"module.backbone.{k}": v.clone() for k, v in state.items()}
+    teacher["module.head.mlp.0.weight"] = torch.randn(16, 384)
+    teacher["module.head.last_layer.weight_g"] = torch.ones(1, 16)
+    student = {k: torch.zeros_like(v) for k, v in teacher.items()}
+    torch.save({"teacher": teacher, "student": student, "epoch": 3}, path)
+
+
+@pytest.fixture(scope="module")
+def vit_s_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(7)
+    return timm.create_model("vit_small_patch16_224", num_classes=0).state_dict()
+
+
+def test_marsdino_loads_a_dino_checkpoint(tmp_path, vit_s_state) -> None:
+    path = tmp_path / "marsdino_s.pth"
+    dino_checkpoint(path, vit_s_state)
+    backbone = get_registry().build(
+        "backbone", {"name": "marsdino", "size": "s", "weights": str(path)}
+    )
+    assert backbone.weights_status == f"checkpoint:{path}"
+    state = backbone.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in vit_s_state.items())
+    ident = backbone.identity()["weights"]
+    assert ident["weights"] == "checkpoint" and len(ident["sha256"]) == 64
+    student = get_registry().build(
+        "backbone", {"name": "marsdino", "weights": str(path), "checkpoint_key": "student"}
+    )
+    assert torch.count_nonzero(student.model.blocks[0].attn.qkv.weight) == 0
+    assert student.identity() != backbone.identity()
+
+
+def test_checkpoint_that_does_not_fit_is_refused(tmp_path, vit_s_state) -> None:
+    bad = dict(vit_s_state)
+    bad["blocks.3.mlp.fc1.weight"] = torch.randn(100, 384)  # one mismatched tensor
+    dino_checkpoint(tmp_path / "bad.pth", bad)
+    with pytest.raises(CraterlabError, match=r"shape mismatch in blocks.3.mlp.fc1.weight") as err:
+        get_registry().build("backbone", {"name": "marsdino", "weights": str(tmp_path / "bad.pth")})
+    assert "does not fit marsdino_s" in str(err.value)
+    patch8 = dict(vit_s_state)
+    patch8["patch_embed.proj.weight"] = torch.randn(384, 3, 8, 8)  # another patch size
+    dino_checkpoint(tmp_path / "p8.pth", patch8)
+    with pytest.raises(CraterlabError, match="patch_embed.proj.weight"):
+        get_registry().build("backbone", {"name": "marsdino", "weights": str(tmp_path / "p8.pth")})
+    missing = {k: v for k, v in vit_s_state.items() if not k.startswith("blocks.11.")}
+    torch.save({"model": missing}, tmp_path / "missing.pth")
+    with pytest.raises(CraterlabError, match=r"missing key\(s\) \(e.g. blocks.11"):
+        get_registry().build(
+            "backbone", {"name": "marsdino", "weights": str(tmp_path / "missing.pth")}
+        )
+    with pytest.raises(CraterlabError, match="does not exist"):
+        get_registry().build("backbone", {"name": "marsdino", "weights": str(tmp_path / "nope")})
+
+
+def test_marsdino_without_weights(monkeypatch) -> None:
+    with pytest.raises(CraterlabError, match="not on a public hub"):
+        get_registry().build("backbone", {"name": "marsdino", "size": "s"})
+    backbone = get_registry().build(
+        "backbone", {"name": "marsdino", "size": "s", "allow_random_weights": True}
+    )
+    assert backbone.weights_status.startswith("random (fallback")
+
+
+def test_invalid_values_are_config_errors() -> None:
+    from craterlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="timm has no model"):
+        get_registry().build("backbone", {"name": "timm_vit", "model": "vit_smal_patch16_224"})
+    with pytest.raises(ConfigError, match="precision"):
+        get_registry().build(
+            "backbone", {"name": "timm_vit", "model": "vit_small_patch16_224", "precision": "x"}
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_autocast_matches_cpu() -> None:
+    backbone = timm_vit("vit_small_patch16_224", "dino", weights="random")
+    images = torch.randn(4, 3, 224, 224)
+    cpu = backbone.encode(images)
+    gpu = backbone.to("cuda").encode(images.cuda())
+    assert backbone.identity()["precision"] == "bf16"
+    assert gpu.tokens.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(cpu.tokens, gpu.tokens.cpu(), dim=-1)
+    assert cos.min() > 0.98
+    assert torch.allclose(gpu.attn.sum(-1).cpu(), torch.ones(4), atol=1e-4)
