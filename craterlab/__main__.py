@@ -27,7 +27,8 @@ def config_dir() -> Path:
             return candidate
     raise CraterlabError(
         f"craterlab's configs were not found (looked in {package / 'conf'} and "
-        f"{package.parent / 'conf'}). Reinstall craterlab (pip install craterlab or pip install -e .)."
+        f"{package.parent / 'conf'}). Reinstall craterlab "
+        "(pip install craterlab, or pip install -e . in a checkout)."
     )
 
 
@@ -36,7 +37,11 @@ def list_plugins(argv: list[str]) -> int:
 
     rows = plugin_table()
     if "--json" in argv:
-        print(json.dumps([dict(zip(("plugin", "kind", "name", "description"), r)) for r in rows]))
+        print(
+            json.dumps(
+                [dict(zip(("plugin", "kind", "name", "description"), r, strict=True)) for r in rows]
+            )
+        )
         return 0
     current = None
     for plugin, kind, name, description in rows:
@@ -79,6 +84,47 @@ def plugin_config_dirs() -> list[Path]:
     return dirs
 
 
+COMPONENT_GROUPS = (
+    "dataset",
+    "backbone",
+    "pooling",
+    "selector",
+    "aggregator",
+    "matcher",
+    "quantizer",
+)
+
+
+def check_component_keys(overrides: list[str]) -> None:
+    """Explain ``group.key=value`` overrides of keys the chosen component does not have.
+
+    Hydra would only say the key is "not in struct"; the registry names the valid keys and
+    the closest match. Only runs when such an override is present (one extra compose).
+    """
+    suspects = []
+    for arg in overrides:
+        head, sep, value = arg.partition("=")
+        group, dot, key = head.partition(".")
+        if sep and dot and group in COMPONENT_GROUPS and "." not in key:
+            suspects.append((arg, group, key, value))
+    if not suspects:
+        return
+    from hydra import compose, initialize_config_dir
+
+    from craterlab.plugins import get_registry
+
+    others = [a for a in overrides if a not in {s[0] for s in suspects} and not a.startswith("-")]
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        try:
+            cfg = compose(config_name="config", overrides=others)
+        except Exception:
+            return  # Hydra reports problems with the other overrides itself
+    for _, group, key, value in suspects:
+        node = cfg[group]
+        if key not in node:
+            get_registry().validate(group, {**node, key: value})
+
+
 def run_hydra() -> None:
     import hydra
     from omegaconf import DictConfig
@@ -111,6 +157,7 @@ def main() -> None:
             print(f"\nError: {exc}\n", file=sys.stderr)
             sys.exit(2)
     try:
+        check_component_keys(argv)
         run_hydra()
     except CraterlabError as exc:  # raised while loading plugins, before a job starts
         print(f"\nError: {exc}\n", file=sys.stderr)

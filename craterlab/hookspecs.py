@@ -75,5 +75,7 @@ def run_started(config: dict[str, Any], run_dir: str) -> None:
 
 
 @hookspec
-def run_finished(config: dict[str, Any], run_dir: str, results: dict[str, dict[str, float]]) -> None:
+def run_finished(
+    config: dict[str, Any], run_dir: str, results: dict[str, dict[str, float]]
+) -> None:
     """Called when a run finishes, with per-mode metrics (mode -> metric name -> value)."""

@@ -12,11 +12,21 @@ no real token scores 0 everywhere; a gallery item with no real token scores ``-i
 The exhaustive score is tiled *gallery-major*: a tile of gallery tokens forms the rows of one
 matmul against a chunk of query tokens, and the max runs over the gallery-token axis, so memory
 stays bounded (``tile_bytes``) at any gallery size. On CUDA the matmuls run in fp16.
+
+On CPU, when the gallery is a plain tensor (fp32/fp16 tokens, or a store's payload), both
+scores take a faster path (:func:`rerank_cpu`, :func:`score_cpu`): candidates are gathered into
+a reused per-thread buffer, similarity blocks are sized to stay in the L2 cache, and independent
+blocks run on ``workers`` threads that each run torch single-threaded (:func:`run_blocks`):
+torch's own intra-op threading scales poorly on these small blocks, and combining both
+oversubscribes the cores.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -52,6 +62,192 @@ def _masked_max(sim: torch.Tensor, gmask: torch.Tensor | None, dim: int) -> torc
     return sim.amax(dim=dim)
 
 
+# --------------------------------------------------------------------------- CPU engine
+
+CPU_CACHE_BYTES = 1 * 2**20
+"""Target size of one similarity block on CPU (fits the L2 cache of one core)."""
+
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+_TLS = threading.local()
+
+
+def resolve_workers(threads: int) -> int:
+    """Worker threads for the CPU paths: ``threads``, or torch's intra-op count when 0."""
+    return threads if threads > 0 else torch.get_num_threads()
+
+
+def _pin_one_thread() -> None:
+    """Make torch run single-threaded in this (worker) thread, once per thread."""
+    if not getattr(_TLS, "pinned", False):
+        torch.get_num_threads()  # triggers torch's lazy per-thread init before we override it
+        torch.set_num_threads(1)
+        _TLS.pinned = True
+
+
+def run_blocks(fn: Callable[[int], None], nblocks: int, workers: int) -> None:
+    """Call ``fn(b)`` for ``b`` in ``range(nblocks)`` on ``workers`` threads.
+
+    Each worker runs torch ops with one intra-op thread, so two workers use two cores without
+    oversubscription (nested OpenMP teams spinning on two cores made a 2-worker pool slower than
+    one thread). The caller's torch thread setting is restored afterwards. ``workers <= 1`` runs
+    inline with torch's own threading.
+    """
+    if workers <= 1 or nblocks <= 1:
+        for b in range(nblocks):
+            fn(b)
+        return
+    key = (os.getpid(), workers)  # a forked child must not reuse the parent's dead threads
+    pool = _POOLS.get(key)
+    if pool is None:
+        pool = _POOLS[key] = ThreadPoolExecutor(workers, thread_name_prefix="craterlab-li")
+    saved = torch.get_num_threads()
+
+    def call(b: int) -> None:
+        _pin_one_thread()
+        fn(b)
+
+    try:
+        for f in [pool.submit(call, b) for b in range(nblocks)]:
+            f.result()
+    finally:
+        torch.set_num_threads(saved)  # set_num_threads in a worker also moved the global default
+
+
+def thread_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A per-thread scratch tensor reused across calls (reallocated when the size changes)."""
+    buf = getattr(_TLS, name, None)
+    numel = 1
+    for n in shape:
+        numel *= n
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=dtype)
+        setattr(_TLS, name, buf)
+    return buf[:numel].view(shape)
+
+
+def gallery_bias(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(N, K) float: 0 for real gallery tokens, -inf for padding (added before the max)."""
+    if mask is None:
+        return None
+    zero = torch.zeros((), dtype=torch.float32)
+    return torch.where(mask.cpu(), zero, torch.tensor(float("-inf")))
+
+
+def cpu_fast(queries: Tokens, gallery_vectors: torch.Tensor, device: torch.device) -> bool:
+    """Whether the CPU fast paths apply: CPU compute, gallery a CPU float tensor (N, K, D)."""
+    return (
+        device.type == "cpu"
+        and gallery_vectors.device.type == "cpu"
+        and queries.vectors.device.type == "cpu"
+        and gallery_vectors.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        and gallery_vectors.dim() == 3
+    )
+
+
+def rerank_cpu(
+    queries: Tokens,
+    gallery: torch.Tensor,
+    candidates: torch.Tensor,
+    gmask: torch.Tensor | None = None,
+    workers: int = 0,
+    block_bytes: int = 4 * 2**20,
+) -> torch.Tensor:
+    """(Nq, S) late-interaction rerank on CPU with fp32 matmuls, gallery (N, K, D) float.
+
+    Per block of queries (gathered candidates within ``block_bytes``): one ``index_select``
+    into a reused buffer, one batched matmul with gallery tokens as rows, max over the
+    gallery-token axis. Blocks run on ``workers`` single-threaded workers (0: torch's count).
+    """
+    nq, s = candidates.shape
+    out = torch.full((nq, s), float("-inf"))
+    if nq == 0 or s == 0:
+        return out
+    n, k, d = gallery.shape
+    flat = gallery.reshape(n, k * d)
+    q = queries.vectors.float().contiguous()
+    qt = q.transpose(1, 2)  # (Nq, D, Kq)
+    kq = q.shape[1]
+    qmask = queries.mask
+    bias = gallery_bias(gmask)
+    cand = candidates.to(torch.long)
+    idx_all = cand.clamp(min=0)
+    qb = max(1, min(nq, block_bytes // max(1, s * k * d * 4)))
+    nblocks = (nq + qb - 1) // qb
+
+    def block(b: int) -> None:
+        q0, q1 = b * qb, min(nq, (b + 1) * qb)
+        m = q1 - q0
+        idx = idx_all[q0:q1].reshape(-1)
+        g = thread_buffer("rr_g", (m * s, k * d), flat.dtype)
+        torch.index_select(flat, 0, idx, out=g)
+        if flat.dtype != torch.float32:
+            g32 = thread_buffer("rr_g32", (m * s, k * d), torch.float32)
+            g = g32.copy_(g)
+        sim = thread_buffer("rr_sim", (m, s * k, kq), torch.float32)
+        torch.bmm(g.view(m, s * k, d), qt[q0:q1], out=sim)
+        sim4 = sim.view(m, s, k, kq)
+        if bias is not None:
+            sim4.add_(bias.index_select(0, idx).view(m, s, k, 1))
+        mx = sim4.amax(dim=2)  # (m, S, Kq)
+        out[q0:q1] = _finish(mx, None if qmask is None else qmask[q0:q1].unsqueeze(1))
+
+    run_blocks(block, nblocks, resolve_workers(workers))
+    return out.masked_fill_(cand < 0, float("-inf"))
+
+
+def score_cpu(
+    queries: Tokens,
+    gallery: torch.Tensor,
+    gmask: torch.Tensor | None = None,
+    workers: int = 0,
+    cache_bytes: int = CPU_CACHE_BYTES,
+) -> torch.Tensor:
+    """(Nq, Ng) exhaustive late interaction on CPU, gallery (N, K, D) float, tiled for cache.
+
+    Gallery tiles are contiguous slices (no copy for fp32); a tile's tokens are the rows of one
+    matmul against a chunk of query tokens, and the (rows, columns) similarity block stays
+    within ``cache_bytes``. Tiles of the gallery are split between ``workers``.
+    """
+    q = queries.vectors.float().contiguous()
+    nq, kq, d = q.shape
+    ng, k = gallery.shape[:2]
+    out = torch.empty(nq, ng)
+    if nq == 0 or ng == 0:
+        return out
+    qmask = queries.mask
+    bias = gallery_bias(gmask)
+    q_chunk, g_tile = _tiles(nq, kq, k, cache_bytes)
+    qt = q.reshape(nq * kq, d).T  # (D, Nq*Kq)
+    nt = (ng + g_tile - 1) // g_tile
+
+    def tile(t: int) -> None:
+        g0, g1 = t * g_tile, min(ng, (t + 1) * g_tile)
+        gt = g1 - g0
+        gv = gallery[g0:g1].reshape(gt * k, d)
+        if gv.dtype != torch.float32:
+            gv = thread_buffer("sc_g32", (gt * k, d), torch.float32).copy_(gv)
+        for q0 in range(0, nq, q_chunk):
+            q1 = min(nq, q0 + q_chunk)
+            sim = thread_buffer("sc_sim", (gt * k, (q1 - q0) * kq), torch.float32)
+            torch.mm(gv, qt[:, q0 * kq : q1 * kq], out=sim)
+            sim3 = sim.view(gt, k, -1)
+            if bias is not None:
+                sim3.add_(bias[g0:g1].unsqueeze(-1))
+            mx = sim3.amax(dim=1).view(gt, q1 - q0, kq)
+            out[q0:q1, g0:g1] = _finish(mx, None if qmask is None else qmask[q0:q1]).T
+
+    run_blocks(tile, nt, resolve_workers(workers))
+    return out
+
+
+def _tiles(nq: int, kq: int, kg: int, cache_bytes: int, elem: int = 4) -> tuple[int, int]:
+    """(queries per chunk, gallery images per tile) so one similarity block fits the cache:
+    up to 512 query-token columns, then as many gallery images as fit (at least one)."""
+    q_chunk = max(1, min(nq, 512 // max(1, kq)))
+    g_tile = max(1, cache_bytes // max(1, elem * kg * q_chunk * kq))
+    return q_chunk, g_tile
+
+
 def late_interaction_score(
     queries: Tokens,
     gallery: Tokens | None = None,
@@ -60,13 +256,19 @@ def late_interaction_score(
     gather: GatherFn | None = None,
     device: torch.device | str | None = None,
     tile_bytes: int = DEFAULT_TILE_BYTES,
+    workers: int = 0,
 ) -> torch.Tensor:
     """(Nq, Ng) late-interaction scores of every query against every gallery item.
 
     Either ``gallery`` tokens, or ``num_gallery`` plus a ``gather`` function that decodes
     gallery rows on demand (a quantized store), so the whole gallery is never materialized in
-    fp32. Memory per step is about ``tile_bytes``; the result lives on CPU.
+    fp32. Memory per step is about ``tile_bytes``; the result lives on CPU. On CPU with
+    ``gallery`` tokens this runs :func:`score_cpu` (``workers`` threads, 0: torch's count).
     """
+    dev0 = torch.device(device) if device is not None else queries.vectors.device
+    if gallery is not None and cpu_fast(queries, gallery.vectors, dev0):
+        cache = min(tile_bytes, CPU_CACHE_BYTES)
+        return score_cpu(queries, gallery.vectors, gallery.mask, workers, cache)
     if gallery is not None:
         num_gallery = len(gallery)
         gather = _tokens_gather(gallery)
@@ -111,13 +313,19 @@ def late_interaction_rerank(
     gather: GatherFn | None = None,
     device: torch.device | str | None = None,
     chunk_bytes: int = 32 * 2**20,
+    workers: int = 0,
 ) -> torch.Tensor:
     """(Nq, S) late-interaction scores of each query against its own candidates (Nq, S).
 
     Candidates of a chunk of queries are gathered (decoded) into one block and scored with one
     batched matmul per chunk; the chunk is sized so the gathered block stays near
-    ``chunk_bytes``. Candidate index -1 (no candidate) scores ``-inf``.
+    ``chunk_bytes``. Candidate index -1 (no candidate) scores ``-inf``. On CPU with ``gallery``
+    tokens this runs :func:`rerank_cpu` (``workers`` threads, 0: torch's count).
     """
+    dev0 = torch.device(device) if device is not None else queries.vectors.device
+    if gallery is not None and cpu_fast(queries, gallery.vectors, dev0):
+        block = min(chunk_bytes, 4 * 2**20)
+        return rerank_cpu(queries, gallery.vectors, candidates, gallery.mask, workers, block)
     if gallery is not None:
         gather = _tokens_gather(gallery)
     assert gather is not None

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,7 +26,16 @@ import torch
 
 from craterlab.errors import DataError
 from craterlab.hookspecs import hookimpl
-from craterlab.matching import _finish, late_interaction_rerank, late_interaction_score
+from craterlab.matching import (
+    CPU_CACHE_BYTES,
+    _finish,
+    _tiles,
+    gallery_bias,
+    late_interaction_rerank,
+    late_interaction_score,
+    run_blocks,
+    thread_buffer,
+)
 from craterlab.types import Tokens
 
 # --------------------------------------------------------------------------- stores
@@ -223,11 +230,7 @@ class Int8Store(CodeStore):
     def _setup(self) -> None:
         codes = self.payload["codes"]
         self._flat = codes.reshape(self.n, self.k * self.dim)
-        self._bias = None
-        if self.mask is not None:
-            zero = torch.zeros((), dtype=torch.float32)
-            self._bias = torch.where(self.mask, zero, torch.tensor(float("-inf")))
-        self._local = threading.local()
+        self._bias = gallery_bias(self.mask)
 
     def _meta(self) -> dict[str, Any]:
         return {"direct": self.direct, "threads": self.threads}
@@ -252,44 +255,54 @@ class Int8Store(CodeStore):
         return self.direct and dev.type == "cpu" and self._device().type == "cpu"
 
     def li_rerank(
-        self, queries: Tokens, candidates: torch.Tensor, device: torch.device | str | None = None
+        self,
+        queries: Tokens,
+        candidates: torch.Tensor,
+        device: torch.device | str | None = None,
+        block_bytes: int = 2 * 2**20,
     ) -> torch.Tensor:
-        """(Nq, S) late-interaction scores from the int8 codes (int32 matmul per query)."""
+        """(Nq, S) late-interaction scores from the int8 codes (integer matmuls).
+
+        Queries are quantized per token like the gallery. Per block of queries (gathered codes
+        within ``block_bytes``): one ``index_select`` of the candidates' codes into a reused
+        buffer, one int8 x int8 -> int32 matmul per query (gallery tokens as rows), the
+        gallery-token scale applied while converting to fp32, max over the gallery tokens, the
+        query-token scale applied after the max (it is constant along it). Blocks run on
+        ``threads`` single-threaded workers (:func:`craterlab.matching.run_blocks`).
+        """
         if not self._use_direct(device):
             return late_interaction_rerank(queries, candidates, gather=self.gather, device=device)
-        qc, qs = quantize_int8(queries.vectors.float())
         nq, s = candidates.shape
         out = torch.full((nq, s), float("-inf"))
         if nq == 0 or s == 0:
             return out
+        qc, qs = self._queries(queries)
+        qct = qc.transpose(1, 2)  # (Nq, D, Kq) view: B operand of each matmul
+        kq = qc.shape[1]
+        k, d = self.k, self.dim
         cand = candidates.to(torch.long)
-        scales = self.payload["scales"]
-        qmask = queries.mask
+        idx_all = cand.clamp(min=0)
+        scales, bias, qmask = self.payload["scales"], self._bias, queries.mask
+        qb = max(1, min(nq, block_bytes // max(1, s * k * d)))
 
-        def one(i: int) -> None:
-            buf = getattr(self._local, "buf", None)
-            if buf is None or buf.shape[0] != s:
-                buf = torch.empty(s, self.k * self.dim, dtype=torch.int8)
-                self._local.buf = buf
-            c = cand[i]
-            ok = c >= 0
-            cc = c.clamp(min=0)
-            torch.index_select(self._flat, 0, cc, out=buf)
-            sim = torch._int_mm(buf.view(s * self.k, self.dim), qc[i].T)  # (S*K, Kq) int32
-            sim = sim.view(s, self.k, -1).float().mul_(scales.index_select(0, cc).unsqueeze(-1))
-            if self._bias is not None:
-                sim.add_(self._bias.index_select(0, cc).unsqueeze(-1))
-            mx = sim.amax(dim=1).mul_(qs[i])  # (S, Kq)
-            r = _finish(mx, None if qmask is None else qmask[i].unsqueeze(0))
-            out[i] = r.masked_fill(~ok, float("-inf"))
+        def block(b: int) -> None:
+            q0, q1 = b * qb, min(nq, (b + 1) * qb)
+            m = q1 - q0
+            idx = idx_all[q0:q1].reshape(-1)
+            g = thread_buffer("i8_g", (m * s, k * d), torch.int8)
+            torch.index_select(self._flat, 0, idx, out=g)
+            sim = thread_buffer("i8_sim", (m, s * k, kq), torch.int32)
+            for i in range(m):
+                torch._int_mm(g[i * s : (i + 1) * s].view(s * k, d), qct[q0 + i], out=sim[i])
+            f = thread_buffer("i8_f", (m, s, k, kq), torch.float32)
+            torch.mul(sim.view(m, s, k, kq), scales.index_select(0, idx).view(m, s, k, 1), out=f)
+            if bias is not None:
+                f.add_(bias.index_select(0, idx).view(m, s, k, 1))
+            mx = f.amax(dim=2).mul_(qs[q0:q1].unsqueeze(1))  # (m, S, Kq)
+            out[q0:q1] = _finish(mx, None if qmask is None else qmask[q0:q1].unsqueeze(1))
 
-        if self.threads > 1 and nq > 1:
-            with ThreadPoolExecutor(self.threads) as pool:
-                list(pool.map(one, range(nq)))
-        else:
-            for i in range(nq):
-                one(i)
-        return out
+        run_blocks(block, (nq + qb - 1) // qb, self.threads)
+        return out.masked_fill_(cand < 0, float("-inf"))
 
     def li_score(
         self,
@@ -297,7 +310,12 @@ class Int8Store(CodeStore):
         device: torch.device | str | None = None,
         tile_bytes: int = 64 * 2**20,
     ) -> torch.Tensor:
-        """(Nq, Ng) exhaustive late-interaction scores from the int8 codes, tiled gallery-major."""
+        """(Nq, Ng) exhaustive late-interaction scores from the int8 codes, tiled gallery-major.
+
+        Gallery tiles (contiguous code rows, no copy) are the rows of an integer matmul against
+        a chunk of query tokens; each similarity block stays within the L2 cache (or
+        ``tile_bytes`` if smaller). Tiles are split between ``threads`` workers.
+        """
         if not self._use_direct(device):
             return late_interaction_score(
                 queries,
@@ -306,29 +324,43 @@ class Int8Store(CodeStore):
                 device=device,
                 tile_bytes=tile_bytes,
             )
-        qc, qs = quantize_int8(queries.vectors.float())
+        qc, qs = self._queries(queries)
         nq, kq, d = qc.shape
-        k = self.k
-        out = torch.empty(nq, self.n)
+        k, ng = self.k, self.n
+        out = torch.empty(nq, ng)
+        if nq == 0 or ng == 0:
+            return out
         qmask = queries.mask
-        q_chunk = max(1, min(nq, tile_bytes // max(1, 4 * kq * k * 64)))
-        g_tile = max(1, min(self.n, tile_bytes // max(1, 4 * k * q_chunk * kq)))
-        scales = self.payload["scales"]
-        for q0 in range(0, nq, q_chunk):
-            q1 = min(q0 + q_chunk, nq)
-            qflat_t = qc[q0:q1].reshape(-1, d).T  # (D, Qc*Kq)
-            qsc = qs[q0:q1].unsqueeze(0)  # (1, Qc, Kq)
-            qm = None if qmask is None else qmask[q0:q1].unsqueeze(0)
-            for g0 in range(0, self.n, g_tile):
-                g1 = min(g0 + g_tile, self.n)
-                gt = g1 - g0
-                sim = torch._int_mm(self.payload["codes"][g0:g1].reshape(gt * k, d), qflat_t)
-                sim = sim.view(gt, k, -1).float().mul_(scales[g0:g1].unsqueeze(-1))
-                if self._bias is not None:
-                    sim.add_(self._bias[g0:g1].unsqueeze(-1))
-                mx = sim.amax(dim=1).view(gt, q1 - q0, kq).mul_(qsc)
-                out[q0:q1, g0:g1] = _finish(mx, qm).T
+        q_chunk, g_tile = _tiles(nq, kq, k, min(tile_bytes, CPU_CACHE_BYTES))
+        qt = qc.reshape(nq * kq, d).T  # (D, Nq*Kq)
+        codes, scales, bias = self.payload["codes"], self.payload["scales"], self._bias
+
+        def tile(t: int) -> None:
+            g0, g1 = t * g_tile, min(ng, (t + 1) * g_tile)
+            gt = g1 - g0
+            gv = codes[g0:g1].view(gt * k, d)
+            for q0 in range(0, nq, q_chunk):
+                q1 = min(nq, q0 + q_chunk)
+                cols = (q1 - q0) * kq
+                sim = thread_buffer("i8s_sim", (gt * k, cols), torch.int32)
+                torch._int_mm(gv, qt[:, q0 * kq : q1 * kq], out=sim)
+                f = thread_buffer("i8s_f", (gt, k, cols), torch.float32)
+                torch.mul(sim.view(gt, k, cols), scales[g0:g1].unsqueeze(-1), out=f)
+                if bias is not None:
+                    f.add_(bias[g0:g1].unsqueeze(-1))
+                mx = f.amax(dim=1).view(gt, q1 - q0, kq).mul_(qs[q0:q1])
+                out[q0:q1, g0:g1] = _finish(mx, None if qmask is None else qmask[q0:q1]).T
+
+        run_blocks(tile, (ng + g_tile - 1) // g_tile, self.threads)
         return out
+
+    def _queries(self, queries: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query tokens quantized per token: codes (Nq, Kq, D) int8, scales (Nq, Kq) > 0.
+
+        An all-zero query token has codes 0, so any positive scale is exact for it; a positive
+        one keeps ``-inf`` (empty gallery item) from turning into NaN."""
+        qc, qs = quantize_int8(queries.vectors.detach().float().cpu())
+        return qc, qs.clamp(min=torch.finfo(torch.float32).tiny)
 
 
 class PQStore(CodeStore):

@@ -15,28 +15,9 @@ from craterlab.testing import random_features, random_tokens
 from craterlab.types import Fittable, RetrievalInputs, Tokens
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = [
-    "dataset",
-    "backbone",
-    "pooling",
-    "selector",
-    "aggregator",
-    "matcher",
-    "quantizer",
-    "retrieval",
-    "train",
-    "tracking",
-    "experiment",
-]
-COMPONENT_GROUPS = {
-    "dataset",
-    "backbone",
-    "pooling",
-    "selector",
-    "aggregator",
-    "matcher",
-    "quantizer",
-}
+# Config groups whose options build one registry component each (the group name is its kind).
+COMPONENT_GROUPS = {k for k in KINDS if k not in ("stage", "loss")}
+GROUPS = sorted(COMPONENT_GROUPS) + ["retrieval", "train", "tracking", "experiment"]
 
 
 def options(group: str) -> list[str]:
@@ -50,8 +31,10 @@ def compose_config(*overrides: str):
 
 def component_configs(cfg) -> list[tuple[str, dict]]:
     """(kind, component config) pairs a composed config will build."""
-    plain = {g: OmegaConf.to_container(cfg[g], resolve=True) for g in (*COMPONENT_GROUPS,
-                                                                      "retrieval", "train")}
+    plain = {
+        g: OmegaConf.to_container(cfg[g], resolve=True)
+        for g in (*COMPONENT_GROUPS, "retrieval", "train")
+    }
     pairs = [(group, plain[group]) for group in COMPONENT_GROUPS]
     pairs += [("stage", stage) for stage in plain["retrieval"]["stages"].values()]
     if plain["train"]["name"] != "none":
@@ -213,7 +196,9 @@ def test_backbone_contract(name: str) -> None:
     if name == "marsdino":
         config["size"] = "s"
     backbone = get_registry().build("backbone", config, seed=0)
-    images = torch.stack([backbone.transform(Image.new("RGB", (64, 48), c)) for c in ("red", "blue")])
+    images = torch.stack(
+        [backbone.transform(Image.new("RGB", (64, 48), c)) for c in ("red", "blue")]
+    )
     features = backbone.encode(images)
     rows, cols = features.grid
     assert features.tokens.shape == (2, rows * cols, backbone.dim)
@@ -229,8 +214,13 @@ def test_backbone_contract(name: str) -> None:
 @pytest.mark.parametrize("name", [n for k, n in COMPONENTS if k == "dataset"])
 def test_dataset_contract(name: str, tmp_path) -> None:
     registry = get_registry()
-    tiny = {"name": "synthetic", "size": "tiny", "n_identities": 6, "n_query_craters": 2,
-            "image_size": 64}
+    tiny = {
+        "name": "synthetic",
+        "size": "tiny",
+        "n_identities": 6,
+        "n_query_craters": 2,
+        "image_size": 64,
+    }
     if name == "synthetic":
         config = tiny
     elif name == "manifest":

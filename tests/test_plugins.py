@@ -64,17 +64,7 @@ def test_builtins_are_plugins_registered_like_third_party_ones() -> None:
     registry = fill_registry(pm)
     plugins = {c.plugin for c in registry}
     assert plugins <= set(DEFAULT_PLUGINS)
-    for kind in (
-        "dataset",
-        "backbone",
-        "pooling",
-        "selector",
-        "aggregator",
-        "matcher",
-        "quantizer",
-        "stage",
-        "loss",
-    ):
+    for kind in KINDS:
         assert registry.names(kind), f"no built-in {kind}"
 
 

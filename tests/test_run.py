@@ -6,11 +6,12 @@ import subprocess
 import sys
 
 import pytest
+from conftest import CONF, ROOT, TINY
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
-from conftest import CONF, ROOT, TINY
 from craterlab.errors import ConfigError, UnknownComponentError
+from craterlab.registry import KINDS
 from craterlab.run import run
 
 
@@ -106,20 +107,17 @@ def test_user_mistakes_print_one_paragraph_without_traceback(tmp_path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_mistyped_component_key_names_the_valid_keys(tmp_path) -> None:
+    result = cli("tracking=none", "aggregator.kk=3", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "aggregator 'instance' has no config key 'kk'. Did you mean 'k'?" in result.stderr
+    assert "Valid keys: k, seeds, assign, temperature" in result.stderr
+
+
 def test_plugins_listing_shows_every_kind(tmp_path) -> None:
     result = cli("plugins", cwd=tmp_path)
     assert result.returncode == 0
-    for kind in (
-        "dataset",
-        "backbone",
-        "pooling",
-        "selector",
-        "aggregator",
-        "matcher",
-        "quantizer",
-        "stage",
-        "loss",
-    ):
+    for kind in KINDS:
         assert f"  {kind} " in result.stdout
     assert "craterlab.tokens" in result.stdout
 

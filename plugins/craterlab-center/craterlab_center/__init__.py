@@ -40,6 +40,8 @@ def register_selectors(register: Any) -> None:
 
 
 @hookimpl
-def run_finished(config: dict[str, Any], run_dir: str, results: dict[str, dict[str, float]]) -> None:
+def run_finished(
+    config: dict[str, Any], run_dir: str, results: dict[str, dict[str, float]]
+) -> None:
     summary = {mode: metrics.get("mAP") for mode, metrics in results.items()}
     Path(run_dir, "center_summary.json").write_text(json.dumps(summary, indent=2))

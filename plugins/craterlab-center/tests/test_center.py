@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
+from craterlab_center import CenterSelector
 
 from craterlab.plugins import fill_registry, make_manager
 from craterlab.testing import random_features
-from craterlab_center import CenterSelector
 
 
 def test_registered_through_entry_point() -> None:
