@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from craterlab.hashing import stable_hash
 from craterlab.types import Features
 
 log = logging.getLogger(__name__)
@@ -46,17 +47,13 @@ VERIFY_BELOW_BYTES = 512 << 20
 
 def entry_key(backbone_identity: dict[str, Any], dataset_identity: str, split: str) -> str:
     """A stable hash of everything that determines an entry's features."""
-    blob = json.dumps(
-        {
-            "format": CACHE_FORMAT,
-            "backbone": backbone_identity,
-            "dataset": dataset_identity,
-            "split": split,
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    payload = {
+        "format": CACHE_FORMAT,
+        "backbone": backbone_identity,
+        "dataset": dataset_identity,
+        "split": split,
+    }
+    return stable_hash(payload, 20)
 
 
 def slug(text: str, limit: int = 40) -> str:

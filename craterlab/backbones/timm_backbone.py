@@ -19,6 +19,7 @@ from PIL import Image
 
 from craterlab.backbones import weights as W
 from craterlab.errors import CraterlabError
+from craterlab.hashing import file_sha256
 from craterlab.types import Features
 
 log = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class TimmBackbone:
         self._weights_id = {
             "weights": "checkpoint",
             "source": source,
-            "sha256": W.file_sha256(path),
+            "sha256": file_sha256(path),
             "checkpoint_key": checkpoint_key,
         }
         return model

@@ -8,7 +8,6 @@ retry for about a minute per file).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -146,21 +145,6 @@ def pretrained_source(pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a file (memoized on path, size and mtime), the identity of a checkpoint."""
-    st = os.stat(path)
-    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        _HASHES[key] = h.hexdigest()
-    return _HASHES[key]
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

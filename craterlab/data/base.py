@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -73,21 +72,3 @@ def _is_int(s: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def fingerprint(*parts: object) -> str:
-    """A short sha256 over the reprs of ``parts`` (used in dataset identities)."""
-    h = hashlib.sha256()
-    for part in parts:
-        h.update(repr(part).encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def file_digest(path: Path) -> str:
-    """sha256 of a file's content."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

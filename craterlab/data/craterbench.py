@@ -31,8 +31,9 @@ from typing import Any
 
 from PIL import Image
 
-from craterlab.data.base import CraterIdMap, file_digest, fingerprint, listing, open_rgb
+from craterlab.data.base import CraterIdMap, listing, open_rgb
 from craterlab.errors import DataError
+from craterlab.hashing import file_sha256, fingerprint
 from craterlab.types import ImageRecord
 
 REPO_ID = "jfang/CraterBench-R"
@@ -153,10 +154,10 @@ class CraterBenchR:
             )
         stats = self._check_files() if check_files else []
         digests = [
-            file_digest(p) for p in (self.root / f for f in SPLIT_FILES.values()) if p.is_file()
+            file_sha256(p) for p in (self.root / f for f in SPLIT_FILES.values()) if p.is_file()
         ]
         if rel_path.is_file():
-            digests.append(file_digest(rel_path))
+            digests.append(file_sha256(rel_path))
         self._identity = fingerprint("craterbench_r", digests, stats)
 
     def _to_records(
@@ -431,7 +432,7 @@ def _verify_zip(api: Any, repo_id: str, revision: str | None, archive: Path) -> 
         expected = getattr(lfs, "sha256", None) if lfs is not None else None
     except Exception:
         return  # no metadata available: nothing to check against
-    if expected and file_digest(archive) != expected:
+    if expected and file_sha256(archive) != expected:
         raise DataError(
             f"{archive} does not match the hub's sha256 ({expected}); the download is corrupt. "
             "Delete it and run again."

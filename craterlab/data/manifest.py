@@ -20,8 +20,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from craterlab.data.base import CraterIdMap, fingerprint, listing, open_rgb
+from craterlab.data.base import CraterIdMap, listing, open_rgb
 from craterlab.errors import DataError
+from craterlab.hashing import fingerprint
 from craterlab.types import ImageRecord
 
 REQUIRED = ("image_id", "path", "crater_id", "role")

@@ -20,8 +20,6 @@ catalogue (a few arrays) in memory.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ from PIL import Image
 
 from craterlab.data.surface import CH_PICK, CH_VIEW, CraterField, Photometry, render, seed_of
 from craterlab.errors import DataError
+from craterlab.hashing import stable_hash
 from craterlab.types import ImageRecord
 
 GENERATOR_VERSION = 2
@@ -295,8 +294,7 @@ class SyntheticCraters:
         }
 
     def identity(self) -> str:
-        blob = json.dumps(self.params(), sort_keys=True)
-        return f"synthetic-v{GENERATOR_VERSION}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+        return f"synthetic-v{GENERATOR_VERSION}-{stable_hash(self.params())}"
 
     def __repr__(self) -> str:
         return (

@@ -9,12 +9,11 @@ wrong type names the expected type. The ``loss`` sub-config is validated by the 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from craterlab.errors import ConfigError, closest
+from craterlab.hashing import stable_hash
 from craterlab.registry import Registry, check_value, schema_params, to_plain, type_name
 
 
@@ -143,14 +142,11 @@ def run_key(c: TrainConfig, backbone_identity: Any, dataset_identity: Any, seed:
     """
     payload = dataclasses.asdict(c)
     payload.pop("epochs")
-    blob = json.dumps(
+    return stable_hash(
         {
             "train": payload,
             "backbone": backbone_identity,
             "dataset": dataset_identity,
             "seed": seed,
-        },
-        sort_keys=True,
-        default=str,
+        }
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
