@@ -128,3 +128,33 @@ def test_module_runs_from_any_directory(tmp_path) -> None:
     result = cli("--cfg", "job", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "aggregator:" in result.stdout
+
+
+@pytest.mark.parametrize("source", ["manifest", "craterbench_r"])
+def test_file_datasets_run_end_to_end(source: str, tmp_path) -> None:
+    """Your own crops (the example manifest) and a CraterBench-R layout run like the default."""
+    if source == "manifest":
+        dataset = ["dataset=manifest", f"dataset.path={ROOT / 'examples/manifest/manifest.csv'}"]
+    else:
+        from craterlab.data.export import export_dataset
+        from craterlab.data.synthetic import SyntheticCraters
+
+        small = SyntheticCraters(size="tiny", n_identities=6, n_query_craters=2, image_size=64)
+        export_dataset(small, tmp_path / "release", progress=False)
+        dataset = ["dataset=craterbench_r", f"dataset.root={tmp_path / 'release'}"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="config",
+            overrides=[
+                *dataset,
+                "backbone.weights=random",
+                "k=4",
+                "shortlist=3",
+                "tracking=none",
+                f"output_dir={tmp_path / 'run'}",
+            ],
+        )
+    result = run(cfg)
+    assert set(result.results) == {"single", "exhaustive", "two_stage"}
+    assert all(0.0 <= m["mAP"] <= 1.0 for m in result.results.values())
+    assert (tmp_path / "run" / "rankings.json").is_file()
