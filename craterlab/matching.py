@@ -154,14 +154,14 @@ def rerank_cpu(
 ) -> torch.Tensor:
     """(Nq, S) late-interaction rerank on CPU with fp32 matmuls, gallery (N, K, D) float.
 
-    Per block of queries (gathered candidates within ``block_bytes``): one ``index_select``
-    into a reused buffer, one batched matmul with gallery tokens as rows, max over the
-    gallery-token axis. Blocks run on ``workers`` single-threaded workers (0: torch's count).
+    Per block (a few queries, or a slice of one query's candidates, so the gathered tokens
+    stay within ``block_bytes``): one ``index_select`` into a reused buffer, one batched matmul
+    with gallery tokens as rows, max over the gallery-token axis. Blocks run on ``workers``
+    single-threaded workers (0: torch's intra-op thread count).
     """
     nq, s = candidates.shape
-    out = torch.full((nq, s), float("-inf"))
     if nq == 0 or s == 0:
-        return out
+        return torch.full((nq, s), float("-inf"))
     n, k, d = gallery.shape
     flat = gallery.reshape(n, k * d)
     q = queries.vectors.float().contiguous()
@@ -171,27 +171,34 @@ def rerank_cpu(
     bias = gallery_bias(gmask)
     cand = candidates.to(torch.long)
     idx_all = cand.clamp(min=0)
-    qb = max(1, min(nq, block_bytes // max(1, s * k * d * 4)))
-    nblocks = (nq + qb - 1) // qb
+    # A block is a few queries (S small) or a slice of one query's candidates (S large).
+    per_query = s * k * d * 4
+    qb = max(1, min(nq, block_bytes // max(1, per_query)))
+    cs = s if per_query <= block_bytes else max(1, block_bytes // (k * d * 4))
+    nc = (s + cs - 1) // cs
+    nblocks = nq * nc if nc > 1 else (nq + qb - 1) // qb
+    mx = torch.empty(nq, s, kq)
 
     def block(b: int) -> None:
-        q0, q1 = b * qb, min(nq, (b + 1) * qb)
-        m = q1 - q0
-        idx = idx_all[q0:q1].reshape(-1)
-        g = thread_buffer("rr_g", (m * s, k * d), flat.dtype)
+        if nc > 1:
+            q0, q1, c0, c1 = b // nc, b // nc + 1, (b % nc) * cs, min(s, (b % nc + 1) * cs)
+        else:
+            q0, q1, c0, c1 = b * qb, min(nq, (b + 1) * qb), 0, s
+        m, c = q1 - q0, c1 - c0
+        idx = idx_all[q0:q1, c0:c1].reshape(-1)
+        g = thread_buffer("rr_g", (m * c, k * d), flat.dtype)
         torch.index_select(flat, 0, idx, out=g)
         if flat.dtype != torch.float32:
-            g32 = thread_buffer("rr_g32", (m * s, k * d), torch.float32)
-            g = g32.copy_(g)
-        sim = thread_buffer("rr_sim", (m, s * k, kq), torch.float32)
-        torch.bmm(g.view(m, s * k, d), qt[q0:q1], out=sim)
-        sim4 = sim.view(m, s, k, kq)
+            g = thread_buffer("rr_g32", (m * c, k * d), torch.float32).copy_(g)
+        sim = thread_buffer("rr_sim", (m, c * k, kq), torch.float32)
+        torch.bmm(g.view(m, c * k, d), qt[q0:q1], out=sim)
+        sim4 = sim.view(m, c, k, kq)
         if bias is not None:
-            sim4.add_(bias.index_select(0, idx).view(m, s, k, 1))
-        mx = sim4.amax(dim=2)  # (m, S, Kq)
-        out[q0:q1] = _finish(mx, None if qmask is None else qmask[q0:q1].unsqueeze(1))
+            sim4.add_(bias.index_select(0, idx).view(m, c, k, 1))
+        torch.amax(sim4, dim=2, out=mx[q0:q1, c0:c1])
 
     run_blocks(block, nblocks, resolve_workers(workers))
+    out = _finish(mx, None if qmask is None else qmask.cpu().unsqueeze(1))
     return out.masked_fill_(cand < 0, float("-inf"))
 
 
@@ -372,27 +379,44 @@ class LateInteraction:
 
     ``device``: where the matmuls run ("auto" = CUDA when available); fp16 on CUDA.
     ``tile_mb``: memory bound of one exhaustive tile / rerank chunk in MiB.
+    ``threads``: worker threads of the CPU paths (0: torch's intra-op thread count).
     """
 
-    def __init__(self, device: str = "auto", tile_mb: int = 64) -> None:
+    def __init__(self, device: str = "auto", tile_mb: int = 64, threads: int = 0) -> None:
         if tile_mb < 1:
             raise ValueError(f"tile_mb must be >= 1 (MiB), got {tile_mb}")
+        if threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's thread count), got {threads}")
         self.device = _resolve_device(device)
         self.tile_bytes = tile_mb * 2**20
+        self.threads = threads
 
     def score(self, queries: Tokens, gallery: Tokens) -> torch.Tensor:
         return late_interaction_score(
-            queries, gallery, device=self.device, tile_bytes=self.tile_bytes
+            queries,
+            gallery,
+            device=self.device,
+            tile_bytes=self.tile_bytes,
+            workers=self.threads,
         )
 
     def rerank(self, queries: Tokens, gallery: Tokens, candidates: torch.Tensor) -> torch.Tensor:
         return late_interaction_rerank(
-            queries, candidates, gallery, device=self.device, chunk_bytes=self.tile_bytes // 2
+            queries,
+            candidates,
+            gallery,
+            device=self.device,
+            chunk_bytes=self.tile_bytes // 2,
+            workers=self.threads,
         )
 
     # Store-aware paths: stages call these so quantized stores are scored from their codes
-    # (directly when the store has a fast path, else decoding only the rows needed).
+    # (directly when the store has a fast path, in place when the codes are plain floats,
+    # else decoding only the rows needed).
     def score_store(self, queries: Tokens, store: Any) -> torch.Tensor:
+        plain = _plain_tokens(store)
+        if plain is not None:
+            return self.score(queries, plain)
         direct = getattr(store, "li_score", None)
         if direct is not None:
             return direct(queries, device=self.device, tile_bytes=self.tile_bytes)
@@ -405,6 +429,9 @@ class LateInteraction:
         )
 
     def rerank_store(self, queries: Tokens, store: Any, candidates: torch.Tensor) -> torch.Tensor:
+        plain = _plain_tokens(store)
+        if plain is not None:
+            return self.rerank(queries, plain, candidates)
         direct = getattr(store, "li_rerank", None)
         if direct is not None:
             return direct(queries, candidates, device=self.device)
@@ -415,6 +442,11 @@ class LateInteraction:
             device=self.device,
             chunk_bytes=self.tile_bytes // 2,
         )
+
+
+def _plain_tokens(store: Any) -> Tokens | None:
+    fn = getattr(store, "plain_tokens", None)
+    return fn() if fn is not None else None
 
 
 def _store_gather(store: Any) -> GatherFn:

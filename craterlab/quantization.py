@@ -120,6 +120,11 @@ class CodeStore:
     def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def plain_tokens(self) -> Tokens | None:
+        """The tokens themselves when the codes are plain floats (FP32/FP16), else None: a
+        matcher then scores them in place, without a decoding copy."""
+        return None
+
     def _device(self) -> torch.device:
         return next(iter(self.payload.values())).device
 
@@ -202,6 +207,9 @@ class Fp32Store(CodeStore):
     def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         return rows["codes"]
 
+    def plain_tokens(self) -> Tokens | None:
+        return Tokens(self.payload["codes"], self.mask)
+
 
 class Fp16Store(CodeStore):
     """Tokens as float16: 2 bytes per dimension (decoded to fp16; the matcher upcasts on CPU)."""
@@ -211,12 +219,16 @@ class Fp16Store(CodeStore):
     def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         return rows["codes"]
 
+    def plain_tokens(self) -> Tokens | None:
+        return Tokens(self.payload["codes"], self.mask)
+
 
 class Int8Store(CodeStore):
     """Per-token symmetric int8: codes (N, K, D) int8 and one fp32 scale per token.
 
     ``direct``: score on CPU with integer matmuls (queries quantized the same way) instead of
-    decoding; ``threads``: worker threads of the per-query integer rerank.
+    decoding; ``threads``: worker threads of the integer rerank and exhaustive scoring (each
+    runs torch single-threaded; 1 = the calling thread with torch's own threading).
     """
 
     format = "int8"
@@ -259,16 +271,17 @@ class Int8Store(CodeStore):
         queries: Tokens,
         candidates: torch.Tensor,
         device: torch.device | str | None = None,
-        block_bytes: int = 2 * 2**20,
+        block_bytes: int = 3 * 2**20,
     ) -> torch.Tensor:
         """(Nq, S) late-interaction scores from the int8 codes (integer matmuls).
 
-        Queries are quantized per token like the gallery. Per block of queries (gathered codes
-        within ``block_bytes``): one ``index_select`` of the candidates' codes into a reused
-        buffer, one int8 x int8 -> int32 matmul per query (gallery tokens as rows), the
-        gallery-token scale applied while converting to fp32, max over the gallery tokens, the
-        query-token scale applied after the max (it is constant along it). Blocks run on
-        ``threads`` single-threaded workers (:func:`craterlab.matching.run_blocks`).
+        Queries are quantized per token like the gallery. Per block (a few queries, or a slice
+        of one query's candidates, so the gathered codes stay within ``block_bytes``): one
+        ``index_select`` of the candidates' codes into a reused buffer, one int8 x int8 -> int32
+        matmul per query (gallery tokens as rows), the gallery-token scale applied while
+        converting to fp32, max over the gallery tokens; the query-token scale is applied after
+        the max (it is constant along it), for all queries at once. Blocks run on ``threads``
+        single-threaded workers (:func:`craterlab.matching.run_blocks`).
         """
         if not self._use_direct(device):
             return late_interaction_rerank(queries, candidates, gather=self.gather, device=device)
@@ -276,32 +289,42 @@ class Int8Store(CodeStore):
         out = torch.full((nq, s), float("-inf"))
         if nq == 0 or s == 0:
             return out
-        qc, qs = self._queries(queries)
-        qct = qc.transpose(1, 2)  # (Nq, D, Kq) view: B operand of each matmul
-        kq = qc.shape[1]
+        qct, qs = _quantize_queries(queries.vectors)  # (Nq, D, Kq) int8, (Nq, Kq)
+        kq = qct.shape[2]
         k, d = self.k, self.dim
         cand = candidates.to(torch.long)
         idx_all = cand.clamp(min=0)
-        scales, bias, qmask = self.payload["scales"], self._bias, queries.mask
-        qb = max(1, min(nq, block_bytes // max(1, s * k * d)))
+        scales, bias = self.payload["scales"], self._bias
+        # A block is a few queries (S small) or a slice of one query's candidates (S large),
+        # so the gathered codes and the similarity block stay cache-sized.
+        per_query = s * k * d
+        qb = max(1, min(nq, block_bytes // max(1, per_query)))
+        cs = s if per_query <= block_bytes else max(1, block_bytes // (k * d))
+        nc = (s + cs - 1) // cs  # candidate slices per query (1 unless S is large)
+        mx = torch.empty(nq, s, kq)  # per-query-token maxima, finished for all queries at once
 
         def block(b: int) -> None:
-            q0, q1 = b * qb, min(nq, (b + 1) * qb)
-            m = q1 - q0
-            idx = idx_all[q0:q1].reshape(-1)
-            g = thread_buffer("i8_g", (m * s, k * d), torch.int8)
+            if nc > 1:
+                q0, q1, c0, c1 = b // nc, b // nc + 1, (b % nc) * cs, min(s, (b % nc + 1) * cs)
+            else:
+                q0, q1, c0, c1 = b * qb, min(nq, (b + 1) * qb), 0, s
+            m, c = q1 - q0, c1 - c0
+            idx = idx_all[q0:q1, c0:c1].reshape(-1)
+            g = thread_buffer("i8_g", (m * c, k * d), torch.int8)
             torch.index_select(self._flat, 0, idx, out=g)
-            sim = thread_buffer("i8_sim", (m, s * k, kq), torch.int32)
+            sim = thread_buffer("i8_sim", (m, c * k, kq), torch.int32)
             for i in range(m):
-                torch._int_mm(g[i * s : (i + 1) * s].view(s * k, d), qct[q0 + i], out=sim[i])
-            f = thread_buffer("i8_f", (m, s, k, kq), torch.float32)
-            torch.mul(sim.view(m, s, k, kq), scales.index_select(0, idx).view(m, s, k, 1), out=f)
+                torch._int_mm(g[i * c : (i + 1) * c].view(c * k, d), qct[q0 + i], out=sim[i])
+            f = thread_buffer("i8_f", (m, c, k, kq), torch.float32)
+            torch.mul(sim.view(m, c, k, kq), scales.index_select(0, idx).view(m, c, k, 1), out=f)
             if bias is not None:
-                f.add_(bias.index_select(0, idx).view(m, s, k, 1))
-            mx = f.amax(dim=2).mul_(qs[q0:q1].unsqueeze(1))  # (m, S, Kq)
-            out[q0:q1] = _finish(mx, None if qmask is None else qmask[q0:q1].unsqueeze(1))
+                f.add_(bias.index_select(0, idx).view(m, c, k, 1))
+            torch.amax(f, dim=2, out=mx[q0:q1, c0:c1])
 
-        run_blocks(block, (nq + qb - 1) // qb, self.threads)
+        nblocks = nq * nc if nc > 1 else (nq + qb - 1) // qb
+        run_blocks(block, nblocks, self.threads)
+        qmask = None if queries.mask is None else queries.mask.cpu().unsqueeze(1)
+        out = _finish(mx.mul_(qs.unsqueeze(1)), qmask)
         return out.masked_fill_(cand < 0, float("-inf"))
 
     def li_score(
@@ -361,6 +384,28 @@ class Int8Store(CodeStore):
         one keeps ``-inf`` (empty gallery item) from turning into NaN."""
         qc, qs = quantize_int8(queries.vectors.detach().float().cpu())
         return qc, qs.clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def _quantize_queries(x: torch.Tensor, chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_int8` of query token sets (Nq, Kq, D), codes laid out (Nq, D, Kq) for
+    the matmul, in chunks through a reused buffer (whole-batch temporaries cost page faults).
+
+    Scales are clamped > 0: an all-zero token has codes 0, so any positive scale is exact for
+    it, and a positive one keeps ``-inf`` (an empty gallery item) from becoming NaN."""
+    x = x.detach().cpu()
+    nq, kq, d = x.shape
+    codes = torch.empty(nq, d, kq, dtype=torch.int8)
+    scale = torch.empty(nq, kq)
+    for c0 in range(0, nq, chunk):
+        c1 = min(nq, c0 + chunk)
+        xc = x[c0:c1].float()
+        amax = xc.abs().amax(dim=-1) / 127.0  # (m, Kq)
+        scale[c0:c1] = amax.clamp(min=torch.finfo(torch.float32).tiny)
+        safe = torch.where(amax > 0, amax, torch.ones_like(amax))
+        tmp = thread_buffer("q_tmp", (c1 - c0, d, kq), torch.float32)
+        torch.div(xc.transpose(1, 2), safe.unsqueeze(1), out=tmp)
+        codes[c0:c1] = tmp.round_()  # |value| <= 127 by construction: no clamp needed
+    return codes, scale
 
 
 class PQStore(CodeStore):

@@ -11,6 +11,9 @@ from craterlab.matching import (
     LateInteraction,
     late_interaction_rerank,
     late_interaction_score,
+    rerank_cpu,
+    run_blocks,
+    score_cpu,
 )
 from craterlab.plugins import get_registry
 from craterlab.testing import random_tokens
@@ -118,3 +121,40 @@ def test_cuda_matches_cpu() -> None:
     cpu = LateInteraction("cpu").score(q, g)
     gpu = LateInteraction("cuda").score(q, g)
     torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_cpu_fast_paths_match_loop_reference(workers: int) -> None:
+    """Threaded, buffer-reusing CPU paths (tiny blocks/tiles) == the loop definition."""
+    q = masked(random_tokens(5, 4, 8, seed=30), seed=31)
+    g = masked(random_tokens(9, 6, 8, seed=32), seed=33)
+    g.mask[2] = False  # empty gallery item: -inf
+    ref = li_reference(q, g)
+    for cache in (64, 1 << 20):  # one gallery image per tile, then one tile
+        got = score_cpu(q, g.vectors, g.mask, workers=workers, cache_bytes=cache)
+        assert torch.equal(torch.isinf(got), torch.isinf(ref))
+        fin = torch.isfinite(ref)
+        torch.testing.assert_close(got[fin].double(), ref[fin], atol=1e-5, rtol=0)
+    cand = torch.tensor([[0, 2, 8, -1], [3, 3, 1, 0], [7, 6, 5, 4], [1, 0, 2, 8], [8, 7, 6, -1]])
+    want = ref.gather(1, cand.clamp(min=0)).masked_fill(cand < 0, float("-inf"))
+    for block in (1, 1 << 20):  # one query per block, then all queries in one block
+        got = rerank_cpu(q, g.vectors, cand, g.mask, workers=workers, block_bytes=block)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        fin = torch.isfinite(want)
+        torch.testing.assert_close(got[fin].double(), want[fin], atol=1e-5, rtol=0)
+    half = rerank_cpu(q, g.vectors.half(), cand, g.mask, workers=workers)
+    want_half = li_reference(q, Tokens(g.vectors.half().float(), g.mask))
+    want_half = want_half.gather(1, cand.clamp(min=0)).masked_fill(cand < 0, float("-inf"))
+    fin = torch.isfinite(want_half)
+    torch.testing.assert_close(half[fin].double(), want_half[fin], atol=1e-5, rtol=0)
+
+
+def test_run_blocks_runs_every_block_and_restores_threads() -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    run_blocks(seen.append, 7, workers=2)
+    assert sorted(seen) == list(range(7))
+    assert torch.get_num_threads() == before
+    with pytest.raises(ZeroDivisionError):  # a worker's error reaches the caller
+        run_blocks(lambda b: 1 // (b - 3), 5, workers=2)
+    assert torch.get_num_threads() == before

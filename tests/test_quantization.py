@@ -11,9 +11,15 @@ import pytest
 import torch
 
 from craterlab.errors import ConfigError, DataError
-from craterlab.matching import late_interaction_rerank, late_interaction_score
+from craterlab.matching import LateInteraction, late_interaction_rerank, late_interaction_score
 from craterlab.plugins import get_registry
-from craterlab.quantization import CodeStore, Int8Store, PQQuantizer, quantize_int8
+from craterlab.quantization import (
+    CodeStore,
+    Int8Quantizer,
+    Int8Store,
+    PQQuantizer,
+    quantize_int8,
+)
 from craterlab.testing import random_tokens
 from craterlab.types import Tokens
 
@@ -149,3 +155,66 @@ def test_store_to_device_keeps_results() -> None:
     s = build("int8").encode(t)
     torch.testing.assert_close(s.to("cpu").decode().vectors, s.decode().vectors)
     assert isinstance(np.asarray(s.payload["codes"]), np.ndarray)
+
+
+def int8_reference(q: Tokens, store: Int8Store) -> torch.Tensor:
+    """(Nq, Ng) int8 scoring by loops: exact integer dot products of the codes, then
+    mean_i qscale_i * max_j gscale_j * dot_ij over real tokens, in float64."""
+    qc, qs = quantize_int8(q.vectors)
+    gc, gs = store.payload["codes"].long(), store.payload["scales"].double()
+    out = torch.empty(len(q), len(store), dtype=torch.float64)
+    for a in range(len(q)):
+        qi = [i for i in range(qc.shape[1]) if q.mask is None or q.mask[a, i]]
+        for b in range(len(store)):
+            gj = [j for j in range(gc.shape[1]) if store.mask is None or store.mask[b, j]]
+            if not gj:
+                out[a, b] = float("-inf")
+                continue
+            dots = qc[a].long() @ gc[b].T  # exact integers
+            total = sum(float(qs[a, i]) * max(float(gs[b, j] * dots[i, j]) for j in gj) for i in qi)
+            out[a, b] = total / max(1, len(qi))
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_int8_direct_equals_integer_reference_in_small_blocks(threads: int) -> None:
+    """Blocked/threaded integer scoring == the int8 semantics computed by loops."""
+    g = random_tokens(11, 5, 16, seed=20)
+    gmask = torch.rand(11, 5, generator=torch.Generator().manual_seed(21)) > 0.3
+    gmask[:, 0] = True
+    gmask[4] = False  # an empty gallery item scores -inf
+    qv = random_tokens(4, 3, 16, seed=22).vectors.clone()
+    qv[1, 2] = 0  # an all-zero query token (scale 0) must not turn -inf into NaN
+    q = Tokens(qv, torch.tensor([[1, 1, 1], [1, 1, 1], [1, 0, 1], [1, 1, 0]]).bool())
+    store = Int8Quantizer(threads=threads).encode(Tokens(g.vectors, gmask))
+    ref = int8_reference(q, store)
+    fin = torch.isfinite(ref)
+    for tile in (1, 1 << 20):  # one gallery image per tile, then one tile
+        got = store.li_score(q, device="cpu", tile_bytes=tile)
+        assert torch.equal(torch.isinf(got), ~fin) and not got.isnan().any()
+        torch.testing.assert_close(got[fin].double(), ref[fin], atol=1e-6, rtol=1e-6)
+    cand = torch.tensor([[4, 0, 10, -1, 3], [1, 1, 2, 4, 9], [5, 6, 7, 8, 0], [10, 9, 8, 7, 6]])
+    want = ref.gather(1, cand.clamp(min=0)).masked_fill(cand < 0, float("-inf"))
+    # one candidate per block, two candidates (a slice of one query), all queries in one block
+    for block in (1, 2 * 5 * 16, 1 << 20):
+        got = store.li_rerank(q, cand, device="cpu", block_bytes=block)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)) and not got.isnan().any()
+        fin2 = torch.isfinite(want)
+        torch.testing.assert_close(got[fin2].double(), want[fin2], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("key", ["fp32", "fp16"])
+def test_plain_float_stores_score_in_place(key: str) -> None:
+    """The matcher scores FP32/FP16 codes in place; results equal scoring the decoded store."""
+    g = random_tokens(12, 4, 16, seed=23)
+    gmask = torch.ones(12, 4, dtype=torch.bool)
+    gmask[3, 2:] = False
+    q = random_tokens(3, 4, 16, seed=24)
+    store = build(key).encode(Tokens(g.vectors, gmask))
+    assert store.plain_tokens() is not None
+    li = LateInteraction("cpu", threads=2)
+    dec = store.decode()
+    torch.testing.assert_close(li.score_store(q, store), late_interaction_score(q, dec))
+    cand = torch.tensor([[3, 0, -1], [11, 3, 5], [2, 2, 7]])
+    want = late_interaction_rerank(q, cand, dec)
+    torch.testing.assert_close(li.rerank_store(q, store, cand), want)
