@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from craterlab.errors import CraterlabError
+from craterlab.registry import GROUP_KINDS
 
 log = logging.getLogger("craterlab")
 
@@ -84,17 +85,6 @@ def plugin_config_dirs() -> list[Path]:
     return dirs
 
 
-COMPONENT_GROUPS = (
-    "dataset",
-    "backbone",
-    "pooling",
-    "selector",
-    "aggregator",
-    "matcher",
-    "quantizer",
-)
-
-
 def check_component_keys(overrides: list[str]) -> None:
     """Explain ``group.key=value`` overrides of keys the chosen component does not have.
 
@@ -105,7 +95,7 @@ def check_component_keys(overrides: list[str]) -> None:
     for arg in overrides:
         head, sep, value = arg.partition("=")
         group, dot, key = head.partition(".")
-        if sep and dot and group in COMPONENT_GROUPS and "." not in key:
+        if sep and dot and group in GROUP_KINDS and "." not in key:
             suspects.append((arg, group, key, value))
     if not suspects:
         return

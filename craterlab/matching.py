@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from craterlab.devices import resolve_device
 from craterlab.hookspecs import hookimpl
 from craterlab.types import Tokens
 
@@ -144,6 +145,33 @@ def cpu_fast(queries: Tokens, gallery_vectors: torch.Tensor, device: torch.devic
     )
 
 
+def rerank_blocks(
+    nq: int, s: int, candidate_bytes: int, block_bytes: int
+) -> tuple[int, Callable[[int], tuple[int, int, int, int]]]:
+    """Split a (Nq, S) rerank into blocks whose gathered candidates fit ``block_bytes``.
+
+    A block is a few whole queries (S small) or a slice of one query's candidates (S large).
+    Returns the block count and ``bounds(b) -> (q0, q1, c0, c1)``: queries q0:q1, candidates
+    c0:c1 of block b.
+    """
+    per_query = s * candidate_bytes
+    if per_query <= block_bytes:
+        qb = max(1, min(nq, block_bytes // max(1, per_query)))
+
+        def whole_queries(b: int) -> tuple[int, int, int, int]:
+            return b * qb, min(nq, (b + 1) * qb), 0, s
+
+        return (nq + qb - 1) // qb, whole_queries
+    cs = max(1, block_bytes // candidate_bytes)
+    nc = (s + cs - 1) // cs
+
+    def candidate_slices(b: int) -> tuple[int, int, int, int]:
+        q, c = divmod(b, nc)
+        return q, q + 1, c * cs, min(s, (c + 1) * cs)
+
+    return nq * nc, candidate_slices
+
+
 def rerank_cpu(
     queries: Tokens,
     gallery: torch.Tensor,
@@ -171,19 +199,11 @@ def rerank_cpu(
     bias = gallery_bias(gmask)
     cand = candidates.to(torch.long)
     idx_all = cand.clamp(min=0)
-    # A block is a few queries (S small) or a slice of one query's candidates (S large).
-    per_query = s * k * d * 4
-    qb = max(1, min(nq, block_bytes // max(1, per_query)))
-    cs = s if per_query <= block_bytes else max(1, block_bytes // (k * d * 4))
-    nc = (s + cs - 1) // cs
-    nblocks = nq * nc if nc > 1 else (nq + qb - 1) // qb
+    nblocks, bounds = rerank_blocks(nq, s, k * d * 4, block_bytes)
     mx = torch.empty(nq, s, kq)
 
     def block(b: int) -> None:
-        if nc > 1:
-            q0, q1, c0, c1 = b // nc, b // nc + 1, (b % nc) * cs, min(s, (b % nc + 1) * cs)
-        else:
-            q0, q1, c0, c1 = b * qb, min(nq, (b + 1) * qb), 0, s
+        q0, q1, c0, c1 = bounds(b)
         m, c = q1 - q0, c1 - c0
         idx = idx_all[q0:q1, c0:c1].reshape(-1)
         g = thread_buffer("rr_g", (m * c, k * d), flat.dtype)
@@ -387,7 +407,7 @@ class LateInteraction:
             raise ValueError(f"tile_mb must be >= 1 (MiB), got {tile_mb}")
         if threads < 0:
             raise ValueError(f"threads must be >= 0 (0: torch's thread count), got {threads}")
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.tile_bytes = tile_mb * 2**20
         self.threads = threads
 
@@ -464,7 +484,7 @@ class Cosine:
     """
 
     def __init__(self, device: str = "auto") -> None:
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
 
     def vectors(self, tokens: Tokens) -> torch.Tensor:
         """(N, D) unit vectors: the single token, or the normalized masked mean."""
@@ -491,18 +511,6 @@ class Cosine:
 
     def rerank_store(self, queries: Tokens, store: Any, candidates: torch.Tensor) -> torch.Tensor:
         return self.rerank(queries, store.decode(), candidates)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
-    return dev
 
 
 def score_store(matcher: Any, queries: Tokens, store: Any) -> torch.Tensor:

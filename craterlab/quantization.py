@@ -33,6 +33,7 @@ from craterlab.matching import (
     gallery_bias,
     late_interaction_rerank,
     late_interaction_score,
+    rerank_blocks,
     run_blocks,
     thread_buffer,
 )
@@ -295,19 +296,12 @@ class Int8Store(CodeStore):
         cand = candidates.to(torch.long)
         idx_all = cand.clamp(min=0)
         scales, bias = self.payload["scales"], self._bias
-        # A block is a few queries (S small) or a slice of one query's candidates (S large),
-        # so the gathered codes and the similarity block stay cache-sized.
-        per_query = s * k * d
-        qb = max(1, min(nq, block_bytes // max(1, per_query)))
-        cs = s if per_query <= block_bytes else max(1, block_bytes // (k * d))
-        nc = (s + cs - 1) // cs  # candidate slices per query (1 unless S is large)
+        # Blocks keep the gathered codes and the similarity block cache-sized.
+        nblocks, bounds = rerank_blocks(nq, s, k * d, block_bytes)
         mx = torch.empty(nq, s, kq)  # per-query-token maxima, finished for all queries at once
 
         def block(b: int) -> None:
-            if nc > 1:
-                q0, q1, c0, c1 = b // nc, b // nc + 1, (b % nc) * cs, min(s, (b % nc + 1) * cs)
-            else:
-                q0, q1, c0, c1 = b * qb, min(nq, (b + 1) * qb), 0, s
+            q0, q1, c0, c1 = bounds(b)
             m, c = q1 - q0, c1 - c0
             idx = idx_all[q0:q1, c0:c1].reshape(-1)
             g = thread_buffer("i8_g", (m * c, k * d), torch.int8)
@@ -321,7 +315,6 @@ class Int8Store(CodeStore):
                 f.add_(bias.index_select(0, idx).view(m, c, k, 1))
             torch.amax(f, dim=2, out=mx[q0:q1, c0:c1])
 
-        nblocks = nq * nc if nc > 1 else (nq + qb - 1) // qb
         run_blocks(block, nblocks, self.threads)
         qmask = None if queries.mask is None else queries.mask.cpu().unsqueeze(1)
         out = _finish(mx.mul_(qs.unsqueeze(1)), qmask)

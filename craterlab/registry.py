@@ -33,6 +33,10 @@ KINDS: tuple[str, ...] = (
     "loss",
 )
 
+# Kinds chosen by a config group of the same name (stages are configured inside the
+# `retrieval` group, losses inside `train`).
+GROUP_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in ("stage", "loss"))
+
 # Config keys every component node may carry that are not factory parameters.
 RESERVED_KEYS = frozenset({"name"})
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError
 from craterlab.plugins import get_manager, get_registry
 from craterlab.tracking import Tracker, tracked_run
@@ -40,19 +41,6 @@ class RunResult:
     weights_status: str
     run_dir: Path
     notes: list[str] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present; asking for CUDA without one is a clear error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device={name} was requested but no CUDA device is available. "
-            "Use device=cpu or device=auto."
-        )
-    return device
 
 
 def seed_everything(seed: int) -> None:

@@ -10,13 +10,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from craterlab.plugins import get_registry
-from craterlab.registry import KINDS
+from craterlab.registry import GROUP_KINDS, KINDS
 from craterlab.testing import random_features, random_tokens
 from craterlab.types import Fittable, RetrievalInputs, Tokens
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 # Config groups whose options build one registry component each (the group name is its kind).
-COMPONENT_GROUPS = {k for k in KINDS if k not in ("stage", "loss")}
+COMPONENT_GROUPS = set(GROUP_KINDS)
 GROUPS = sorted(COMPONENT_GROUPS) + ["retrieval", "train", "tracking", "experiment"]
 
 

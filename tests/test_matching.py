@@ -158,3 +158,17 @@ def test_run_blocks_runs_every_block_and_restores_threads() -> None:
     with pytest.raises(ZeroDivisionError):  # a worker's error reaches the caller
         run_blocks(lambda b: 1 // (b - 3), 5, workers=2)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize(("nq", "s", "block_bytes"), [(7, 5, 64), (3, 50, 64), (4, 9, 10**6)])
+def test_rerank_blocks_cover_every_pair_once_within_budget(nq, s, block_bytes) -> None:
+    from craterlab.matching import rerank_blocks
+
+    candidate_bytes = 8
+    nblocks, bounds = rerank_blocks(nq, s, candidate_bytes, block_bytes)
+    seen = torch.zeros(nq, s, dtype=torch.int64)
+    for b in range(nblocks):
+        q0, q1, c0, c1 = bounds(b)
+        seen[q0:q1, c0:c1] += 1
+        assert (q1 - q0) * (c1 - c0) * candidate_bytes <= max(block_bytes, candidate_bytes)
+    assert (seen == 1).all()

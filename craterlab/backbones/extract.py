@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from craterlab.cache import FeatureCache, entry_key, entry_name
+from craterlab.devices import resolve_device
 from craterlab.types import Backbone, CraterDataset, Features, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -53,12 +54,6 @@ class RecordImages(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.transform(self.dataset.load_image(self.records[i]))
-
-
-def resolve_device(device: torch.device | str) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def make_loader(

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError, DataError
 from craterlab.matching import LateInteraction
 from craterlab.quantization import CodeStore
@@ -161,13 +162,7 @@ class GalleryIndex:
             params["device"] = device
         out = cls(ids, vectors, store, **params)
         vi = VectorIndex(
-            params["index"], params["nprobe"], params["ef_search"], _dev(params["device"])
+            params["index"], params["nprobe"], params["ef_search"], resolve_device(params["device"])
         )
         out.vindex = vi.load(path / "stage1", n, dim)
         return out
-
-
-def _dev(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from craterlab.devices import resolve_device
 from craterlab.matching import rerank_store, score_store
 from craterlab.retrieval.vector_index import VectorIndex
 from craterlab.types import Ranking, RetrievalInputs
@@ -64,7 +65,7 @@ class SingleStage:
         _check_common(timing_queries, block)
         self.index_spec = index
         self.nprobe, self.ef_search = nprobe, ef_search
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.block = block
         self.timing_queries = timing_queries
         self.prebuilt: VectorIndex | None = None
@@ -218,15 +219,3 @@ def _single_timings(fn: Any, nq: int, count: int) -> list[float]:
         fn(i)
         out.append((time.perf_counter() - t0) * 1e3)
     return out
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use 'cpu'")
-    return dev

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError, CraterlabError, DataError
 from craterlab.registry import Registry
 from craterlab.train.augment import make_views
@@ -90,7 +91,7 @@ def finetune(
         log.info("fine-tuning already finished (%d epochs): %s", state["epoch"], checkpoint)
         return checkpoint
 
-    device = _resolve_device(device)
+    device = resolve_device(device)
     backbone = backbone.to(device)
     model = backbone.model
     loss_fn = _build_loss(cfg, registry).to(device)
@@ -276,12 +277,6 @@ def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
-
-
-def _resolve_device(device: torch.device | str) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _rng_devices(device: torch.device) -> list[int]:
