@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -158,3 +159,20 @@ def test_file_datasets_run_end_to_end(source: str, tmp_path) -> None:
     assert set(result.results) == {"single", "exhaustive", "two_stage"}
     assert all(0.0 <= m["mAP"] <= 1.0 for m in result.results.values())
     assert (tmp_path / "run" / "rankings.json").is_file()
+
+
+def test_saved_index_answers_queries_without_the_backbone(default_run, tmp_path) -> None:
+    from craterlab.retrieval.index import GalleryIndex
+
+    cfg = tiny_config(tmp_path, "tracking=none", "save_index=true")
+    result = run(cfg)
+    index = GalleryIndex.load(result.run_dir / "index")
+    rankings = json.loads((result.run_dir / "rankings.json").read_text())
+    gallery_ids = index.ids
+    assert len(gallery_ids) == len(set(gallery_ids)) == 24  # 12 identities x 2 crops
+    # the stored gallery vectors find each gallery image itself first
+    found = index.search(index.vectors[:5], None, mode="single", depth=3)
+    assert [ids[0] for ids in found.ids] == gallery_ids[:5]
+    assert set(rankings["single"]) and all(
+        i in gallery_ids for row in rankings["single"].values() for i in row
+    )
