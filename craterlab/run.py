@@ -12,7 +12,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,25 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from craterlab.backbones.extract import extract_features
 from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError
+from craterlab.metrics import evaluate
 from craterlab.plugins import get_manager, get_registry
+from craterlab.registry import Registry
+from craterlab.retrieval.index import GalleryIndex
 from craterlab.tracking import Tracker, tracked_run
-from craterlab.types import Features, Fittable, Ranking, RetrievalInputs, Tokens
+from craterlab.train.config import validate_train_config
+from craterlab.train.finetune import finetune, finetune_dir
+from craterlab.types import (
+    Backbone,
+    CraterDataset,
+    Features,
+    Fittable,
+    Ranking,
+    RetrievalInputs,
+    Tokens,
+)
 
 log = logging.getLogger("craterlab")
 
@@ -40,7 +54,6 @@ class RunResult:
     timings: dict[str, float]
     weights_status: str
     run_dir: Path
-    notes: list[str] = field(default_factory=list)
 
 
 def seed_everything(seed: int) -> None:
@@ -122,13 +135,12 @@ def run(cfg: DictConfig) -> RunResult:
     tokenizer = selector if aggregator is None else aggregator
     token_method = cfg.selector.name if aggregator is None else cfg.aggregator.name
     backbone = registry.build("backbone", cfg.backbone, seed=seed)
-    from craterlab.train.config import validate_train_config
-
     validate_train_config(cfg.train)
 
+    backbone_name = str(cfg.backbone.get("model") or cfg.backbone.name)
     tags = {
         "craterlab.dataset": str(cfg.dataset.name),
-        "craterlab.backbone": str(cfg.backbone.name),
+        "craterlab.backbone": backbone_name,
         "craterlab.tokens": str(token_method),
         "craterlab.run_dir": str(run_dir),
     }
@@ -138,7 +150,7 @@ def run(cfg: DictConfig) -> RunResult:
         pm.hook.run_started(config=config, run_dir=str(run_dir))
 
         if cfg.train.name != "none":
-            backbone = _finetune(cfg, registry, backbone, dataset, device, run_dir, tracker)
+            backbone = _finetune(cfg, registry, backbone, dataset, device, tracker)
         weights = str(getattr(backbone, "weights_status", "unknown"))
         tracker.set_tags({"craterlab.weights": weights})
         if weights.startswith("random"):
@@ -153,8 +165,6 @@ def run(cfg: DictConfig) -> RunResult:
         features: dict[str, Features] = {}
         timings: dict[str, float] = {}
         for split in ("gallery", "query"):
-            from craterlab.backbones.extract import extract_features
-
             feats, info = extract_features(
                 backbone,
                 dataset,
@@ -195,8 +205,6 @@ def run(cfg: DictConfig) -> RunResult:
             "vector_bytes_per_image": float(g_vectors.shape[1] * g_vectors.element_size()),
         }
 
-        from craterlab.metrics import evaluate
-
         gallery_ids = [r.crater_id for r in dataset.records("gallery")]
         relevant = [r.relevant_ids for r in dataset.records("query")]
         inputs = RetrievalInputs(
@@ -232,7 +240,6 @@ def run(cfg: DictConfig) -> RunResult:
         flat.update({f"time/{k}": v for k, v in timings.items()})
         tracker.log_metrics(flat)
         _save_rankings(rankings, dataset, run_dir, tracker)
-        backbone_name = str(cfg.backbone.get("model") or cfg.backbone.name)
         print(format_results(results, weights, backbone_name, token_method))
         pm.hook.run_finished(config=config, run_dir=str(run_dir), results=results)
     if tracker.not_logged:
@@ -320,8 +327,6 @@ def _save_rankings(rankings: dict[str, Ranking], dataset: Any, run_dir: Path, tr
 def _save_index(cfg: DictConfig, dataset: Any, vectors: torch.Tensor, store: Any, run_dir: Path):
     """Write the gallery (ids, stage-1 index, token store) so it can be queried without the
     backbone: ``GalleryIndex.load(dir).search(...)``."""
-    from craterlab.retrieval.index import GalleryIndex
-
     stage1 = next((s for s in cfg.retrieval.stages.values() if "index" in s), {"index": "Flat"})
     index = GalleryIndex(
         [r.image_id for r in dataset.records("gallery")], vectors, store, index=str(stage1["index"])
@@ -330,10 +335,15 @@ def _save_index(cfg: DictConfig, dataset: Any, vectors: torch.Tensor, store: Any
     log.info("gallery index saved to %s", run_dir / "index")
 
 
-def _finetune(cfg, registry, backbone, dataset, device, run_dir, tracker):
+def _finetune(
+    cfg: DictConfig,
+    registry: Registry,
+    backbone: Backbone,
+    dataset: CraterDataset,
+    device: torch.device,
+    tracker: Tracker,
+) -> Backbone:
     """Fine-tune the backbone on the train split, then rebuild it from the checkpoint."""
-    from craterlab.train.finetune import finetune, finetune_dir
-
     train_cfg = OmegaConf.to_container(cfg.train, resolve=True)
 
     def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:

@@ -62,7 +62,9 @@ def test_mlflow_records_config_metrics_and_artifacts(default_run) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (mlrun,) = client.search_runs(client.get_experiment_by_name("craterlab").experiment_id)
     assert mlrun.data.params["aggregator.k"] == "8"
-    assert mlrun.data.params["backbone.name"] == "dino_s16" or "backbone.model" in mlrun.data.params
+    assert mlrun.data.params["backbone.model"] == "vit_small_patch16_224"
+    assert mlrun.data.tags["craterlab.backbone"] == "vit_small_patch16_224"
+    assert mlrun.data.tags["craterlab.tokens"] == "instance"
     metrics = mlrun.data.metrics
     for mode in ("single", "exhaustive", "two_stage"):
         assert metrics[f"{mode}/mAP"] == pytest.approx(result.results[mode]["mAP"])
