@@ -144,7 +144,9 @@ def run(cfg: DictConfig) -> RunResult:
         "craterlab.tokens": str(token_method),
         "craterlab.run_dir": str(run_dir),
     }
-    with tracked_run(config.get("tracking"), tags) as tracker:
+    tracking = dict(config.get("tracking") or {})
+    tracking["run_name"] = tracking.get("run_name") or _run_name(cfg, backbone_name, token_method)
+    with tracked_run(tracking, tags) as tracker:
         tracker.log_params(config)
         _save_config(cfg, run_dir, tracker)
         pm.hook.run_started(config=config, run_dir=str(run_dir))
@@ -247,6 +249,17 @@ def run(cfg: DictConfig) -> RunResult:
     elif tracker.run_id:
         print(f"MLflow run {tracker.run_id} ({tracker.uri})")
     return RunResult(results, storage, timings, weights, run_dir)
+
+
+def _run_name(cfg: DictConfig, backbone: str, tokens: str) -> str:
+    """A readable MLflow run name: the job's command-line overrides, else what it ran."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        overrides = HydraConfig.get().job.override_dirname
+        if overrides:
+            return overrides
+    return f"{cfg.dataset.name} {backbone} {tokens} k={cfg.k}"
 
 
 def _bytes_per_image(

@@ -65,6 +65,7 @@ def test_mlflow_records_config_metrics_and_artifacts(default_run) -> None:
     assert mlrun.data.params["backbone.model"] == "vit_small_patch16_224"
     assert mlrun.data.tags["craterlab.backbone"] == "vit_small_patch16_224"
     assert mlrun.data.tags["craterlab.tokens"] == "instance"
+    assert mlrun.info.run_name == "synthetic vit_small_patch16_224 instance k=8"
     metrics = mlrun.data.metrics
     for mode in ("single", "exhaustive", "two_stage"):
         assert metrics[f"{mode}/mAP"] == pytest.approx(result.results[mode]["mAP"])

@@ -42,6 +42,10 @@ def test_multirun_logs_one_child_run_per_job(tmp_path) -> None:
     combos = {(r.data.params["aggregator.name"], r.data.params["k"]) for r in children}
     assert combos == {("instance", "4"), ("instance", "8"), ("none", "4"), ("none", "8")}
     assert all(r.info.status == "FINISHED" for r in children)
+    for r in children:  # each child is named by its job's overrides
+        overrides = r.info.run_name.split(",")
+        assert f"aggregator={r.data.params['aggregator.name']}" in overrides
+        assert f"k={r.data.params['k']}" in overrides
     assert all("two_stage/mAP" in r.data.metrics for r in children)
     # the backbone ran once: every job after the first read the feature cache
     hits = sorted(r.data.metrics["time/encode_gallery_cache_hit"] for r in children)
