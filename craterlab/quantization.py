@@ -212,16 +212,10 @@ class Fp32Store(CodeStore):
         return Tokens(self.payload["codes"], self.mask)
 
 
-class Fp16Store(CodeStore):
+class Fp16Store(Fp32Store):
     """Tokens as float16: 2 bytes per dimension (decoded to fp16; the matcher upcasts on CPU)."""
 
     format = "fp16"
-
-    def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
-        return rows["codes"]
-
-    def plain_tokens(self) -> Tokens | None:
-        return Tokens(self.payload["codes"], self.mask)
 
 
 class Int8Store(CodeStore):
