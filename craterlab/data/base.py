@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
 from craterlab.errors import DataError
+from craterlab.types import ImageRecord
+
+SPLITS = ("gallery", "query", "train")
 
 MAX_LISTED = 10  # offending rows/files named in one error message
 
@@ -72,3 +75,39 @@ def _is_int(s: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+class FileDataset:
+    """The dataset protocol for readers that index image files by id (release, manifest).
+
+    Subclasses fill ``_records`` (split -> records), ``_paths`` (image id -> file) and
+    ``_identity``, and say where they read from (``location``, ``identity_prefix``).
+    """
+
+    identity_prefix: str = ""
+    _records: dict[str, list[ImageRecord]]
+    _paths: dict[str, Path]
+    _identity: str
+
+    @property
+    def location(self) -> str:
+        """Where the images come from, for messages ("manifest /x.csv")."""
+        raise NotImplementedError
+
+    def records(self, split: str) -> Sequence[ImageRecord]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}; got {split!r}")
+        return self._records.get(split, [])
+
+    def load_image(self, record: ImageRecord) -> Image.Image:
+        path = self._paths.get(record.image_id)
+        if path is None:
+            raise DataError(f"Image id {record.image_id!r} is not in {self.location}.")
+        return open_rgb(path)
+
+    def identity(self) -> str:
+        return f"{self.identity_prefix}-{self._identity}"
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{k}={len(v)}" for k, v in self._records.items())
+        return f"{type(self).__name__}({self.location}, {counts})"

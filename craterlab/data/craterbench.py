@@ -25,13 +25,10 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
-from craterlab.data.base import CraterIdMap, listing, open_rgb
+from craterlab.data.base import CraterIdMap, FileDataset, listing
 from craterlab.errors import DataError
 from craterlab.hashing import file_sha256, fingerprint
 from craterlab.types import ImageRecord
@@ -74,8 +71,10 @@ def how_to_download(target: Path) -> str:
     )
 
 
-class CraterBenchR:
+class CraterBenchR(FileDataset):
     """Reader of the CraterBench-R release layout (see the module docstring)."""
+
+    identity_prefix = "craterbench_r"
 
     def __init__(
         self,
@@ -204,23 +203,9 @@ class CraterBenchR:
 
     # ------------------------------------------------------------------ protocol
 
-    def records(self, split: str) -> Sequence[ImageRecord]:
-        if split not in self._records:
-            raise ValueError(f"split must be one of gallery, query, train; got {split!r}")
-        return self._records[split]
-
-    def load_image(self, record: ImageRecord) -> Image.Image:
-        path = self._paths.get(record.image_id)
-        if path is None:
-            raise DataError(f"Image id {record.image_id!r} is not in CraterBench-R at {self.root}.")
-        return open_rgb(path)
-
-    def identity(self) -> str:
-        return f"craterbench_r-{self._identity}"
-
-    def __repr__(self) -> str:
-        counts = ", ".join(f"{k}={len(v)}" for k, v in self._records.items())
-        return f"CraterBenchR({self.root}, {counts})"
+    @property
+    def location(self) -> str:
+        return f"CraterBench-R at {self.root}"
 
 
 # ---------------------------------------------------------------------- layout helpers

@@ -15,23 +15,22 @@ from __future__ import annotations
 import csv
 import os
 from collections import defaultdict
-from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
-
-from craterlab.data.base import CraterIdMap, listing, open_rgb
+from craterlab.data.base import SPLITS as ROLES
+from craterlab.data.base import CraterIdMap, FileDataset, listing
 from craterlab.errors import DataError
 from craterlab.hashing import fingerprint
 from craterlab.types import ImageRecord
 
 REQUIRED = ("image_id", "path", "crater_id", "role")
 OPTIONAL = ("relevant_ids", "view_type")
-ROLES = ("gallery", "query", "train")
 
 
-class ManifestDataset:
+class ManifestDataset(FileDataset):
     """Crater crops listed in a CSV manifest (see the module docstring for the columns)."""
+
+    identity_prefix = "manifest"
 
     def __init__(self, path: str, check_files: bool = True) -> None:
         if not path:
@@ -165,20 +164,6 @@ class ManifestDataset:
 
     # ------------------------------------------------------------------ protocol
 
-    def records(self, split: str) -> Sequence[ImageRecord]:
-        if split not in ROLES:
-            raise ValueError(f"split must be one of {', '.join(ROLES)}, got {split!r}")
-        return self._records.get(split, [])
-
-    def load_image(self, record: ImageRecord) -> Image.Image:
-        path = self._paths.get(record.image_id)
-        if path is None:
-            raise DataError(f"Image id {record.image_id!r} is not in manifest {self.path}.")
-        return open_rgb(path)
-
-    def identity(self) -> str:
-        return f"manifest-{self._identity}"
-
-    def __repr__(self) -> str:
-        counts = ", ".join(f"{k}={len(v)}" for k, v in self._records.items())
-        return f"ManifestDataset({self.path}, {counts})"
+    @property
+    def location(self) -> str:
+        return f"manifest {self.path}"
