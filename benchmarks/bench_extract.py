@@ -1,6 +1,7 @@
 """Feature-extraction throughput for ViT-S/16 (random weights; speed does not depend on them).
 
-Measures, side by side in one run, images per second of:
+Measures, side by side in one run and for each forward precision (``--precision``, default
+fp32 and bf16 autocast; ``auto`` is what the pipeline picks on the device), images per second of:
 - model only: ``backbone.encode`` on a batch already on the device;
 - decode + transform only: JPEG decode and the model's preprocessing (what DataLoader workers do);
 - end to end: ``extract_features`` with a fresh cache directory (decode + transform + forward +
@@ -8,6 +9,7 @@ Measures, side by side in one run, images per second of:
 
     python benchmarks/bench_extract.py                      # CPU (and CUDA if present)
     python benchmarks/bench_extract.py --images 4096 --batch-size 256 --workers 8 --device cuda
+    python benchmarks/bench_extract.py --device cpu --precision fp32,bf16,fp16
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from craterlab.backbones import timm_vit  # noqa: E402
 from craterlab.backbones.extract import extract_features  # noqa: E402
+from craterlab.devices import resolve_precision  # noqa: E402
 from craterlab.types import ImageRecord  # noqa: E402
 
 
@@ -110,10 +113,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (GPU run)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--precision", default="fp32,bf16", help="comma-separated: auto, fp32, bf16, fp16"
+    )
     args = parser.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    backbone = timm_vit("vit_small_patch16_224", "dino", weights="random")
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    backbones = {
+        p: timm_vit("vit_small_patch16_224", "dino", weights="random", precision=p)
+        for p in precisions
+    }
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for dev in devices:
@@ -130,28 +140,32 @@ def main() -> None:
                 write_images(Path(folder), n)
             data = JpegFolder(Path(folder))
             data.paths = data.paths[:n]
-            backbone.to(device)
-            model_rate = model_only(backbone, device, batch, args.repeats)
-            dec_rate = decode_only(data, backbone, min(n, 256))
-            e2e0, size = end_to_end(backbone, data, device, batch, 0)
-            rows.append((dev, n, batch, 0, model_rate, dec_rate, e2e0, size))
-            if workers > 0:
-                e2ew, size = end_to_end(backbone, data, device, batch, workers)
-                rows.append((dev, n, batch, workers, model_rate, dec_rate, e2ew, size))
+            dec_rate = decode_only(data, backbones[precisions[0]], min(n, 256))
+            for name, backbone in backbones.items():
+                backbone.to(device)
+                used = resolve_precision(name, device)
+                label = f"{name}->{used}" if name == "auto" else name
+                model_rate = model_only(backbone, device, batch, args.repeats)
+                e2e0, size = end_to_end(backbone, data, device, batch, 0)
+                rows.append((dev, label, n, batch, 0, model_rate, dec_rate, e2e0, size))
+                if workers > 0:
+                    e2ew, size = end_to_end(backbone, data, device, batch, workers)
+                    rows.append((dev, label, n, batch, workers, model_rate, dec_rate, e2ew, size))
     print(
         f"ViT-S/16 feature extraction, torch {torch.__version__}, {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} intra-op threads"
     )
     head = (
-        f"{'device':6s} {'images':>6s} {'batch':>5s} {'workers':>7s} {'model img/s':>11s} "
+        f"{'device':6s} {'precision':>10s} {'images':>6s} {'batch':>5s} {'workers':>7s} "
+        f"{'model img/s':>11s} "
         f"{'decode+tf img/s (1 proc)':>24s} {'end-to-end img/s':>16s} {'e2e/model':>9s} "
         f"{'cache MB':>8s}"
     )
     print(head)
     print("-" * len(head))
-    for dev, n, batch, w, m, d, e, size in rows:
+    for dev, prec, n, batch, w, m, d, e, size in rows:
         print(
-            f"{dev:6s} {n:6d} {batch:5d} {w:7d} {m:11.1f} {d:24.1f} {e:16.1f} "
+            f"{dev:6s} {prec:>10s} {n:6d} {batch:5d} {w:7d} {m:11.1f} {d:24.1f} {e:16.1f} "
             f"{e / m:9.2f} {size / 2**20:8.1f}"
         )
 

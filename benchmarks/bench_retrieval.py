@@ -1,20 +1,24 @@
-"""Retrieval latency at the study's scale on synthetic tensors (craterlab issue 6).
+"""Retrieval latency and kernel agreement at the study's scale, on synthetic tensors.
 
     python benchmarks/bench_retrieval.py [--gallery 50000 --queries 5000 --dim 384 --k 32]
 
 Prints ms per query for stage 1 (torch exact and FAISS Flat), the late-interaction rerank at
-S=100 and S=500 (naive loop, plain fp32 gather + bmm, the CPU fast path on fp32 tokens, INT8
-codes scored with integer matmuls) and exhaustive late interaction (fp32 and INT8, tiled), each
-with the fraction of the matmul peak measured in the same run (fp32 peak for fp32 variants,
-int8 ``_int_mm`` peak for INT8). Variants of one table section are timed interleaved
-(``--repeats`` rounds, medians). Slow variants run on a subset of the queries (printed).
+S=100 and S=500 and exhaustive late interaction, for every CPU kernel of
+:mod:`craterlab.retrieval.cpu_engine` as a matcher runs it (``LateInteraction()`` over the
+store it scores): fp32 over an FP32 store, bf16 over a BF16 store, int8 over an INT8 store
+with per-token scales, int8_image over one with per-image scales (max taken in int32); plus the
+naive per-pair loop and the any-device engine (plain gather + bmm) for scale. Each row shows
+the fraction of its matmul peak measured in the same run (fp32, bf16 or int8 ``_int_mm`` with
+a column-major right operand, the layout oneDNN's AMX path wants). Variants of one section are
+timed interleaved (``--repeats`` rounds, medians). Slow variants run on a subset of the queries.
 
-Data: the gallery is made of families (``--family`` images each): noisy copies of a prototype
-token set at noise levels spread from near-duplicate to near-random, and each query is a noisy
-copy of one family's prototype, so the late-interaction scores of a shortlist have a realistic
-spread. Top-10 agreement of INT8 scoring with an fp64 reference is reported on that data and on
-pure random data (random unit tokens, queries noisy copies of one gallery image), where all
-candidates but one are nearly tied and any rounding reorders them.
+Quality: the share of queries whose top-10 candidate set equals an fp64 late-interaction
+reference, for every kernel, at S=100 and S=500. Data: the gallery is made of families
+(``--family`` images each): noisy copies of a prototype token set at noise levels spread from
+near-duplicate to near-random, and each query is a noisy copy of one family's prototype, so the
+scores of a shortlist have a realistic spread; and pure random data (random unit tokens,
+queries noisy copies of one gallery image), where all candidates but one are nearly tied and any
+rounding reorders them.
 
 On CUDA (when present) it also times exhaustive LI of all queries x all gallery images and
 two-stage S=100 in fp16.
@@ -29,15 +33,15 @@ from collections.abc import Callable
 
 import torch
 
-from craterlab.matching import (
-    LateInteraction,
-    _tokens_gather,
-    late_interaction_rerank,
-    late_interaction_score,
-)
-from craterlab.quantization import Int8Quantizer, Int8Store, quantize_int8
-from craterlab.retrieval import VectorIndex
+from craterlab.devices import cpu_has_amx_bf16
+from craterlab.retrieval import device_engine
+from craterlab.retrieval.matchers import LateInteraction
+from craterlab.retrieval.quantizers import Bf16Quantizer, Fp32Quantizer, Int8Quantizer
+from craterlab.retrieval.stores import CodeStore
+from craterlab.retrieval.vector_index import VectorIndex
 from craterlab.types import Tokens
+
+KERNELS = ("fp32", "bf16", "int8", "int8_image")
 
 
 def timed(fn: Callable[[], object], repeats: int = 3) -> float:
@@ -63,14 +67,18 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int) -> dict[
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def peaks() -> tuple[float, float]:
-    """(fp32 GFLOP/s, int8 GOP/s) of large matmuls on this machine, now."""
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    fp = 2 * 2048**3 / timed(lambda: a @ b, 5) / 1e9
+def peaks() -> dict[str, float]:
+    """GFLOP/s (GOP/s for int8) of large matmuls on this machine, now, per operand type."""
+    n = 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    ab, bb = a.bfloat16(), b.bfloat16()
     ai = torch.randint(-127, 127, (4096, 1024), dtype=torch.int8)
-    bi = torch.randint(-127, 127, (1024, 2048), dtype=torch.int8)
-    i8 = 2 * 4096 * 1024 * 2048 / timed(lambda: torch._int_mm(ai, bi), 5) / 1e9
-    return fp, i8
+    bi = torch.randint(-127, 127, (2048, 1024), dtype=torch.int8).T  # column-major (K, N)
+    return {
+        "fp32": 2 * n**3 / timed(lambda: a @ b, 5) / 1e9,
+        "bf16": 2 * n**3 / timed(lambda: ab @ bb, 5) / 1e9,
+        "int8": 2 * 4096 * 1024 * 2048 / timed(lambda: torch._int_mm(ai, bi), 5) / 1e9,
+    }
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
@@ -110,6 +118,19 @@ def pooled(t: Tokens) -> torch.Tensor:
     return _unit(t.vectors.mean(1))
 
 
+def kernel_setups(gal: Tokens, threads: int) -> dict[str, tuple[LateInteraction, CodeStore]]:
+    """kernel -> (matcher, store) as a run would pair them."""
+    return {
+        "fp32": (LateInteraction("cpu", threads=threads), Fp32Quantizer().encode(gal)),
+        "bf16": (LateInteraction("cpu", threads=threads), Bf16Quantizer().encode(gal)),
+        "int8": (LateInteraction("cpu", threads=threads), Int8Quantizer().encode(gal)),
+        "int8_image": (
+            LateInteraction("cpu", threads=threads),
+            Int8Quantizer(scale="image").encode(gal),
+        ),
+    }
+
+
 def naive_rerank(q: Tokens, g: Tokens, cand: torch.Tensor) -> torch.Tensor:
     """One matmul per (query, candidate): the loop the study timed."""
     out = torch.empty(cand.shape)
@@ -137,28 +158,20 @@ def top10_agreement(a: torch.Tensor, b: torch.Tensor, cand: torch.Tensor) -> flo
     return (ta == tb).all(1).float().mean().item()
 
 
-def agreement(
-    name: str, gal: Tokens, qry: Tokens, store: Int8Store, short: torch.Tensor
-) -> list[str]:
-    """Top-10 agreement with fp64 of: int8 direct, fp32, and int8 gallery with fp32 queries."""
+def agreement(name: str, gal: Tokens, qry: Tokens, short: torch.Tensor, threads: int) -> list[str]:
+    """Top-10 agreement of every kernel with the fp64 reference, at S=100 and S=500."""
+    setups = kernel_setups(gal, threads)
     lines = []
-    qc, qs = quantize_int8(qry.vectors)
-    deq_q = qc.double() * qs.double().unsqueeze(-1)
-    deq_g = store.decode().vectors
     for s in (100, 500):
         cand = short[:, :s].contiguous()
         ref = fp64_rerank(qry.vectors, gal.vectors, cand)
-        i8 = top10_agreement(store.li_rerank(qry, cand), ref, cand)
-        fp = top10_agreement(late_interaction_rerank(qry, cand, gal), ref, cand)
-        gq = top10_agreement(fp64_rerank(qry.vectors, deq_g, cand), ref, cand)
-        qq = top10_agreement(fp64_rerank(deq_q, gal.vectors, cand), ref, cand)
+        cells = [
+            f"{kernel} {top10_agreement(m.rerank_store(qry, store, cand), ref, cand):6.1%}"
+            for kernel, (m, store) in setups.items()
+        ]
         top = ref.sort(1, descending=True).values
         gap = (top[:, 9] - top[:, 10]).median().item()
-        lines.append(
-            f"  {name:9s} S={s}: int8 direct {i8:6.1%}  fp32 {fp:6.1%}  | int8 gallery + fp "
-            f"queries {gq:6.1%}, int8 queries + fp gallery {qq:6.1%}  | median gap rank 10-11 "
-            f"{gap:.1e}"
-        )
+        lines.append(f"  {name:9s} S={s}: {'  '.join(cells)}  | median gap rank 10-11 {gap:.1e}")
     return lines
 
 
@@ -175,23 +188,30 @@ def main() -> None:
     p.add_argument("--exhaustive-queries", type=int, default=16)
     p.add_argument("--quality-queries", type=int, default=500)
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds per section")
+    p.add_argument("--threads", type=int, default=2, help="CPU engine worker threads")
     a = p.parse_args()
     ng, nq, k, d = a.gallery, a.queries, a.k, a.dim
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; gallery {ng}, "
-        f"queries {nq}, dim {d}, K={k}; medians of {a.repeats} interleaved rounds"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, AMX bf16: "
+        f"{cpu_has_amx_bf16()}; gallery {ng}, queries {nq}, dim {d}, K={k}; medians of "
+        f"{a.repeats} interleaved rounds"
     )
-    fp_peak, i8_peak = peaks()
-    print(f"peak: fp32 matmul {fp_peak:.0f} GFLOP/s, int8 _int_mm {i8_peak:.0f} GOP/s")
+    peak = peaks()
+    print(
+        f"peak: fp32 matmul {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s, "
+        f"int8 _int_mm {peak['int8']:.0f} GOP/s"
+    )
+    peak_of = {"fp32": peak["fp32"], "bf16": peak["bf16"], "int8": peak["int8"]}
+    peak_of["int8_image"] = peak["int8"]
     gal, qry = families(ng, nq, k, d, a.family)
     gv, qv = pooled(gal), pooled(qry)
-    store2 = Int8Quantizer(threads=2).encode(gal)
-    store1 = Int8Store(store2.payload, k, d, threads=1)  # same codes, one worker
+    setups = kernel_setups(gal, a.threads)
+    one_thread = kernel_setups(gal, 1)
     rows: list[tuple[str, int, float, float]] = []  # name, queries, ms/query, peak fraction
 
-    def add(name: str, n: int, seconds: float, flops: float, peak: float) -> float:
+    def add(name: str, n: int, seconds: float, flops: float, peak_rate: float) -> float:
         ms = seconds * 1e3 / n
-        rows.append((name, n, ms, flops * n / seconds / 1e9 / peak))
+        rows.append((name, n, ms, flops * n / seconds / 1e9 / peak_rate))
         return ms
 
     # Stage 1
@@ -199,88 +219,78 @@ def main() -> None:
     fidx = VectorIndex("Flat").build(gv)
     nf = min(a.faiss_queries, nq)
     t = interleaved(
-        {"torch": lambda: tidx.search(qv, 500), "faiss": lambda: fidx.search(qv[:nf], 500)},
+        {"torch": lambda: tidx.search(qv[:nf], 500), "faiss": lambda: fidx.search(qv[:nf], 500)},
         max(1, a.repeats // 2),
     )
-    add("stage1 torch exact (1000-query chunks)", nq, t["torch"], 2 * ng * d, fp_peak)
-    add("stage1 faiss Flat", nf, t["faiss"], 2 * ng * d, fp_peak)
-    _, short, _ = tidx.search(qv, 500)
+    add("stage1 torch exact (1000-query chunks)", nf, t["torch"], 2 * ng * d, peak["fp32"])
+    add("stage1 faiss Flat", nf, t["faiss"], 2 * ng * d, peak["fp32"])
+    _, short, _ = fidx.search(qv, 500)
 
     # Rerank
     nr = min(a.rerank_queries, nq)
     qr = qry[:nr]
-    li2, li1 = LateInteraction("cpu", threads=2), LateInteraction("cpu", threads=1)
-    plain = _tokens_gather(gal)  # a gather function: takes the generic (GPU-style) path
-    ratios = []
+    plain = device_engine.tokens_gather(gal)
+    cpu = torch.device("cpu")
+    summary = []
     for s in (100, 500):
         cand = short[:nr, :s].contiguous()
         fl = 2 * s * k * k * d
         nn = min(a.naive_queries, nr)
         t_naive = timed(lambda c=cand, m=nn: naive_rerank(qr[:m], gal, c[:m]), 1)
-        naive = add(f"rerank S={s} naive loop", nn, t_naive, fl, fp_peak)
-        t = interleaved(
-            {
-                "bmm": lambda c=cand: late_interaction_rerank(qr, c, gather=plain),
-                "fp2": lambda c=cand: li2.rerank(qr, gal, c),
-                "fp1": lambda c=cand: li1.rerank(qr, gal, c),
-                "i82": lambda c=cand: store2.li_rerank(qr, c),
-                "i81": lambda c=cand: store1.li_rerank(qr, c),
-            },
-            a.repeats,
-        )
-        bmm = add(f"rerank S={s} fp32 plain gather+bmm", nr, t["bmm"], fl, fp_peak)
-        fp2 = add(f"rerank S={s} fp32 fast, 2 workers", nr, t["fp2"], fl, fp_peak)
-        add(f"rerank S={s} fp32 fast, main thread", nr, t["fp1"], fl, fp_peak)
-        i8 = add(f"rerank S={s} int8 direct, 2 workers", nr, t["i82"], fl, i8_peak)
-        add(f"rerank S={s} int8 direct, main thread", nr, t["i81"], fl, i8_peak)
-        ratios.append(
-            f"S={s}: int8 direct (2 workers) is {naive / i8:.1f}x faster than the naive loop, "
-            f"{bmm / i8:.1f}x faster than plain fp32 bmm, {fp2 / i8:.1f}x faster than fp32 fast; "
-            f"fp32 fast is {bmm / fp2:.2f}x plain bmm"
-        )
+        add(f"rerank S={s} naive loop", nn, t_naive, fl, peak["fp32"])
+        variants: dict[str, Callable[[], object]] = {
+            "plain": lambda c=cand: device_engine.rerank(qr, c, plain, cpu),
+        }
+        for name, (m, store) in setups.items():
+            variants[name] = lambda c=cand, m=m, st=store: m.rerank_store(qr, st, c)
+        for name in ("fp32", "int8"):
+            m1, st1 = one_thread[name]
+            variants[f"{name}/1"] = lambda c=cand, m=m1, st=st1: m.rerank_store(qr, st, c)
+        t = interleaved(variants, a.repeats)
+        add(f"rerank S={s} fp32 plain gather+bmm", nr, t["plain"], fl, peak["fp32"])
+        best = []
+        for name in KERNELS:
+            ms = add(f"rerank S={s} {name}, {a.threads} workers", nr, t[name], fl, peak_of[name])
+            best.append((ms, name))
+        for name in ("fp32", "int8"):
+            add(f"rerank S={s} {name}, main thread", nr, t[f"{name}/1"], fl, peak_of[name])
+        ms, name = min(best)
+        summary.append(f"rerank S={s}: fastest kernel {name} ({ms:.3f} ms/query)")
 
     # Exhaustive
     ne = min(a.exhaustive_queries, nq)
     ne_plain = min(4, ne)
     fl = 2 * ng * k * k * d
     qe = qry[:ne]
-    t = interleaved(
-        {
-            "fp2": lambda: li2.score(qe, gal),
-            "i82": lambda: store2.li_score(qe, device="cpu"),
-            "i81": lambda: store1.li_score(qe, device="cpu"),
-        },
-        max(1, a.repeats // 2),
-    )
-    t_plain = timed(
-        lambda: late_interaction_score(
-            qry[:ne_plain], num_gallery=ng, gather=lambda i: Tokens(gal.vectors[i])
-        ),
-        1,
-    )
-    add("exhaustive LI fp32 plain tiled (64 MB tiles)", ne_plain, t_plain, fl, fp_peak)
-    add("exhaustive LI fp32 fast, 2 workers", ne, t["fp2"], fl, fp_peak)
-    add("exhaustive LI int8 direct, 2 workers", ne, t["i82"], fl, i8_peak)
-    add("exhaustive LI int8 direct, main thread", ne, t["i81"], fl, i8_peak)
+    variants = {}
+    for name, (m, store) in setups.items():
+        variants[name] = lambda m=m, st=store: m.score_store(qe, st)
+    t = interleaved(variants, max(1, a.repeats // 2))
+    t_plain = timed(lambda: device_engine.score(qry[:ne_plain], ng, plain, cpu), 1)
+    add("exhaustive LI fp32 plain tiled (64 MB tiles)", ne_plain, t_plain, fl, peak["fp32"])
+    best = []
+    for name in KERNELS:
+        ms = add(f"exhaustive LI {name}, {a.threads} workers", ne, t[name], fl, peak_of[name])
+        best.append((ms, name))
+    ms, name = min(best)
+    summary.append(f"exhaustive: fastest kernel {name} ({ms:.3f} ms/query)")
 
     print(f"\n{'variant':46s} {'queries':>8s} {'ms/query':>10s} {'of peak':>8s}")
-    for name, n, ms, frac in rows:
-        print(f"{name:46s} {n:8d} {ms:10.3f} {frac:8.1%}")
-    for line in ratios:
+    for row_name, n, ms, frac in rows:
+        print(f"{row_name:46s} {n:8d} {ms:10.3f} {frac:8.1%}")
+    for line in summary:
         print(line)
-    print("targets (CPU): stage 1 <= 0.3 ms/query; rerank S=100 <= 0.3, S=500 <= 1.5 ms/query")
 
     # Quality: top-10 agreement with an fp64 reference
     nqq = min(a.quality_queries, nq)
     print(f"\ntop-10 candidate set identical to fp64 late interaction ({nqq} queries):")
-    for line in agreement("families", gal, qry[:nqq], store2, short[:nqq]):
+    for line in agreement("families", gal, qry[:nqq], short[:nqq], a.threads):
         print(line)
     rg, rq = random_data(min(ng, 10_000), nqq, k, d)
-    ridx = VectorIndex("torch", chunk=1000).build(pooled(rg))
+    ridx = VectorIndex("Flat").build(pooled(rg))
     _, rshort, _ = ridx.search(pooled(rq), 500)
-    rstore = Int8Quantizer(threads=2).encode(rg)
     print(f"  (random: gallery {len(rg)} random unit token sets)")
-    for line in agreement("random", rg, rq, rstore, rshort):
+    for line in agreement("random", rg, rq, rshort, a.threads):
         print(line)
 
     if torch.cuda.is_available():

@@ -4,7 +4,8 @@ FP32 and the mean absolute score error.
 
     python benchmarks/bench_storage.py [--gallery 2000 --queries 100]
 
-Bytes are the store's ``nbytes`` (equal to its serialized payload; checked here by saving);
+``int8_image`` is INT8 with one scale per image (``quantizer.scale=image``). Bytes are the
+store's ``nbytes`` (equal to its serialized payload; checked here by saving);
 the PQ codebook is a per-gallery constant, printed apart. Real quality (mAP relative to FP32)
 comes from end-to-end sweeps (``quantizer=fp32,fp16,int8,pq96,pq48``).
 """
@@ -17,8 +18,13 @@ from pathlib import Path
 
 import torch
 
-from craterlab.matching import late_interaction_score
-from craterlab.quantization import Fp16Quantizer, Fp32Quantizer, Int8Quantizer, PQQuantizer
+from craterlab.retrieval.matchers import LateInteraction
+from craterlab.retrieval.quantizers import (
+    Fp16Quantizer,
+    Fp32Quantizer,
+    Int8Quantizer,
+    PQQuantizer,
+)
 from craterlab.types import Tokens
 
 STUDY_K32 = {"fp32": "49 KB", "int8": "12.4 KB", "pq96": "3.1 KB"}
@@ -29,6 +35,7 @@ def quantizers() -> dict[str, object]:
         "fp32": Fp32Quantizer(),
         "fp16": Fp16Quantizer(),
         "int8": Int8Quantizer(),
+        "int8_image": Int8Quantizer(scale="image"),
         "pq96": PQQuantizer(m=96),
         "pq48": PQQuantizer(m=48),
     }
@@ -74,7 +81,8 @@ def main() -> None:
     src = torch.randint(0, a.gallery, (a.queries,), generator=gen)
     q = g.vectors[src] + 0.08 * torch.randn(a.queries, k, d, generator=gen)
     q = Tokens(torch.nn.functional.normalize(q, dim=-1))
-    ref = late_interaction_score(q, g)
+    matcher = LateInteraction("cpu")
+    ref = matcher.score(q, g)
     ref_top = ref.topk(10, dim=1).indices.sort(1).values
     print(f"\nquality proxy, K=32, gallery {a.gallery}, {a.queries} queries (noisy copies)")
     print(
@@ -84,8 +92,7 @@ def main() -> None:
     for name, quant in quantizers().items():
         quant.fit(g)
         store = quant.encode(g)
-        direct = getattr(store, "li_score", None)
-        s = direct(q, device="cpu") if direct else late_interaction_score(q, store.decode())
+        s = matcher.score_store(q, store)  # the kernel a run would use for this store
         top = s.topk(10, dim=1).indices.sort(1).values
         print(
             f"{name:10s} {(s.argmax(1) == ref.argmax(1)).float().mean():12.1%} "

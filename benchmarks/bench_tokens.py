@@ -1,7 +1,7 @@
 """Milliseconds per image of instance-token aggregation (K=32 over 196 x 384 tokens).
 
 Compares attention seeds and farthest-point-sampling seeds at batch 32 and batch 250,
-interleaved in one run (medians over rounds), against MEASUREMENTS.md on the 2-core CPU:
+interleaved in one run (medians over rounds). Measured earlier on a 2-core CPU:
 attention seeds 0.19-0.22 ms/image, FPS 0.33-0.44 ms/image, batches of ~32 beating 250.
 
     python benchmarks/bench_tokens.py [--device cpu|cuda] [--images 500] [--rounds 5]

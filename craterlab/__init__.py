@@ -1,3 +1,163 @@
-"""craterlab: instance-level crater retrieval experiments (CraterBench-R and beyond)."""
+"""craterlab: instance-level crater retrieval experiments (CraterBench-R and beyond).
+
+What a plugin needs is importable from here::
+
+    from craterlab import hookimpl, Features, Tokens, build
+
+- ``hookimpl``: the marker for hook implementations (every hook: ``docs/plugins.md``).
+- The values that flow between components (``Features``, ``Tokens``, ``ImageRecord``,
+  ``RetrievalInputs``, ``Ranking``) and the protocol each component kind implements
+  (``Pooling``, ``Selector``, ``Aggregator``, ``Matcher``, ``StoreMatcher``, ``Quantizer``,
+  ``TokenStore``, ``Stage``, ``StageReport``, ``Loss``, ``Backbone``, ``CraterDataset``); see
+  :mod:`craterlab.types`.
+- ``build(kind, config)``: a registered component from its config (validated).
+- ``run(cfg)``: one experiment from a composed Hydra config (:func:`craterlab.run.run`).
+- ``CraterlabError``, ``ConfigError``: errors shown to the user as one paragraph.
+
+Everything is imported on first use, so ``import craterlab`` stays cheap (no torch).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_TYPES = (
+    "Aggregator",
+    "Backbone",
+    "CraterDataset",
+    "Features",
+    "Fittable",
+    "ImageRecord",
+    "Loss",
+    "Matcher",
+    "Pooling",
+    "Quantizer",
+    "Ranking",
+    "RetrievalInputs",
+    "Selector",
+    "Stage",
+    "StageReport",
+    "StoreMatcher",
+    "TokenStore",
+    "Tokens",
+)
+_LAZY = {
+    **dict.fromkeys(_TYPES, "craterlab.types"),
+    "hookimpl": "craterlab.hookspecs",
+    "Register": "craterlab.hookspecs",
+    "CraterlabError": "craterlab.errors",
+    "ConfigError": "craterlab.errors",
+    "Index": "craterlab.workflows",
+}
+
+__all__ = [
+    "Aggregator",
+    "Backbone",
+    "ConfigError",
+    "CraterDataset",
+    "CraterlabError",
+    "Features",
+    "Fittable",
+    "ImageRecord",
+    "Index",
+    "Loss",
+    "Matcher",
+    "Pooling",
+    "Quantizer",
+    "Ranking",
+    "Register",
+    "RetrievalInputs",
+    "Selector",
+    "Stage",
+    "StageReport",
+    "StoreMatcher",
+    "TokenStore",
+    "Tokens",
+    "__version__",
+    "build",
+    "hookimpl",
+    "run",
+]
+
+if TYPE_CHECKING:
+    from craterlab.errors import ConfigError, CraterlabError
+    from craterlab.hookspecs import Register, hookimpl
+    from craterlab.types import (
+        Aggregator,
+        Backbone,
+        CraterDataset,
+        Features,
+        Fittable,
+        ImageRecord,
+        Loss,
+        Matcher,
+        Pooling,
+        Quantizer,
+        Ranking,
+        RetrievalInputs,
+        Selector,
+        Stage,
+        StageReport,
+        StoreMatcher,
+        Tokens,
+        TokenStore,
+    )
+
+
+def build(kind: str, config: Any, **context: Any) -> Any:
+    """Build a registered component: ``build("selector", {"name": "attention", "k": 16})``.
+
+    ``config`` is a mapping with ``name`` (or just the name); its keys are validated against
+    the component's schema. ``context`` passes run-level values (``seed``) to factories that
+    declare them. Uses every installed plugin (:func:`craterlab.plugins.get_registry`).
+    """
+    from craterlab.plugins import get_registry
+
+    return get_registry().build(kind, config, **context)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'craterlab' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _RunModule(types.ModuleType):
+    """``craterlab.run`` is both the pipeline module and, called, its ``run(cfg)``."""
+
+    def __call__(self, cfg: Any) -> Any:
+        return self.run(cfg)
+
+
+class _Package(types.ModuleType):
+    """The package's module type: ``craterlab.run`` always resolves to the callable module.
+
+    The import system binds a submodule onto its package (``craterlab.run = <module>``) once
+    it is imported, which would hide a plain ``run`` function; this property serves the
+    submodule itself, made callable, so ``craterlab.run(cfg)``, ``craterlab.run.run(cfg)`` and
+    ``from craterlab.run import run`` all work.
+    """
+
+    @property
+    def run(self) -> Any:
+        module = importlib.import_module("craterlab.run")
+        if not isinstance(module, _RunModule):
+            module.__class__ = _RunModule
+        return module
+
+    @run.setter
+    def run(self, value: Any) -> None:  # the import system's binding; the property serves it
+        pass
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,95 +1,123 @@
 """Command line: ``python -m craterlab [hydra overrides]`` runs an experiment.
 
-Subcommands handled before Hydra sees the arguments:
-
-- ``python -m craterlab plugins [--json]``: installed plugins and the components they register
-- ``python -m craterlab cache [info|clear] [--dir DIR]``: the feature cache
-- ``python -m craterlab dataset export --out DIR ...``: write a dataset in the CraterBench-R layout
+``python -m craterlab COMMAND [args]`` runs a subcommand instead. Subcommands come from the
+``register_commands`` hook, so the built-in ones (``plugins``, ``cache``, ``dataset``, in
+:mod:`craterlab.commands`) and those of installed plugins are found the same way.
+``python -m craterlab --help`` lists them. A bare word that is neither an override (``KEY=VALUE``)
+nor a command is refused in one line that names the commands, before Hydra sees it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
 
-from craterlab.errors import CraterlabError
+from craterlab.errors import CraterlabError, closest
+from craterlab.plugins import config_dir, plugin_config_dirs
 from craterlab.registry import GROUP_KINDS
+
+__all__ = ["config_dir", "main", "plugin_config_dirs"]
 
 log = logging.getLogger("craterlab")
 
+# Hydra flags that take the next argument as their value (``--cfg job``, ``-cn NAME``).
+HYDRA_VALUE_FLAGS = frozenset(
+    {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn"}
+    | {"--config-dir", "-cd", "--experimental-rerun"}
+)
+HYDRA_INFO_VALUES = frozenset(
+    {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+)
 
-def config_dir() -> Path:
-    """conf/ inside an installed wheel (craterlab/conf) or beside the package in a checkout."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "conf", package.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise CraterlabError(
-        f"craterlab's configs were not found (looked in {package / 'conf'} and "
-        f"{package.parent / 'conf'}). Reinstall craterlab "
-        "(pip install craterlab, or pip install -e . in a checkout)."
+
+def bare_words(argv: list[str]) -> list[tuple[int, str]]:
+    """(position, word) of the arguments that are neither overrides nor Hydra flags or values."""
+    out = []
+    for i, arg in enumerate(argv):
+        prev = argv[i - 1] if i else ""
+        if "=" in arg or arg.startswith(("-", "~")) or prev in HYDRA_VALUE_FLAGS:
+            continue
+        if prev in ("--info", "-i") and arg in HYDRA_INFO_VALUES:
+            continue
+        out.append((i, arg))
+    return out
+
+
+def command_error(word: str, known: list[str]) -> CraterlabError:
+    """The one-line error for a bare word that Hydra would call 'missing EQUAL'."""
+    if word in known:
+        return CraterlabError(
+            f"{word!r} is a command: put it first (python -m craterlab {word} ...), without "
+            "overrides before it."
+        )
+    return CraterlabError(
+        f"Unknown command {word!r}.{closest(word, known)} Commands: {', '.join(known)}. "
+        "To run an experiment, pass overrides as KEY=VALUE (python -m craterlab "
+        "aggregator=instance k=64); python -m craterlab --help shows both."
     )
 
 
-def list_plugins(argv: list[str]) -> int:
-    from craterlab.plugins import plugin_table
-
-    rows = plugin_table()
-    if "--json" in argv:
-        print(
-            json.dumps(
-                [dict(zip(("plugin", "kind", "name", "description"), r, strict=True)) for r in rows]
-            )
-        )
-        return 0
-    current = None
-    for plugin, kind, name, description in rows:
-        if plugin != current:
-            print(f"\n{plugin}")
-            current = plugin
-        print(f"  {kind:<11} {name:<22} {description}")
-    return 0
+def config_groups() -> dict[str, list[str]]:
+    """Config group -> options, from conf/ and the conf/ folders of installed plugins."""
+    groups: dict[str, set[str]] = {}
+    for root in (config_dir(), *plugin_config_dirs()):
+        for folder in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+            options = {p.stem for p in folder.glob("*.yaml")}
+            if options:
+                groups.setdefault(folder.name, set()).update(options)
+    return {g: sorted(o) for g, o in sorted(groups.items())}
 
 
-def cache_command(argv: list[str]) -> int:
-    import os
+def help_text() -> str:
+    from craterlab.plugins import get_commands
 
-    from craterlab.cache import cli
-
-    return cli(argv, os.environ.get("CRATERLAB_CACHE", "outputs/cache"))
-
-
-def dataset_command(argv: list[str]) -> int:
-    from craterlab.data.cli import main as data_main
-
-    return data_main(argv)
-
-
-SUBCOMMANDS = {"plugins": list_plugins, "cache": cache_command, "dataset": dataset_command}
-
-
-def plugin_config_dirs() -> list[Path]:
-    """``conf/`` folders shipped beside third-party plugin modules (added to Hydra's path)."""
-    from craterlab.plugins import DEFAULT_PLUGINS, get_manager
-
-    dirs = []
-    for name, plugin in get_manager().list_name_plugin():
-        module_file = getattr(plugin, "__file__", None)
-        if name in DEFAULT_PLUGINS or not module_file:
-            continue
-        conf = Path(module_file).resolve().parent / "conf"
-        if conf.is_dir():
-            dirs.append(conf)
-    return dirs
+    commands = get_commands()
+    width = max(len(n) for n in commands) + 2
+    lines = [
+        "usage: python -m craterlab [OVERRIDE ...]          run an experiment (or a sweep with -m)",
+        "       python -m craterlab COMMAND [ARGS ...]      run a command",
+        "",
+        "Run an experiment: choose an option per config group (group=option) and set keys",
+        "(group.key=value, or the shared knobs k, shortlist, depth, seed, device), e.g.",
+        "  python -m craterlab backbone=dinov2_s14 aggregator=instance k=64",
+        "  python -m craterlab -m aggregator=instance,none k=16,32      # a sweep",
+        "  python -m craterlab --cfg job                                # print the config",
+        "",
+        "Commands (python -m craterlab COMMAND --help for their options):",
+    ]
+    lines += [f"  {c.name:<{width}}{c.description}" for c in commands.values()]
+    lines += ["", "Config groups and their options:"]
+    lines += [f"  {g}: {', '.join(o)}" for g, o in config_groups().items()]
+    lines += [
+        "",
+        "Hydra's own flags: python -m craterlab --hydra-help. Writing a plugin: docs/plugins.md.",
+    ]
+    return "\n".join(lines)
 
 
-def check_component_keys(overrides: list[str]) -> None:
+def override_values(arg: str) -> list[object] | None:
+    """The value(s) Hydra will set for ``arg`` (a sweep gives several), parsed as Hydra parses
+    them (``0.05`` a float, ``64`` an int, ``null`` None); None when Hydra can't parse it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        override = OverridesParser.create().parse_override(arg)
+        if override.is_sweep_override():
+            return list(override.sweep_iterator())
+        return [override.value()]
+    except Exception:
+        return None  # Hydra reports it with its own message
+
+
+def check_component_keys(overrides: list[str]) -> list[str]:
     """Explain ``group.key=value`` overrides of keys the chosen component does not have.
 
     Hydra would only say the key is "not in struct"; the registry names the valid keys and
-    the closest match. Only runs when such an override is present (one extra compose).
+    the closest match. Only runs when such an override is present (one extra compose). Values
+    are checked as Hydra converts them, and a valid key that the group's config file doesn't
+    list (a factory parameter with a default, e.g. ``aggregator.temperature=0.05``) is passed
+    to Hydra as ``+group.key=value``; returns the overrides to run with.
     """
     suspects = []
     for arg in overrides:
@@ -98,7 +126,7 @@ def check_component_keys(overrides: list[str]) -> None:
         if sep and dot and group in GROUP_KINDS and "." not in key:
             suspects.append((arg, group, key, value))
     if not suspects:
-        return
+        return overrides
     from hydra import compose, initialize_config_dir
 
     from craterlab.plugins import get_registry
@@ -108,11 +136,16 @@ def check_component_keys(overrides: list[str]) -> None:
         try:
             cfg = compose(config_name="config", overrides=others)
         except Exception:
-            return  # Hydra reports problems with the other overrides itself
-    for _, group, key, value in suspects:
+            return overrides  # Hydra reports problems with the other overrides itself
+    added = set()
+    for arg, group, key, _ in suspects:
         node = cfg[group]
-        if key not in node:
-            get_registry().validate(group, {**node, key: value})
+        values = override_values(arg)
+        if key not in node and values is not None:
+            for value in values:
+                get_registry().validate(group, {**node, key: value})
+            added.add(arg)
+    return [f"+{a}" if a in added else a for a in overrides]
 
 
 def run_hydra() -> None:
@@ -140,16 +173,22 @@ def run_hydra() -> None:
 
 def main() -> None:
     argv = sys.argv[1:]
-    if argv and argv[0] in SUBCOMMANDS:
-        try:
-            sys.exit(SUBCOMMANDS[argv[0]](argv[1:]))
-        except CraterlabError as exc:
-            print(f"\nError: {exc}\n", file=sys.stderr)
-            sys.exit(2)
     try:
-        check_component_keys(argv)
+        if argv[:1] in (["--help"], ["-h"]):
+            print(help_text())
+            sys.exit(0)
+        words = bare_words(argv)
+        if words:
+            from craterlab.plugins import get_commands
+
+            commands = get_commands()
+            position, word = words[0]
+            if position == 0 and word in commands:
+                sys.exit(commands[word].handler(argv[1:]))
+            raise command_error(word, list(commands))
+        sys.argv[1:] = check_component_keys(argv)
         run_hydra()
-    except CraterlabError as exc:  # raised while loading plugins, before a job starts
+    except CraterlabError as exc:  # raised by a command, or while loading plugins
         print(f"\nError: {exc}\n", file=sys.stderr)
         sys.exit(2)
 

@@ -3,13 +3,21 @@
 An entry is a directory ``<cache_dir>/<backbone>__<dataset>__<split>__<hash>/`` holding
 ``cls.npy`` (N, D) float32, ``tokens.npy`` (N, T, D) float16, ``attn.npy`` (N, T) float32 (when
 the model has attention), ``meta.json`` (what the entry was computed from) and
-``manifest.json`` (file sizes and sha256 checksums, written last). Tokens are read back by memory
-map, so a 55,000-image ViT-S/16 entry (~4 GB) is paged in on demand, not loaded twice.
+``manifest.json`` (file sizes and sha256 checksums, written last) and the marker file
+``craterlab-cache-entry.json``, which proves the directory is a cache entry. Tokens are read back
+by memory map, so a 55,000-image ViT-S/16 entry (~4 GB) is paged in on demand, not loaded twice.
 
 Writes are crash-safe: extraction fills ``<entry>.partial/`` chunk by chunk (``progress.json``
 records how many images are flushed to disk), an interrupted run resumes there, and the finished
 directory is renamed into place in one step. A lock file serializes runs racing on one entry;
 an entry whose files don't match its manifest is removed and rebuilt with a warning.
+
+Only provable entries are ever listed or removed: a directory with the marker file, or (for
+entries written before the marker existed) one whose name has the entry-name shape and whose
+``meta.json`` records the same key as the name's hash suffix. Anything else in the cache
+directory (``runs/``, ``.git/``, a user's folder) is left alone. A cache directory this process
+cannot write to is used read-only: its entries are read without a lock, and a run that needs to
+write an entry stops with a message saying so.
 """
 
 from __future__ import annotations
@@ -17,12 +25,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fnmatch
-import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,7 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from craterlab.hashing import stable_hash
+from craterlab.errors import CraterlabError
+from craterlab.hashing import sha256_of, stable_hash
 from craterlab.types import Features
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,13 @@ ARRAYS = ("cls", "tokens", "attn")
 # Entries below this size are checksummed on every load; larger ones by size and header
 # (checksums still verified by `cache info --verify`).
 VERIFY_BELOW_BYTES = 512 << 20
+# Written into every entry (partial or complete): what proves a directory is a cache entry.
+ENTRY_MARKER = "craterlab-cache-entry.json"
+# <label>__<dataset>__<split>__<20 hex key>, optionally .partial, .stale or .corrupt-xxxxxxxx
+ENTRY_NAME = re.compile(
+    r"^(?P<base>[A-Za-z0-9_.-]+__[A-Za-z0-9_.-]+__[A-Za-z0-9_.-]+__(?P<key>[0-9a-f]{20}))"
+    r"(?P<suffix>\.partial|\.stale|\.corrupt-[0-9a-f]{8})?$"
+)
 
 
 def entry_key(backbone_identity: dict[str, Any], dataset_identity: str, split: str) -> str:
@@ -91,20 +107,81 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class CorruptEntry(Exception):
     """An entry whose files don't match its manifest."""
+
+
+def entry_proof(path: Path) -> str | None:
+    """Why ``path`` is provably a cache entry ('marker' or 'legacy meta'), None if it isn't.
+
+    Legacy entries (written before the marker) count only when the name has the entry shape
+    and ``meta.json`` records the key that the name ends with: no other folder matches that.
+    """
+    if path.is_symlink() or not path.is_dir():
+        return None
+    match = ENTRY_NAME.match(path.name)
+    if (path / ENTRY_MARKER).is_file():
+        try:
+            marker = json.loads((path / ENTRY_MARKER).read_text())
+        except (OSError, ValueError):
+            marker = None
+        if isinstance(marker, dict) and marker.get("craterlab_cache_entry") is True:
+            return "marker"
+    if match is None:
+        return None
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta, dict) and str(meta.get("key", ""))[:20] == match["key"]:
+        return "legacy meta"
+    return None
+
+
+def writable_dir(path: Path) -> bool:
+    """Whether this process can create files in ``path`` (created if missing); tries it."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".craterlab-write-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def read_only_error(root: Path, name: str, action: str) -> CraterlabError:
+    return CraterlabError(
+        f"The feature cache directory {root} is not writable (read-only or permission denied), "
+        f"and this run must {action} entry {name}. Make the directory writable, point the cache "
+        "at a writable folder (cache.dir=/path or CRATERLAB_CACHE=/path), or run without the "
+        "cache (cache.enabled=false). Entries it already holds are read from it read-only."
+    )
+
+
+def check_progress(state: Any, images: int, arrays: Any) -> int:
+    """The ``done`` count of a partial entry's progress.json; ValueError when it can't be true.
+
+    A hand-edited or damaged progress file must not resume past the data really written: the
+    count must be an integer in [0, images], the arrays the ones an entry has, and every row
+    claimed done must hold data (a never-written row is all zeros).
+    """
+    if not isinstance(state, dict) or not isinstance(state.get("done"), int):
+        raise ValueError("progress.json has no integer 'done'")
+    done = state["done"]
+    if isinstance(done, bool) or not 0 <= done <= images:
+        raise ValueError(f"progress.json says {done!r} of {images} images are done")
+    names = state.get("arrays")
+    if not isinstance(names, list) or not {"cls", "tokens"} <= set(names) <= set(ARRAYS):
+        raise ValueError(f"progress.json lists arrays {names!r}")
+    cls = arrays.get("cls")
+    if cls is not None and done and not np.abs(np.asarray(cls[:done])).sum(axis=1).all():
+        raise ValueError("progress.json counts rows that were never written")
+    return done
 
 
 # --------------------------------------------------------------------------- writing
@@ -133,12 +210,14 @@ class EntryWriter:
                     self.images
                 ):
                     arrays = {}
-                    for name in state["arrays"]:
+                    for name in state["arrays"] if isinstance(state, dict) else ():
+                        if name not in ARRAYS:
+                            raise ValueError(f"progress.json lists an unknown array {name!r}")
                         arrays[name] = np.lib.format.open_memmap(self.dir / f"{name}.npy", "r+")
                         if arrays[name].shape[0] != self.images:
                             raise ValueError(f"{name}.npy has {arrays[name].shape[0]} rows")
+                    self.done = check_progress(state, self.images, arrays)
                     self.arrays = arrays
-                    self.done = int(state["done"])
                     log.info(
                         "Resuming feature extraction at %d/%d images (%s)",
                         self.done,
@@ -151,6 +230,10 @@ class EntryWriter:
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
+        _write_json_atomic(
+            self.dir / ENTRY_MARKER,
+            {"craterlab_cache_entry": True, "format": CACHE_FORMAT, "key": self.meta.get("key")},
+        )
         _write_json_atomic(self.dir / "meta.json", self.meta)
 
     def _allocate(self, features: Features) -> None:
@@ -203,7 +286,7 @@ class EntryWriter:
         for name in ARRAYS:
             path = self.dir / f"{name}.npy"
             if path.exists():
-                files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+                files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
         (self.dir / "progress.json").unlink()
         _write_json_atomic(
             self.dir / "manifest.json",
@@ -252,7 +335,7 @@ def load_entry(path: str | Path, *, verify: bool | None = None) -> Features:
         verify = total < VERIFY_BELOW_BYTES
     if verify:
         for name, info in files.items():
-            if _sha256(path / name) != info["sha256"]:
+            if sha256_of(path / name) != info["sha256"]:
                 raise CorruptEntry(f"{name} does not match its checksum")
     arrays: dict[str, np.ndarray] = {}
     try:
@@ -277,17 +360,31 @@ class FeatureCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.read_only = False
 
     def path(self, name: str) -> Path:
         return self.root / name
 
     @contextlib.contextmanager
     def lock(self, name: str, poll_s: float = 0.5) -> Iterator[None]:
-        """Exclusive lock on one entry, so two runs never extract into it at once."""
+        """Exclusive lock on one entry, so two runs never extract into it at once.
+
+        In a directory this process cannot write, no lock is taken: entries are only read.
+        """
         import fcntl
 
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / f"{name}.lock", "a+") as f:
+        handle = None
+        if writable_dir(self.root):
+            with contextlib.suppress(OSError):
+                handle = open(self.root / f"{name}.lock", "a+")  # noqa: SIM115 (closed below)
+        if handle is None:
+            if not self.root.is_dir():
+                raise read_only_error(self.root, name, "create")
+            self.read_only = True
+            log.warning("Feature cache %s is not writable: using it read-only.", self.root)
+            yield
+            return
+        with handle as f:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -306,6 +403,12 @@ class FeatureCache:
         try:
             return load_entry(path, verify=verify)
         except CorruptEntry as exc:
+            if self.read_only or not writable_dir(self.root):
+                raise CraterlabError(
+                    f"Feature cache entry {path} is corrupt ({exc}), and the cache directory "
+                    "is not writable, so it can't be rebuilt. Make the directory writable, "
+                    "point the cache elsewhere (cache.dir=/path), or set cache.enabled=false."
+                ) from None
             log.warning("Feature cache entry %s is corrupt (%s); rebuilding it.", path, exc)
             trash = path.with_name(f"{path.name}.corrupt-{uuid.uuid4().hex[:8]}")
             os.rename(path, trash)
@@ -313,7 +416,8 @@ class FeatureCache:
             return None
 
     def writer(self, name: str, images: int, meta: dict[str, Any]) -> EntryWriter:
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.read_only or not writable_dir(self.root):
+            raise read_only_error(self.root, name, "write")
         return EntryWriter(self.path(name), images, meta)
 
 
@@ -340,12 +444,16 @@ class CacheEntryInfo:
 
 
 def cache_info(cache_dir: str | Path, *, verify: bool = False) -> list[CacheEntryInfo]:
-    """Every entry (complete, partial or corrupt) under ``cache_dir``, with its size on disk."""
+    """Every provable entry (complete, partial or corrupt) under ``cache_dir``, with its size.
+
+    Folders that are not provably entries (see :func:`entry_proof`) are not listed:
+    :func:`other_items` names them.
+    """
     root = Path(cache_dir)
     if not root.is_dir():
         return []
     out = []
-    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+    for path in sorted(p for p in root.iterdir() if entry_proof(p)):
         try:
             meta = json.loads((path / "meta.json").read_text())
         except (OSError, ValueError):
@@ -365,7 +473,10 @@ def cache_info(cache_dir: str | Path, *, verify: bool = False) -> list[CacheEntr
             split=str(meta.get("split", "")),
             meta=meta,
         )
-        if path.name.endswith(".partial"):
+        suffix = (m := ENTRY_NAME.match(path.name)) and m["suffix"]
+        if suffix and suffix != ".partial":  # trash a crashed rebuild left behind
+            info.status, info.problem = "corrupt", "left over from a rebuild"
+        elif path.name.endswith(".partial"):
             info.status = "partial"
             try:
                 info.done = json.loads((path / "progress.json").read_text())["done"]
@@ -381,23 +492,52 @@ def cache_info(cache_dir: str | Path, *, verify: bool = False) -> list[CacheEntr
     return out
 
 
+def other_items(cache_dir: str | Path) -> list[Path]:
+    """What sits in ``cache_dir`` besides entries and their lock files (never touched)."""
+    root = Path(cache_dir)
+    if not root.is_dir():
+        return []
+    return sorted(
+        p
+        for p in root.iterdir()
+        if not entry_proof(p)
+        and not (p.suffix == ".lock" and p.is_file() and ENTRY_NAME.match(p.name[:-5]))
+    )
+
+
+def select_entries(
+    cache_dir: str | Path, *, pattern: str = "*", status: str | None = None
+) -> list[CacheEntryInfo]:
+    """The entries ``clear_cache`` would remove: provable entries matching pattern and status."""
+    return [
+        info
+        for info in cache_info(cache_dir)
+        if fnmatch.fnmatch(info.name, pattern) and (not status or info.status == status)
+    ]
+
+
 def clear_cache(
     cache_dir: str | Path,
     *,
     pattern: str = "*",
     status: str | None = None,
 ) -> list[CacheEntryInfo]:
-    """Remove entries whose name matches ``pattern`` (and ``status`` if given); returns them."""
+    """Remove entries whose name matches ``pattern`` (and ``status`` if given); returns them.
+
+    Only provable entries are removed (see :func:`entry_proof`), plus the lock files of entries
+    that no longer exist; nothing else in the directory is touched.
+    """
     removed = []
-    for info in cache_info(cache_dir):
-        if not fnmatch.fnmatch(info.name, pattern) or (status and info.status != status):
-            continue
-        shutil.rmtree(info.path, ignore_errors=True)
-        removed.append(info)
+    for info in select_entries(cache_dir, pattern=pattern, status=status):
+        path = Path(info.path)
+        if entry_proof(path):  # re-checked right before deleting
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(info)
     root = Path(cache_dir)
     if root.is_dir():
         for lock in root.glob("*.lock"):
-            if not (root / lock.name[:-5]).exists():
+            base = lock.name[:-5]
+            if lock.is_file() and ENTRY_NAME.match(base) and not (root / base).exists():
                 with contextlib.suppress(OSError):
                     lock.unlink()
     return removed
@@ -425,6 +565,7 @@ def cli(argv: list[str], cache_dir: str) -> int:
     p_clear.add_argument(
         "--status", choices=["complete", "partial", "corrupt"], help="only entries in this state"
     )
+    p_clear.add_argument("--yes", "-y", action="store_true", help="don't ask for confirmation")
     args = parser.parse_args(argv or ["info"])
     root = Path(args.dir)
     if args.command in (None, "info"):
@@ -442,7 +583,34 @@ def cli(argv: list[str], cache_dir: str) -> int:
         total = sum(e.bytes for e in entries)
         print(f"  {len(entries)} entries, {human_bytes(total)} in total")
         return 0
-    removed = clear_cache(root, pattern=args.pattern, status=args.status)
+    return clear_command(root, args.pattern, args.status, args.yes)
+
+
+def clear_command(root: Path, pattern: str, status: str | None, yes: bool) -> int:
+    """List what `cache clear` would delete, ask (unless ``yes``), then delete only that."""
+    chosen = select_entries(root, pattern=pattern, status=status)
+    others = other_items(root)
+    print(f"Feature cache: {root.resolve()}")
+    if others:
+        names = ", ".join(p.name for p in others[:8]) + (" ..." if len(others) > 8 else "")
+        print(f"  left alone ({len(others)} items that are not cache entries): {names}")
+    if not chosen:
+        print("  no cache entries to remove")
+        return 0
+    for e in chosen:
+        print(f"  would remove {e.status:8s} {human_bytes(e.bytes):>9s}  {e.name}")
+    total = human_bytes(sum(e.bytes for e in chosen))
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CraterlabError(
+                f"cache clear would remove {len(chosen)} entries ({total}) listed above, and "
+                "there is no terminal to confirm on. Run it again with --yes to remove them."
+            )
+        answer = input(f"Remove these {len(chosen)} entries ({total})? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("Nothing removed.")
+            return 1
+    removed = clear_cache(root, pattern=pattern, status=status)
     freed = sum(e.bytes for e in removed)
     print(f"Removed {len(removed)} entries ({human_bytes(freed)}) from {root.resolve()}")
     return 0

@@ -1,10 +1,32 @@
-"""Device selection shared by every component: 'auto' means CUDA when present, else CPU."""
+"""Device and precision rules shared by every component, each written once.
+
+- :func:`resolve_device`: 'auto' means CUDA when present, else CPU.
+- :func:`compute_dtype`: the dtype of retrieval matmuls on a device (fp16 on CUDA, else fp32).
+- :func:`resolve_precision` / :func:`autocast`: the backbone's forward precision. 'auto' is
+  bf16 autocast on CUDA and on CPUs with AMX matrix units (``amx_bf16``), fp32 elsewhere:
+  on a 2-core Sapphire Rapids machine ViT-S/16 at batch 32 runs about 3x faster under bf16
+  autocast than in fp32, while on AVX-512 CPUs without AMX bf16 is no faster than fp32.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
 from craterlab.errors import ConfigError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+"""A backbone's forward precision as configured ('auto' resolves per device)."""
+
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+
+AUTOCAST_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+CPUINFO = Path("/proc/cpuinfo")
 
 
 def resolve_device(device: torch.device | str) -> torch.device:
@@ -27,3 +49,59 @@ def resolve_device(device: torch.device | str) -> torch.device:
             "Use device=cpu or device=auto."
         )
     return resolved
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """Dtype of similarity matmuls: fp16 on CUDA (tensor cores), fp32 on CPU and elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.float32
+
+
+def cpu_flags_from_cpuinfo(text: str) -> frozenset[str]:
+    """The feature flags of the first CPU in a ``/proc/cpuinfo`` text (empty when absent)."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU feature flags (Linux ``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        return cpu_flags_from_cpuinfo(CPUINFO.read_text())
+    except OSError:
+        return frozenset()
+
+
+def cpu_has_amx_bf16(flags: frozenset[str] | None = None) -> bool:
+    """Whether the CPU has AMX tiles with bf16 matmuls (Sapphire Rapids and later)."""
+    return "amx_bf16" in (cpu_flags() if flags is None else flags)
+
+
+def resolve_precision(
+    precision: str, device: torch.device, flags: frozenset[str] | None = None
+) -> str:
+    """The precision a backbone forward actually uses on ``device``: 'fp32', 'bf16' or 'fp16'.
+
+    'auto' is bf16 on CUDA and on CPUs with AMX (``flags`` defaults to this machine's), fp32
+    otherwise; an explicit value is used as given. An unknown value is a :class:`ConfigError`.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(
+            f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}. "
+            "Use precision=auto (bf16 where the hardware runs it fast, else fp32)."
+        )
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16(flags)):
+        return "bf16"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast context for a resolved precision on ``device`` (nothing for fp32)."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -11,16 +11,24 @@ from typing import Any
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
 
 
+def sha256_of(path: str | Path) -> str:
+    """sha256 of a file's content, read now (for integrity checks, which must not trust a memo)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's content, memoized on (path, size, mtime) so reruns don't reread it."""
+    """sha256 of a file's content, memoized on (path, size, mtime) so reruns don't reread it.
+
+    For identities (checkpoints, split files); integrity checks use :func:`sha256_of`.
+    """
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        _FILE_HASHES[key] = h.hexdigest()
+        _FILE_HASHES[key] = sha256_of(path)
     return _FILE_HASHES[key]
 
 

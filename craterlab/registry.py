@@ -31,6 +31,7 @@ KINDS: tuple[str, ...] = (
     "quantizer",
     "stage",
     "loss",
+    "tracking",
 )
 
 # Kinds chosen by a config group of the same name (stages are configured inside the
@@ -168,6 +169,52 @@ def to_plain(config: Any) -> dict[str, Any]:
     return dict(config)
 
 
+def check_config(
+    params: tuple[Param, ...],
+    values: Mapping[str, Any],
+    *,
+    label: str,
+    group: str,
+    skip: frozenset[str] = RESERVED_KEYS,
+) -> dict[str, Any]:
+    """``values`` checked against a schema's ``params``: the keyword arguments, converted.
+
+    The one place config keys are validated, for registered components and for config groups
+    that are not registry kinds (``train``): an unknown key names the valid keys and the closest
+    match, a wrong type names the expected type, a missing required key is named. ``label``
+    starts each message (``selector 'norm'``), ``group`` is the command-line prefix of the fix
+    (``selector.k=VALUE``), and keys in ``skip`` are passed over.
+    """
+    valid = [p.name for p in params]
+    by_name = {p.name: p for p in params}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in skip:
+            continue
+        param = by_name.get(key)
+        if param is None:
+            raise ConfigError(
+                f"{label} has no config key {key!r}.{closest(key, valid)} "
+                f"Valid keys: {', '.join(valid) or '(none)'}. Fix the key in your config "
+                f"or override (e.g. {group}.{valid[0] if valid else 'KEY'}=VALUE)."
+            )
+        ok, converted = check_value(param.annotation, value)
+        if not ok:
+            raise ConfigError(
+                f"{label}: key {key!r} must be {type_name(param.annotation)}, "
+                f"got {value!r} ({type(value).__name__}). Fix it in your config or "
+                f"override {group}.{key}=VALUE."
+            )
+        kwargs[key] = converted
+    missing = [p.name for p in params if p.required and p.name not in kwargs]
+    if missing:
+        raise ConfigError(
+            f"{label} needs config key(s) {', '.join(missing)}. Set them in the "
+            f"config or on the command line ({group}.{missing[0]}=VALUE)."
+        )
+    return kwargs
+
+
 class Registry:
     """Components by kind and name, filled by the ``register_*`` hooks of installed plugins."""
 
@@ -233,32 +280,7 @@ class Registry:
                 f"{', '.join(self.names(kind))} (e.g. {kind}=NAME on the command line)."
             )
         component = self.get(kind, name)
-        valid = [p.name for p in component.params]
-        kwargs: dict[str, Any] = {}
-        for key, value in values.items():
-            if key in RESERVED_KEYS:
-                continue
-            param = component.param(key)
-            if param is None:
-                raise ConfigError(
-                    f"{kind} {name!r} has no config key {key!r}.{closest(key, valid)} "
-                    f"Valid keys: {', '.join(valid) or '(none)'}. Fix the key in your config "
-                    f"or override (e.g. {kind}.{valid[0] if valid else 'KEY'}=VALUE)."
-                )
-            ok, converted = check_value(param.annotation, value)
-            if not ok:
-                raise ConfigError(
-                    f"{kind} {name!r}: key {key!r} must be {type_name(param.annotation)}, "
-                    f"got {value!r} ({type(value).__name__}). Fix it in your config or "
-                    f"override {kind}.{key}=VALUE."
-                )
-            kwargs[key] = converted
-        missing = [p.name for p in component.params if p.required and p.name not in kwargs]
-        if missing:
-            raise ConfigError(
-                f"{kind} {name!r} needs config key(s) {', '.join(missing)}. Set them in the "
-                f"config or on the command line ({kind}.{missing[0]}=VALUE)."
-            )
+        kwargs = check_config(component.params, values, label=f"{kind} {name!r}", group=kind)
         return component, kwargs
 
     def build(self, kind: str, config: Any, **context: Any) -> Any:

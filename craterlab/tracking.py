@@ -1,14 +1,25 @@
-"""Experiment tracking: one MLflow run per Hydra job, grouped under a parent run per sweep.
+"""Experiment tracking: where a run is logged from.
 
-Tracking never sinks a run: if the store is unreachable or refuses something, the run goes on,
-and the summary at the end says exactly what was not logged and why.
+Tracking is a plugin kind like the others. A tracker implements :class:`Tracker` (``start``,
+``log_params``, ``log_metrics``, ``log_artifact``, ``set_tags``, ``finish``) and is registered
+through the ``register_trackers`` hook; the ``tracking`` config group picks one
+(``tracking=mlflow``, the default, or ``tracking=none``). :func:`tracked_run` is the one place a
+run is started, or joined to its sweep's parent run; observer hooks (``run_started``,
+``run_finished``) receive the active tracker and can log metrics and artifacts through it.
+
+Tracking never sinks a run: a tracker records what it could not log in ``not_logged`` instead
+of raising, and the summary at the end of the run says what was not logged and why.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
+import signal
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,17 +28,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from craterlab.hookspecs import hookimpl
+
 log = logging.getLogger("craterlab")
 
 PARENT_RUN_ENV = "CRATERLAB_PARENT_RUN_ID"
-DEFAULT_STORE = Path("outputs") / "mlflow.db"
-DEFAULT_ARTIFACTS = Path("outputs") / "mlartifacts"
 MAX_PARAM_LENGTH = 500  # MLflow 3 accepts 6,000; shorter keeps the UI's tables readable
-
-
-def default_uri() -> str:
-    """The embedded SQLite store under outputs/ (an absolute path, so cwd doesn't matter)."""
-    return f"sqlite:///{DEFAULT_STORE.resolve()}"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -52,175 +58,215 @@ def metric_name(name: str) -> str:
 
 
 class Tracker:
-    """Logs one run; every call is guarded so tracking trouble is reported, never fatal."""
+    """The tracker interface, and the tracker that logs nothing (``tracking=none``).
 
-    def __init__(self, tracking: Mapping[str, Any] | None) -> None:
-        tracking = dict(tracking or {})
-        self.enabled = tracking.get("name", "none") != "none"
-        self.uri = tracking.get("uri") or default_uri()
-        self.experiment = tracking.get("experiment", "craterlab")
-        self.artifact_location = tracking.get("artifact_location") or str(
-            DEFAULT_ARTIFACTS.resolve()
-        )
-        self.timeout_s = int(tracking.get("timeout_s", 10))
-        self.run_name = tracking.get("run_name")
-        self.not_logged: list[str] = []
+    Implementations override the methods; none of them may raise on tracking trouble: append
+    ``"what (why)"`` to ``not_logged`` instead. ``start`` receives ``parent``, the run id of the
+    sweep this run belongs to (None outside a sweep), and sets ``run_id`` when a run exists.
+    """
+
+    name = "none"
+
+    def __init__(self) -> None:
         self.run_id: str | None = None
-        self._client: Any = None
+        self.not_logged: list[str] = []
 
-    # -- lifecycle --------------------------------------------------------------------------
-
-    def start(self, tags: Mapping[str, str]) -> None:
-        if not self.enabled:
-            return
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(self.timeout_s))
-        try:
-            client, experiment_id = connect(self.uri, self.experiment, self.artifact_location)
-            run_tags = dict(tags)
-            parent = os.environ.get(PARENT_RUN_ENV)
-            if parent:
-                run_tags["mlflow.parentRunId"] = parent
-            run = client.create_run(experiment_id, tags=run_tags, run_name=self.run_name)
-        except Exception as exc:  # tracking must not sink the run
-            self._fail("the whole run (could not start an MLflow run)", exc)
-            return
-        self._client = client
-        self.run_id = run.info.run_id
-        log.info("MLflow run %s in %s (experiment %r)", self.run_id, self.uri, self.experiment)
-
-    def finish(self, status: str = "FINISHED") -> None:
-        if self._client is not None:
-            self._guard("the run status", self._client.set_terminated, self.run_id, status)
-        if self.not_logged:
-            log.warning(
-                "Tracking: not logged to %s: %s. Check that the tracking store is reachable "
-                "(tracking.uri=...), or turn tracking off with tracking=none.",
-                self.uri,
-                "; ".join(self.not_logged),
-            )
-
-    # -- logging ----------------------------------------------------------------------------
+    def start(
+        self, tags: Mapping[str, str], run_name: str | None = None, parent: str | None = None
+    ) -> None:
+        """Open a run (a child of ``parent`` when given) tagged with ``tags``."""
 
     def log_params(self, config: Mapping[str, Any]) -> None:
-        from mlflow.entities import Param
-
-        params = [Param(k, v) for k, v in flatten(config).items()]
-        for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
-            self._guard("params", self._log_batch, params=params[i : i + 100])
+        """Record a (nested) config as parameters."""
 
     def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        entries = [
-            Metric(metric_name(k), float(v), now, step)
-            for k, v in metrics.items()
-            if v is not None and v == v  # skip NaN
-        ]
-        for i in range(0, len(entries), 1000):
-            self._guard("metrics", self._log_batch, metrics=entries[i : i + 1000])
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        from mlflow.entities import RunTag
-
-        self._guard("tags", self._log_batch, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        """Record metrics; NaN values are recorded as NaN, never dropped."""
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self._client is not None:
-            self._guard(
-                f"artifact {Path(path).name}",
-                self._client.log_artifact,
-                self.run_id,
-                str(path),
-                artifact_path,
-            )
+        """Attach a file to the run."""
 
-    # -- internals --------------------------------------------------------------------------
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set tags on the run."""
 
-    def _log_batch(self, **kwargs: Any) -> None:
-        self._client.log_batch(self.run_id, **kwargs)
+    def finish(self, status: str = "FINISHED") -> None:
+        """Close the run with ``status`` (FINISHED, FAILED or KILLED)."""
 
-    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        if self._client is None:
-            return
-        try:
-            fn(*args, **kwargs)
-        except Exception as exc:
-            self._fail(what, exc)
+    def find_finished(self, tags: Mapping[str, str]) -> Any:
+        """The newest FINISHED run of this tracker's experiment carrying all ``tags``, as a
+        :class:`craterlab.sweeps.resume.FinishedRun`; None when there is none (or the tracker
+        can't look runs up: then resuming a sweep reruns every job)."""
+        return None
 
-    def _fail(self, what: str, exc: BaseException) -> None:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        self.not_logged.append(f"{what} ({reason[:200]})")
+    def summary(self) -> str:
+        """One line for the end of the run: where it was logged, or what was not."""
+        if self.not_logged:
+            return f"Tracking: not logged: {'; '.join(self.not_logged)}"
+        return ""
 
 
-def connect(uri: str, experiment: str, artifact_location: str) -> tuple[Any, str]:
-    """An MLflow client on ``uri`` and the id of ``experiment`` (created if missing)."""
-    from mlflow.tracking import MlflowClient
+def no_tracking() -> Tracker:
+    """No tracking: results are printed and written to the run directory only."""
+    return Tracker()
 
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        return client, found.experiment_id
-    location = artifact_location
-    if "://" not in location:
-        Path(location).mkdir(parents=True, exist_ok=True)
-        location = Path(location).resolve().as_uri()
-    return client, client.create_experiment(experiment, artifact_location=location)
+
+@hookimpl
+def register_trackers(register: Any) -> None:
+    from craterlab.mlflow_tracker import MlflowTracker
+
+    register("none", no_tracking)
+    register("mlflow", MlflowTracker, description="MLflow runs, grouped under a run per sweep")
+
+
+def plan_command(argv: list[str]) -> int:
+    """``plan --bytes-per-image B --ms-per-query T``: Pareto front of measured runs and the
+    best configuration within the budget (:mod:`craterlab.sweeps.plan`)."""
+    from craterlab.sweeps.plan import main
+
+    return main(argv)
+
+
+@hookimpl
+def register_commands(register: Any) -> None:
+    register("plan", plan_command, "Pareto front of tracked runs; best config within a budget")
+
+
+def make_tracker(tracking: Mapping[str, Any] | None) -> Tracker:
+    """The tracker a ``tracking`` config selects, built through the registry."""
+    from craterlab.plugins import get_registry
+
+    config = dict(tracking or {"name": "none"})
+    config.pop("run_name", None)  # chosen per run (tracked_run), not a tracker setting
+    return get_registry().build("tracking", config)
+
+
+def end_status(exc: BaseException) -> str:
+    """KILLED for an interruption (Ctrl-C, SIGTERM), FAILED for an error."""
+    return "KILLED" if isinstance(exc, KeyboardInterrupt | SystemExit) else "FAILED"
 
 
 @contextmanager
-def tracked_run(tracking: Mapping[str, Any] | None, tags: Mapping[str, str]) -> Iterator[Tracker]:
-    """A started tracker, finished with FAILED if the body raises."""
-    tracker = Tracker(tracking)
-    tracker.start(tags)
+def terminate_as_exit() -> Iterator[None]:
+    """While the body runs, SIGTERM raises SystemExit, so an open run is closed as KILLED."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    ):
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
     try:
-        yield tracker
-    except BaseException:
-        tracker.finish("FAILED")
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def tracked_run(
+    tracking: Mapping[str, Any] | Tracker | None, tags: Mapping[str, str]
+) -> Iterator[Tracker]:
+    """The one place a run is started (or joined to its sweep): a started tracker, finished
+    FINISHED, FAILED if the body raises, KILLED if it is interrupted."""
+    tracker = tracking if isinstance(tracking, Tracker) else make_tracker(tracking)
+    run_name = None if isinstance(tracking, Tracker) else (tracking or {}).get("run_name")
+    tracker.start(tags, run_name=run_name, parent=os.environ.get(PARENT_RUN_ENV) or None)
+    try:
+        with terminate_as_exit():
+            yield tracker
+    except BaseException as exc:
+        tracker.finish(end_status(exc))
         raise
     tracker.finish("FINISHED")
 
 
+def is_multirun_job(config: DictConfig) -> bool:
+    """Whether ``config`` (with its ``hydra`` node) is a job of a multirun."""
+    from hydra.types import RunMode
+
+    try:
+        return config.hydra.mode == RunMode.MULTIRUN
+    except Exception:  # no hydra node (a config composed outside Hydra's run)
+        return False
+
+
 class SweepCallback(Callback):
-    """Hydra callback: a multirun gets one MLflow parent run; each job becomes its child."""
+    """Hydra callback: a multirun gets one parent run; each job becomes its child.
+
+    The parent is closed KILLED at exit when the sweep is interrupted before it ends.
+    """
 
     def __init__(self) -> None:
-        self.client: Any = None
-        self.parent_id: str | None = None
+        self.tracker: Tracker | None = None
+        self.job_started_at = 0.0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from craterlab.report.sweep import announce_sweep
+
+        announce_sweep(config)  # child runs are named by the keys the sweep varies
+        from craterlab.sweeps.progress import count_jobs, start_sweep, swept_keys
+
+        sweeper: Any = OmegaConf.to_container(
+            OmegaConf.select(config, "hydra.sweeper", default=OmegaConf.create({})), resolve=False
+        )
+        overrides = list(OmegaConf.select(config, "hydra.overrides.task", default=[]))
+        total, keys = count_jobs(overrides, sweeper), swept_keys(overrides, sweeper)
+        start_sweep(str(config.hydra.sweep.dir), total, keys)
         tracking = OmegaConf.to_container(config.get("tracking"), resolve=True) or {}
-        tracker = Tracker(tracking)  # type: ignore[arg-type]
-        if not tracker.enabled:
+        tracking.pop("run_name", None)  # type: ignore[union-attr]
+        sweep_dir = str(config.hydra.sweep.dir)
+        tracker = make_tracker(tracking)  # type: ignore[arg-type]
+        tracker.start(
+            {"craterlab.sweep": sweep_dir, "craterlab.role": "sweep"},
+            run_name=f"sweep {Path(sweep_dir).parent.name}/{Path(sweep_dir).name}",
+        )
+        if tracker.run_id is None:
+            if tracker.not_logged:
+                log.warning("Tracking: no parent run for the sweep: %s", tracker.not_logged[0])
             return
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(tracker.timeout_s))
-        try:
-            self.client, experiment_id = connect(
-                tracker.uri, tracker.experiment, tracker.artifact_location
-            )
-            sweep_dir = str(config.hydra.sweep.dir)
-            run = self.client.create_run(
-                experiment_id,
-                tags={"craterlab.sweep": sweep_dir, "craterlab.role": "sweep"},
-                run_name=f"sweep {Path(sweep_dir).parent.name}/{Path(sweep_dir).name}",
-            )
-        except Exception as exc:
-            log.warning("Tracking: could not create the sweep's parent run (%s)", exc)
-            self.client = None
+        self.tracker = tracker
+        os.environ[PARENT_RUN_ENV] = tracker.run_id
+        atexit.register(self._close, "KILLED")
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Print ``job i/N`` (multirun jobs only; in the process that runs the job)."""
+        from craterlab.sweeps.progress import job_started
+
+        self.job_started_at = time.time()
+        if is_multirun_job(config):
+            job_started(config.hydra.sweep.dir, config.hydra.job.num, config.hydra.overrides.task)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """Record the job for the sweep's progress line and summary table."""
+        from hydra.core.utils import JobStatus
+
+        from craterlab.sweeps.progress import job_finished
+
+        if not is_multirun_job(config):
             return
-        self.parent_id = run.info.run_id
-        os.environ[PARENT_RUN_ENV] = self.parent_id
+        status = "finished" if job_return.status == JobStatus.COMPLETED else "failed"
+        job_finished(
+            config.hydra.sweep.dir,
+            config.hydra.job.num,
+            list(config.hydra.overrides.task),
+            status,
+            time.time() - self.job_started_at,
+            config.hydra.runtime.output_dir,
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        if self.client is not None and self.parent_id is not None:
-            try:
-                self.client.set_terminated(self.parent_id, "FINISHED")
-            except Exception as exc:
-                log.warning("Tracking: could not close the sweep's parent run (%s)", exc)
+        from craterlab.report.sweep import SWEEP_VARIES_ENV, finish_sweep
+        from craterlab.sweeps.progress import end_of_sweep
+
+        end_of_sweep(str(config.hydra.sweep.dir))  # counts, resume skips, table, summary.csv
+        atexit.unregister(self._close)
+        finish_sweep(str(config.hydra.sweep.dir), self.tracker)  # table + figures, run name
+        os.environ.pop(SWEEP_VARIES_ENV, None)
+        self._close("FINISHED")
+
+    def _close(self, status: str) -> None:
+        if self.tracker is not None:
+            self.tracker.finish(status)
+            self.tracker = None
         os.environ.pop(PARENT_RUN_ENV, None)

@@ -1,6 +1,6 @@
 """Typed values that flow between pipeline stages, and the interfaces components implement.
 
-Data flows one way (see DESIGN.md)::
+Data flows one way::
 
     CraterDataset -> Backbone.encode -> Features -> Pooling / Selector / Aggregator
         -> vectors (N, D) and Tokens (N, K, D) -> Quantizer -> TokenStore
@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -177,8 +178,25 @@ class Matcher(Protocol):
         ...
 
 
+@runtime_checkable
+class StoreMatcher(Matcher, Protocol):
+    """A matcher that scores a :class:`TokenStore` from its codes (choosing a kernel by the
+    store's format and its device) instead of scoring the decoded tokens. Stages use these
+    methods when a matcher has them, else they decode the store and call ``score``/``rerank``."""
+
+    def score_store(self, queries: Tokens, store: TokenStore) -> torch.Tensor:
+        """(Nq, Ng) scores of every query against every item of the store."""
+        ...
+
+    def rerank_store(
+        self, queries: Tokens, store: TokenStore, candidates: torch.Tensor
+    ) -> torch.Tensor:
+        """(Nq, S) scores of each query against its candidate rows of the store (-1: none)."""
+        ...
+
+
 class TokenStore(Protocol):
-    """Encoded gallery tokens as a quantizer stores them."""
+    """Encoded gallery tokens as a quantizer stores them: data only (no scoring)."""
 
     def __len__(self) -> int: ...
 
@@ -221,11 +239,76 @@ class RetrievalInputs:
 
 
 @dataclass
+class StageReport:
+    """What a stage measured about itself, in a form a run logs without knowing the stage.
+
+    ``bytes_per_image``: what a deployment of this mode stores per gallery image (stage-1
+    index and/or token store). ``latency_ms``: per-query latencies in milliseconds of each timed
+    part, batched (a block's time divided by its size), including ``total`` (the mode's
+    per-query cost); ``single_latency_ms``: the same parts timed one query at a time.
+    ``reference``: this ranking is the exact answer that approximate modes are measured against
+    (exhaustive late interaction); ``recovers_reference``: report ``mAP_recovered``, this mode's
+    mAP over the reference's. ``stage1``: the stage-1 index settings used (``index``,
+    ``nprobe``, ``ef_search``), or None for a stage without one.
+    """
+
+    bytes_per_image: float
+    latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    single_latency_ms: dict[str, list[float]] = field(default_factory=dict)
+    reference: bool = False
+    recovers_reference: bool = False
+    stage1: dict[str, Any] | None = None
+
+    @classmethod
+    def from_timings(
+        cls, timings_ms: dict[str, list[float]], bytes_per_image: float = float("nan")
+    ) -> StageReport:
+        """A report for a stage that fills only ``Ranking.timings_ms`` (third-party stages):
+        ``*_single`` keys are single-query latencies; the total is ``total`` when present, else
+        the sum of the parts' means."""
+        batched = {k: v for k, v in timings_ms.items() if not k.endswith("_single")}
+        single = {k[: -len("_single")]: v for k, v in timings_ms.items() if k.endswith("_single")}
+        if "total" not in batched:
+            parts = [v for v in batched.values() if v]
+            n = max((len(v) for v in parts), default=0)
+            if n:
+                batched["total"] = [sum(float(np.mean(v)) for v in parts)] * n
+        return cls(bytes_per_image, batched, single)
+
+    def timings_ms(self) -> dict[str, list[float]]:
+        """The latencies as one flat mapping (single-query parts get a ``_single`` suffix)."""
+        out = dict(self.latency_ms)
+        out.update({f"{k}_single": v for k, v in self.single_latency_ms.items()})
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """p50/p95 latency of every part (``latency_<part>[_single]_p50_ms``), the mean total
+        per query (``ms_per_query``) and ``bytes_per_image``."""
+        out: dict[str, float] = {}
+        for part, values in self.timings_ms().items():
+            out[f"latency_{part}_p50_ms"] = _percentile(values, 50)
+            out[f"latency_{part}_p95_ms"] = _percentile(values, 95)
+        total = self.latency_ms.get("total") or []
+        out["ms_per_query"] = float(np.mean(total)) if total else float("nan")
+        out["bytes_per_image"] = float(self.bytes_per_image)
+        return out
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+@dataclass
 class Ranking:
     """Per-query ranked gallery indices (Nq, L) and their scores, best first.
 
     ``shortlist`` holds the stage-1 candidates (Nq, S) for two-stage retrieval, so R@S can be
-    measured. ``timings_ms`` maps a stage name to per-query latencies in milliseconds.
+    measured. ``report`` is the stage's own :class:`StageReport` (bytes, latencies, role);
+    ``timings_ms`` is its flat view (part name -> per-query ms, ``_single`` suffix for
+    one-query-at-a-time timings) and ``extra`` holds other figures to log (``index_bytes``,
+    ``store_bytes``, ``shortlist``, ...).
     """
 
     indices: torch.Tensor
@@ -233,6 +316,14 @@ class Ranking:
     shortlist: torch.Tensor | None = None
     timings_ms: dict[str, list[float]] = field(default_factory=dict)
     extra: dict[str, float] = field(default_factory=dict)
+    report: StageReport | None = None
+
+    def stage_report(self, default_bytes: float = float("nan")) -> StageReport:
+        """``report``, or one derived from ``timings_ms`` (and ``default_bytes`` per image) for
+        stages that do not write one."""
+        if self.report is not None:
+            return self.report
+        return StageReport.from_timings(self.timings_ms, default_bytes)
 
 
 class Stage(Protocol):

@@ -9,15 +9,24 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# The core's tests see craterlab's own components only: a plugin installed into the same
+# environment cannot change what they count (tests of plugin loading enable it explicitly).
+os.environ["CRATERLAB_LOAD_PLUGINS"] = "0"
+
+# The plugin contract (check_component) and its fixtures, as plugin packages use them.
+pytest_plugins = ["craterlab.testing"]
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf"
 
-# A tiny composition that runs end to end offline in seconds (used by run and sweep tests).
+# A tiny composition that runs end to end offline in seconds (used by run and sweep tests):
+# timm's tiny test ViT (6 blocks, dim 64, 10x10 patches at 160 px) in place of ViT-S.
 TINY = [
     "dataset=synthetic",
     "dataset.n_identities=12",
     "dataset.n_query_craters=4",
+    "backbone.model=test_vit",
+    "backbone.pretrained_tag=r160_in1k",
     "backbone.weights=random",
     "batch_size=16",
     "k=8",

@@ -209,6 +209,7 @@ def test_info_clear_and_cli(tmp_path: Path, capsys) -> None:
     assert "2 entries" in out and "complete" in out
     removed = clear_cache(tmp_path, pattern=f"{infos[0].name}")
     assert [r.name for r in removed] == [infos[0].name]
-    assert cli(["clear"], str(tmp_path)) == 0
-    assert "Removed 1 entries" in capsys.readouterr().out
+    assert cli(["clear", "--yes"], str(tmp_path)) == 0
+    out = capsys.readouterr().out
+    assert "would remove complete" in out and "Removed 1 entries" in out
     assert cache_info(tmp_path) == [] and not list(tmp_path.glob("*.lock"))

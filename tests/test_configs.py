@@ -188,11 +188,15 @@ def test_kinds_covered() -> None:
 
 @pytest.mark.parametrize("name", [n for k, n in COMPONENTS if k == "backbone"])
 def test_backbone_contract(name: str) -> None:
-    """Each registered backbone factory, built from its smallest-named config with random
-    weights (every config's shapes are checked in test_backbones.py)."""
+    """Each registered backbone factory, built from its config with random weights and, for
+    the generic timm factories, timm's tiny test models (every study config's shapes are
+    checked in test_backbones.py)."""
     from PIL import Image
 
     config = dict(CONFIGS[("backbone", name)], weights="random")
+    tiny = {"timm_vit": "test_vit", "timm_cnn": "test_resnet"}
+    if name in tiny:
+        config.update(model=tiny[name], pretrained_tag="r160_in1k")
     if name == "marsdino":
         config["size"] = "s"
     backbone = get_registry().build("backbone", config, seed=0)

@@ -150,7 +150,9 @@ def test_corrupt_image_names_its_path(tmp_path):
     root = make_release(tmp_path / "rel")
     bad = root / "images/gallery/02-1-000001_2x.jpg"
     bad.write_bytes(b"not a jpeg")
-    ds = CraterBenchR(root=str(root))
+    with pytest.raises(DataError, match=r"images/gallery/02-1-000001_2x.jpg: is not a readable"):
+        CraterBenchR(root=str(root))  # found up front, by its header
+    ds = CraterBenchR(root=str(root), check_files=False)
     rec = next(r for r in ds.records("gallery") if r.image_id == "02-1-000001_2x")
     with pytest.raises(DataError, match="02-1-000001_2x.jpg"):
         ds.load_image(rec)
@@ -251,7 +253,10 @@ def test_manifest_reads_roles_and_relevance(tmp_path):
     ("mutate", "message"),
     [
         (lambda r: r.append(dict(r[0])), r"duplicate image ids:\n  line 7: image_id 'g1'"),
-        (lambda r: r[1].update(path="img/none.png"), r"(?s)do not exist.*line 3: img/none.png"),
+        (
+            lambda r: r[1].update(path="img/none.png"),
+            r"(?s)cannot be used:.*line 3: img/none.png: does not exist",
+        ),
         (
             lambda r: r[3].update(relevant_ids="Z"),
             r"(?s)no relevant gallery image.*line 5: query 'q2'",
@@ -276,10 +281,12 @@ def test_manifest_missing_column_and_missing_file(tmp_path):
         ManifestDataset(str(tmp_path / "nope.csv"))
 
 
-def test_manifest_unreadable_image_fails_lazily_naming_the_path(tmp_path):
+def test_manifest_unreadable_image_is_found_up_front_or_lazily(tmp_path):
     path = write_manifest(tmp_path, base_rows())
     (tmp_path / "img/g2.png").write_bytes(b"garbage")
-    ds = ManifestDataset(str(path))  # cheap checks pass: the file exists
+    with pytest.raises(DataError, match=r"line 3: img/g2.png: is not a readable image"):
+        ManifestDataset(str(path))
+    ds = ManifestDataset(str(path), check_files=False)  # no header reads: fails when decoded
     with pytest.raises(DataError, match=r"img/g2.png"):
         ds.load_image(ds.records("gallery")[1])
     with pytest.raises(DataError, match="not in manifest"):

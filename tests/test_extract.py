@@ -1,5 +1,6 @@
-"""extract_features with a real (random-weight) ViT-S/16: batched output equals image-by-image
-encoding, in record order, the same with and without cache and with DataLoader workers."""
+"""extract_features with a real (random-weight) tiny timm ViT: batched output equals
+image-by-image encoding, in record order, the same with and without cache and with DataLoader
+workers; the cache keeps features of different precisions apart."""
 
 from __future__ import annotations
 
@@ -33,15 +34,16 @@ class Crops:
 
 @pytest.fixture(scope="module")
 def vit():
-    return timm_vit("vit_small_patch16_224", "dino", weights="random")
+    # fp32: batched and one-by-one bf16 matmuls are blocked differently (not bit-comparable)
+    return timm_vit("test_vit", "r160_in1k", weights="random", precision="fp32")
 
 
 def test_batched_matches_one_by_one(vit) -> None:
     data = Crops()
     feats, info = extract_features(vit, data, "gallery", device="cpu", batch_size=2, progress=False)
     assert isinstance(info, ExtractInfo) and info.images == 5 and not info.cache_hit
-    assert feats.tokens.shape == (5, 196, 384) and feats.tokens.dtype == torch.float16
-    assert feats.cls.dtype == torch.float32 and feats.attn.shape == (5, 196)
+    assert feats.tokens.shape == (5, 100, 64) and feats.tokens.dtype == torch.float16
+    assert feats.cls.dtype == torch.float32 and feats.attn.shape == (5, 100)
     for i, record in enumerate(data.records("gallery")):
         one = vit.encode(vit.transform(data.load_image(record)).unsqueeze(0))
         assert torch.allclose(feats.cls[i], one.cls[0], atol=1e-4)
@@ -77,4 +79,23 @@ def test_empty_split(vit, tmp_path) -> None:
     feats, info = extract_features(
         vit, Crops(), "train", device="cpu", cache_dir=tmp_path, progress=False
     )
-    assert len(feats) == 0 and info.images == 0 and feats.cls.shape == (0, 384)
+    assert len(feats) == 0 and info.images == 0 and feats.cls.shape == (0, 64)
+
+
+def test_cache_keeps_precisions_apart(vit, tmp_path) -> None:
+    """bf16 features are cached under their own key: an fp32 run never reads them."""
+    data = Crops(3)
+    bf16 = timm_vit("test_vit", "r160_in1k", weights="random", precision="bf16")
+    low, info = extract_features(
+        bf16, data, "query", device="cpu", cache_dir=tmp_path, progress=False
+    )
+    full, info2 = extract_features(
+        vit, data, "query", device="cpu", cache_dir=tmp_path, progress=False
+    )
+    assert info.computed == 3 and info2.computed == 3 and not info2.cache_hit
+    assert info.path != info2.path
+    assert not torch.equal(low.cls, full.cls)
+    again, info3 = extract_features(
+        bf16, data, "query", device="cpu", cache_dir=tmp_path, progress=False
+    )
+    assert info3.cache_hit and info3.path == info.path and torch.equal(again.cls, low.cls)

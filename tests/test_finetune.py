@@ -19,10 +19,20 @@ from torchvision.transforms import v2
 
 from craterlab import train
 from craterlab.errors import ConfigError, DataError
+from craterlab.metrics import evaluate, rank_scores
 from craterlab.registry import Registry
+from craterlab.tokens.pooling import ClsPooling, GeMPooling
 from craterlab.train.augment import make_views
 from craterlab.train.config import validate_train_config
-from craterlab.train.finetune import embed, finetune, finetune_dir
+from craterlab.train.finetune import (
+    best_checkpoint,
+    embed,
+    finetune,
+    finetune_dir,
+    lr_factor,
+    split_validation,
+)
+from craterlab.train.lineage import read_lineage
 from craterlab.train.sampling import pk_batches
 from craterlab.types import Features, ImageRecord
 
@@ -135,6 +145,9 @@ def config(**overrides: object) -> dict[str, object]:
         "steps_per_epoch": 2,
         "augment": "none",
         "embedding": "cls",
+        "schedule": "constant",  # extending a run is then exact (a cosine spans epochs)
+        "warmup": 0.0,
+        "progress": False,
     }
     base.update(overrides)
     return base
@@ -357,3 +370,166 @@ def test_finetune_dir_is_stable_per_run_and_ignores_epochs(tmp_path, registry):
         finetune_dir(tmp_path, config(), TinyBackbone(), TinyDataset(n_ids=3), 0, registry) != key()
     )
     assert key().parent == tmp_path
+
+
+# --------------------------------------------------------------------------- recipe and feedback
+
+
+def test_two_seeded_cpu_runs_give_identical_weights(tmp_path, registry):
+    # The full recipe: warmup + cosine, gradient clipping, augmentation, held-out validation.
+    cfg = config(
+        epochs=2,
+        schedule="cosine",
+        warmup=0.25,
+        grad_clip=0.5,
+        augment="single_crop",
+        val_fraction=0.5,
+    )
+    a = torch.load(run(cfg, tmp_path / "a", registry), weights_only=True)
+    b = torch.load(run(cfg, tmp_path / "b", registry), weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    c = torch.load(
+        finetune(
+            cfg,
+            TinyBackbone(),
+            TinyDataset(),
+            device="cpu",
+            seed=1,
+            out_dir=tmp_path / "c",
+            registry=registry,
+        ),
+        weights_only=True,
+    )
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_an_interrupted_cosine_run_resumes_to_the_uninterrupted_weights(tmp_path, registry):
+    cfg = config(epochs=3, schedule="cosine", warmup=0.2, augment="single_crop")
+    full = torch.load(run(cfg, tmp_path / "full", registry), weights_only=True)
+
+    def crash(epoch: int, metrics: dict[str, float]) -> None:
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, tmp_path / "split", registry, on_epoch_end=crash)
+    resumed = torch.load(run(cfg, tmp_path / "split", registry), weights_only=True)
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine_to_zero():
+    total, warmup = 100, 10
+    factors = [lr_factor(s, total, warmup, "cosine") for s in range(total)]
+    assert factors[:3] == pytest.approx([1 / 11, 2 / 11, 3 / 11])
+    assert factors[warmup] == pytest.approx(1.0)
+    assert factors[55] == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert all(b <= a for a, b in zip(factors[warmup:], factors[warmup + 1 :], strict=False))
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert lr_factor(50, total, 0, "constant") == 1.0
+
+
+def test_every_step_reports_loss_and_scheduled_lr_and_clipped_gradients(tmp_path, registry):
+    steps: list[tuple[int, dict[str, float]]] = []
+    cfg = config(epochs=2, schedule="cosine", warmup=0.25, grad_clip=1e-3)
+    run(cfg, tmp_path, registry, on_step=lambda s, m: steps.append((s, m)))
+    assert [s for s, _ in steps] == [1, 2, 3, 4]
+    total, warm = 4, 1
+    for s, m in steps:
+        assert m["lr"] == pytest.approx(1e-3 * lr_factor(s - 1, total, warm, "cosine"))
+        assert math.isfinite(m["loss"]) and m["grad_norm"] > 0
+
+
+def test_validation_scores_held_out_identities_with_the_frozen_evaluation(tmp_path, registry):
+    dataset = TinyDataset(n_ids=6, per_id=3)
+    records = dataset.records("train")
+    train_idx, split = split_validation(records, 0.5, seed=0)
+    assert split is not None and len(split.identities) == 3
+    held = set(split.identities)
+    assert {records[i].crater_id for i in train_idx}.isdisjoint(held)
+    assert {records[i].crater_id for i in split.images} == held
+    assert len(split.queries) == 3 and len(split.gallery) == 6
+
+    seen: list[tuple[int, dict[str, float]]] = []
+    backbone = TinyBackbone()
+    cfg = config(epochs=2, val_fraction=0.5, val_every=1, batch_size=6, classes_per_batch=3)
+    path = run(
+        cfg,
+        tmp_path,
+        registry,
+        backbone=backbone,
+        dataset=dataset,
+        on_validation=lambda s, m: seen.append((s, m)),
+    )
+    assert [s for s, _ in seen] == [0, 1, 2, 3, 4]
+    assert all(0 <= m["val_mAP"] <= 1 for _, m in seen)
+    # The reported mAP is craterlab.metrics.evaluate on cosine rankings of the held-out slice.
+    model_state = torch.load(path, weights_only=True)
+    backbone.model.load_state_dict(model_state)
+    x = torch.stack([backbone.transform(dataset.load_image(records[i])) for i in split.images])
+    v = torch.nn.functional.normalize(backbone.encode(x).cls, dim=-1)
+    q, g = v[: len(split.queries)], v[len(split.queries) :]
+    expected = evaluate(
+        rank_scores(q @ g.T),
+        [records[i].crater_id for i in split.gallery],
+        [{records[i].crater_id} for i in split.queries],
+    ).metrics["mAP"]
+    assert seen[-1][1]["val_mAP"] == pytest.approx(expected, abs=1e-6)
+    best = best_checkpoint(path)
+    best_step = max(seen[1:], key=lambda sm: sm[1]["val_mAP"])
+    assert best is not None
+    assert read_lineage(best)[-1]["val_mAP"] == pytest.approx(best_step[1]["val_mAP"])
+
+
+def test_the_readme_example_config_is_valid(registry):
+    # README: train=supcon train.augment=single_crop train.batch_size=16 train.epochs=1
+    base = OmegaConf.load(CONF / "supcon.yaml")
+    cfg = validate_train_config(
+        OmegaConf.merge(base, {"augment": "single_crop", "batch_size": 16, "epochs": 1}), registry
+    )
+    assert (cfg.classes, cfg.images_per_class) == (4, 4)
+    assert validate_train_config(OmegaConf.load(CONF / "supcon.yaml"), registry).classes == 16
+
+
+def test_finetune_uses_the_pooling_modules_gem():
+    g = torch.Generator().manual_seed(1)
+    feats = Features(
+        cls=torch.zeros(3, 4), tokens=torch.randn(3, 6, 4, generator=g), attn=None, grid=(2, 3)
+    )
+    assert torch.equal(embed(feats, "gem", 2.5), GeMPooling(p=2.5)(feats))
+    assert torch.equal(embed(feats, "cls"), ClsPooling()(feats))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["supcon", "arcface", "triplet"])
+def test_fine_tuning_from_random_weights_raises_test_map(loss, tmp_path):
+    """It learns: a tiny timm ViT from random weights, fine-tuned on the synthetic train split
+    (identities disjoint from the queries), ranks the test queries clearly better."""
+    from craterlab.backbones import timm_vit
+    from craterlab.data.synthetic import SyntheticCraters
+    from craterlab.train.evaluation import retrieval_metrics
+
+    losses = {
+        "supcon": {"name": "supcon", "temperature": 0.1},
+        "arcface": {"name": "arcface", "scale": 16.0, "margin": 0.2},
+        "triplet": {"name": "triplet", "margin": 0.2},
+    }
+    data = SyntheticCraters(size="small", image_size=64, seed=0)
+
+    def vit(weights: str = "random"):
+        return timm_vit("test_vit", weights=weights, image_size=64, precision="fp32")
+
+    before = retrieval_metrics(vit(), data)["mAP"]
+    cfg = {
+        "name": loss,
+        "loss": losses[loss],
+        "epochs": 8,
+        "lr": 5e-4,
+        "head_lr": 1e-2,
+        "batch_size": 32,
+        "augment": "single_crop",
+        "val_fraction": 0.0,
+        "progress": False,
+    }
+    checkpoint = finetune(cfg, vit(), data, device="cpu", seed=0, out_dir=tmp_path)
+    after = retrieval_metrics(vit(str(checkpoint)), data)["mAP"]
+    assert after > 1.3 * before, (before, after)

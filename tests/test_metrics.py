@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from craterlab.errors import DataError
-from craterlab.metrics import bootstrap_ci, evaluate, rank_scores
+import craterlab.metrics as metrics_module
+from craterlab.errors import ConfigError, DataError
+from craterlab.metrics import (
+    bootstrap_ci,
+    confidence_intervals,
+    evaluate,
+    rank_scores,
+    resolve_depth,
+)
 
 
 def brute_force(indices, gallery_ids, relevant, ks=(1, 5, 10), shortlist=None):
@@ -35,7 +42,45 @@ def brute_force(indices, gallery_ids, relevant, ks=(1, 5, 10), shortlist=None):
     out["mAP"] = sum(aps) / len(aps)
     if shortlist is not None:
         out["R@S"] = sum(rs) / len(rs)
+    out.update(brute_force_alternatives(indices, gallery_ids, relevant, ks))
     return out, aps, excluded
+
+
+def brute_force_alternatives(indices, gallery_ids, relevant, ks):
+    """recall@k, identity-level AP and AP over retrieved relevant images, one query at a time."""
+    recall = {k: [] for k in ks}
+    ap_identity, ap_retrieved = [], []
+    for q, rel in enumerate(relevant):
+        n_rel = sum(1 for g in gallery_ids if g in rel)
+        if n_rel == 0:
+            continue
+        ranked = [int(i) for i in indices[q] if i >= 0]
+        flags = [gallery_ids[i] in rel for i in ranked]
+        for k in ks:
+            recall[k].append(sum(flags[:k]) / n_rel)
+        # AP over the relevant images that the list retrieved
+        found, total = 0, 0.0
+        for rank, flag in enumerate(flags, start=1):
+            if flag:
+                found += 1
+                total += found / rank
+        ap_retrieved.append(total / found if found else 0.0)
+        # identity level: the list of distinct craters in order of first appearance
+        craters = []
+        for i in ranked:
+            if gallery_ids[i] not in craters:
+                craters.append(gallery_ids[i])
+        n_ids = len({g for g in gallery_ids if g in rel})
+        found, total = 0, 0.0
+        for rank, crater in enumerate(craters, start=1):
+            if crater in rel:
+                found += 1
+                total += found / rank
+        ap_identity.append(total / n_ids)
+    out = {f"recall@{k}": sum(v) / len(v) for k, v in recall.items()}
+    out["mAP_identity"] = sum(ap_identity) / len(ap_identity)
+    out["mAP_retrieved"] = sum(ap_retrieved) / len(ap_retrieved)
+    return out
 
 
 def random_case(seed, nq=40, ng=60, n_ids=15, depth=20):
@@ -63,7 +108,60 @@ def test_matches_brute_force(seed):
     assert res.excluded.tolist() == excluded
     assert res.metrics["excluded"] == len(excluded)
     assert res.metrics["queries"] == len(relevant) - len(excluded)
-    assert set(res.metrics) == {"R@1", "R@5", "R@10", "mAP", "R@S", "queries", "excluded"}
+    assert set(res.metrics) == {
+        *("R@1", "R@5", "R@10", "mAP", "R@S", "queries", "excluded"),
+        *("recall@1", "recall@5", "recall@10", "mAP_identity", "mAP_retrieved"),
+    }
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chunked_evaluation_equals_one_chunk(seed, monkeypatch):
+    indices, gallery_ids, relevant, _ = random_case(seed, depth=60)
+    whole = evaluate(indices, gallery_ids, relevant, shortlist=indices[:, :5])
+    monkeypatch.setattr(metrics_module, "_CHUNK_CELLS", 7 * 60)  # 7 queries per chunk
+    chunked = evaluate(indices, gallery_ids, relevant, shortlist=indices[:, :5])
+    assert chunked.metrics == whole.metrics
+    for key, values in whole.per_query.items():
+        np.testing.assert_array_equal(chunked.per_query[key], values, err_msg=key)
+
+
+def test_alternative_definitions_on_a_worked_example():
+    # gallery: craters 0, 0, 1, 2, 1 ; the query is relevant to craters 0 and 2 (3 images)
+    gallery_ids = np.array([0, 0, 1, 2, 1])
+    ranked = np.array([[2, 0, 4, 1, 3]])  # crater order 1, 0, 1, 0, 2
+    res = evaluate(ranked, gallery_ids, [{0, 2}], ks=(1, 2))
+    # standard AP: hits at ranks 2, 4, 5 over 3 relevant images
+    assert res.metrics["mAP"] == pytest.approx((1 / 2 + 2 / 4 + 3 / 5) / 3)
+    # retrieved-only AP of the top 4: hits at 2, 4 over the 2 found (not the 3 relevant)
+    top4 = evaluate(ranked[:, :4], gallery_ids, [{0, 2}])
+    assert top4.metrics["mAP_retrieved"] == pytest.approx((1 / 2 + 2 / 4) / 2)
+    # identity level: crater list 1, 0, 2 -> hits at 2 and 3 over 2 relevant craters
+    assert res.metrics["mAP_identity"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert res.metrics["recall@2"] == pytest.approx(1 / 3)
+    assert res.metrics["R@2"] == 1.0
+
+
+def test_resolve_depth():
+    assert resolve_depth("all", 500) == 500
+    assert resolve_depth(None, 500) == 500
+    assert resolve_depth(100, 500) == 100
+    assert resolve_depth("1000", 500) == 500
+    for bad in ("most", 0, -3, 2.5):
+        with pytest.raises(ConfigError, match=r"depth=.* is not a ranked-list length"):
+            resolve_depth(bad, 500)
+
+
+def test_confidence_intervals_of_map_and_r_at_1():
+    indices, gallery_ids, relevant, _ = random_case(0, nq=200)
+    res = evaluate(indices, gallery_ids, relevant)
+    ci = confidence_intervals(res, n_resamples=300, seed=0)
+    assert ci["mAP_ci_low"] <= res.metrics["mAP"] <= ci["mAP_ci_high"]
+    assert ci["R@1_ci_low"] <= res.metrics["R@1"] <= ci["R@1_ci_high"]
+    # the R@1 interval is the bootstrap of the per-query hits, computed independently here
+    hits = np.array(
+        [1.0 if gallery_ids[indices[q, 0]] in relevant[q] else 0.0 for q in res.evaluated]
+    )
+    assert (ci["R@1_ci_low"], ci["R@1_ci_high"]) == bootstrap_ci(hits, n_resamples=300, seed=0)
 
 
 def test_rank_scores_breaks_ties_by_gallery_index():

@@ -1,23 +1,37 @@
-"""Plugin hooks: every registration hook, the observers, loud failures, entry points."""
+"""Plugin hooks: every registration hook, commands, observers, broken plugins, entry points,
+the documented contract (docs/plugins.md) and what ``craterlab`` exports."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import types
+from importlib.metadata import EntryPoint
 from pathlib import Path
 
 import pluggy
 import pytest
 
-from craterlab import hookspecs
-from craterlab.hookspecs import hookimpl
-from craterlab.plugins import DEFAULT_PLUGINS, REGISTER_HOOKS, fill_registry, make_manager
+import craterlab
+from craterlab import __main__ as cli
+from craterlab import hookimpl, hookspecs, plugins
+from craterlab.commands import plugins_command
+from craterlab.plugins import (
+    DEFAULT_PLUGINS,
+    REGISTER_HOOKS,
+    fill_commands,
+    fill_registry,
+    hook_names,
+    make_manager,
+)
 from craterlab.registry import KINDS
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "plugins" / "craterlab-center"
+EXAMPLES = [ROOT / "plugins" / "craterlab-center", ROOT / "plugins" / "craterlab-qe"]
+DOCS = ROOT / "docs" / "plugins.md"
 
 
 def make_component(k: int = 1) -> int:
@@ -27,9 +41,6 @@ def make_component(k: int = 1) -> int:
 
 class EveryKind:
     """A plugin registering one component of every kind."""
-
-    def __getattr__(self, name: str):  # pragma: no cover - pluggy only asks for hook names
-        raise AttributeError(name)
 
 
 for _hook, _kind in REGISTER_HOOKS.items():
@@ -62,71 +73,325 @@ def test_builtins_are_plugins_registered_like_third_party_ones() -> None:
     names = {name for name, _ in pm.list_name_plugin()}
     assert set(DEFAULT_PLUGINS) <= names
     registry = fill_registry(pm)
-    plugins = {c.plugin for c in registry}
-    assert plugins <= set(DEFAULT_PLUGINS)
+    assert {c.plugin for c in registry} <= set(DEFAULT_PLUGINS)
     for kind in KINDS:
         assert registry.names(kind), f"no built-in {kind}"
+    commands = fill_commands(pm)
+    assert {"cache", "dataset", "plugins"} <= set(commands)
+    assert commands["plugins"].plugin == "craterlab.commands"
 
 
-def test_misspelled_hook_fails_loudly() -> None:
-    class Typo:
-        @hookimpl
-        def register_pooling(self, register):  # missing the 's'
-            register("x", make_component)
+def test_a_builtin_with_a_misspelled_hook_fails_loudly(monkeypatch) -> None:
+    module = types.ModuleType("craterlab_typo_builtin")
 
-    pm = make_manager(load_entry_points=False)
-    pm.register(Typo(), name="typo")
+    @hookimpl
+    def register_pooling(register):  # missing the 's'
+        register("x", make_component)
+
+    module.register_pooling = register_pooling
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(plugins, "DEFAULT_PLUGINS", (*DEFAULT_PLUGINS, module.__name__))
     with pytest.raises(pluggy.PluginValidationError, match="register_pooling"):
-        pm.check_pending()
+        make_manager(load_entry_points=False)
 
 
-def test_observer_hooks_are_called_with_config_and_results() -> None:
+def test_observer_hooks_are_called_with_config_results_and_tracker() -> None:
     calls = []
 
     class Observer:
         @hookimpl
-        def run_started(self, config, run_dir):
-            calls.append(("started", config["k"], run_dir))
+        def run_started(self, config, run_dir, tracker):
+            calls.append(("started", config["k"], run_dir, tracker))
 
         @hookimpl
-        def run_finished(self, config, run_dir, results):
+        def run_finished(self, run_dir, results):  # any subset of the arguments
             calls.append(("finished", results["single"]["mAP"], run_dir))
 
     pm = make_manager(load_entry_points=False)
     pm.register(Observer())
-    pm.hook.run_started(config={"k": 8}, run_dir="d")
-    pm.hook.run_finished(config={"k": 8}, run_dir="d", results={"single": {"mAP": 0.5}})
-    assert calls == [("started", 8, "d"), ("finished", 0.5, "d")]
+    pm.hook.run_started(config={"k": 8}, run_dir="d", tracker="T")
+    pm.hook.run_finished(config={"k": 8}, run_dir="d", results={"single": {"mAP": 0.5}}, tracker=0)
+    assert calls == [("started", 8, "d", "T"), ("finished", 0.5, "d")]
+
+
+# ------------------------------------------------------------------ broken plugins
+
+
+def fake_plugin(monkeypatch, module_name: str, **hooks) -> EntryPoint:
+    """A module in sys.modules with the given hook implementations, and its entry point."""
+    module = types.ModuleType(module_name)
+    for name, fn in hooks.items():
+        fn.__name__ = name
+        setattr(module, name, hookimpl(fn))
+    monkeypatch.setitem(sys.modules, module_name, module)
+    return EntryPoint(module_name.replace("_", "-"), module_name, "craterlab")
+
+
+def good_selector(register):
+    register("good_selector", make_component, "from a working plugin")
+
+
+@pytest.mark.parametrize(
+    ("hooks", "hook", "problem", "fix"),
+    [
+        (
+            {"register_pooling": lambda register: None},
+            "register_pooling",
+            "craterlab defines no hook 'register_pooling'. Did you mean 'register_poolings'?",
+            "rename the function to one of the hooks in docs/plugins.md",
+        ),
+        (
+            {"register_selectors": lambda reg: None},
+            "register_selectors",
+            "it takes argument(s) reg, but the hook passes only register.",
+            "rename its parameters",
+        ),
+        (
+            {"register_selectors": lambda register: 1 / 0},
+            "register_selectors",
+            "it raised ZeroDivisionError: division by zero.",
+            "fix the plugin's register_selectors",
+        ),
+        (
+            {"register_selectors": lambda register: register("attention", make_component)},
+            "register_selectors",
+            "selector 'attention' is already registered by 'craterlab.tokens'.",
+            "rename its component",
+        ),
+        (
+            {"register_commands": lambda register: register("k=3", make_component)},
+            "register_commands",
+            "command name 'k=3' is not a lowercase word",
+            "fix the plugin's register_commands: command names never contain '='",
+        ),
+    ],
+)
+def test_broken_plugin_is_named_and_the_others_keep_working(
+    monkeypatch, hooks, hook: str, problem: str, fix: str
+) -> None:
+    broken = fake_plugin(monkeypatch, "craterlab_broken", **hooks)
+    good = fake_plugin(monkeypatch, "craterlab_good", register_selectors=good_selector)
+    pm = make_manager(load_entry_points=True, entry_points=[broken, good])
+    registry = fill_registry(pm)
+    fill_commands(pm)
+    assert "good_selector" in registry.names("selector")
+    assert [b.name for b in pm.broken] == ["craterlab-broken"]
+    message = pm.broken[0].message()
+    assert message.startswith(
+        "Plugin 'craterlab-broken' (entry point 'craterlab: craterlab-broken = craterlab_broken') "
+        f"is broken and was skipped in hook {hook!r}: "
+    )
+    assert problem in message and f"Fix: {fix}" in message
+    assert "\n" not in message
+    assert not pm.has_plugin("craterlab-broken")  # none of its hooks is called any more
+
+
+def test_plugin_that_fails_to_import_is_named(monkeypatch) -> None:
+    missing = EntryPoint("ghost", "craterlab_ghost_module_xyz", "craterlab")
+    good = fake_plugin(monkeypatch, "craterlab_good", register_selectors=good_selector)
+    pm = make_manager(load_entry_points=True, entry_points=[missing, good])
+    assert "good_selector" in fill_registry(pm).names("selector")
+    (broken,) = pm.broken
+    assert broken.hook == ""
+    assert (
+        "Plugin 'ghost' (entry point 'craterlab: ghost = craterlab_ghost_module_xyz') is broken "
+        "and was skipped: importing 'craterlab_ghost_module_xyz' failed with "
+        "ModuleNotFoundError: No module named 'craterlab_ghost_module_xyz'." in broken.message()
+    )
+
+
+def test_plugins_command_lists_broken_plugins(monkeypatch, capsys) -> None:
+    broken = fake_plugin(monkeypatch, "craterlab_typo", register_pooling=lambda register: None)
+    good = fake_plugin(monkeypatch, "craterlab_good", register_selectors=good_selector)
+    monkeypatch.setattr(plugins, "installed_entry_points", lambda: [broken, good])
+    monkeypatch.setenv("CRATERLAB_LOAD_PLUGINS", "1")
+    plugins.reset()
+    try:
+        assert plugins_command([]) == 0
+        text = capsys.readouterr().out
+        assert "craterlab-typo  [BROKEN]" in text
+        assert "Did you mean 'register_poolings'?" in text
+        assert re.search(r"craterlab-good\n  selector +good_selector +from a working plugin", text)
+        assert plugins_command(["--json"]) == 0
+        rows = json.loads(capsys.readouterr().out)
+        assert {k: v for k, v in rows[-1].items() if k != "description"} == {
+            "plugin": "craterlab-typo",
+            "kind": "broken",
+            "name": "register_pooling",
+        }
+    finally:
+        plugins.reset()
 
 
 @pytest.fixture(scope="module")
-def installed_example(tmp_path_factory) -> dict[str, str]:
-    """The example plugin package installed into a private target directory."""
+def fake_dist(tmp_path_factory) -> Path:
+    """A broken plugin 'installed' as a dist-info folder on sys.path (misspelled hook)."""
+    site = tmp_path_factory.mktemp("site")
+    (site / "craterlab_typo.py").write_text(
+        "from craterlab import hookimpl\n\n\n@hookimpl\ndef register_selector(register):\n"
+        "    pass\n"
+    )
+    info = site / "craterlab_typo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: craterlab-typo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[craterlab]\ntypo = craterlab_typo\n")
+    return site
+
+
+def test_installed_broken_plugin_shows_in_the_plugins_command(fake_dist: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake_dist), str(ROOT)]))
+    env.pop("CRATERLAB_LOAD_PLUGINS", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "craterlab", "plugins"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "typo  [BROKEN]" in result.stdout
+    assert (
+        "Plugin 'typo' (entry point 'craterlab: typo = craterlab_typo' of package "
+        "craterlab-typo 0.1) is broken and was skipped in hook 'register_selector': craterlab "
+        "defines no hook 'register_selector'. Did you mean 'register_selectors'?"
+    ) in result.stdout
+    assert "craterlab.tokens" in result.stdout  # the built-ins are still listed
+
+
+# ------------------------------------------------------------------ the command line
+
+
+def run_main(monkeypatch, capsys, *argv: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["craterlab", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def test_help_lists_commands_and_how_to_run(monkeypatch, capsys) -> None:
+    code, out, _ = run_main(monkeypatch, capsys, "--help")
+    assert code == 0
+    for name in ("cache", "dataset", "plugins"):
+        assert re.search(rf"^  {name} +\S", out, re.M), name
+    assert "python -m craterlab backbone=dinov2_s14 aggregator=instance k=64" in out
+    assert re.search(r"^  selector: .*attention", out, re.M)
+
+
+def test_unknown_command_is_one_line(monkeypatch, capsys) -> None:
+    code, out, err = run_main(monkeypatch, capsys, "plugin")
+    assert code == 2
+    known = ", ".join(sorted(plugins.get_commands()))
+    assert {"cache", "dataset", "plugins"} <= set(plugins.get_commands())
+    assert err.strip().splitlines() == [
+        f"Error: Unknown command 'plugin'. Did you mean 'plugins'? Commands: {known}. To run "
+        "an experiment, pass overrides as KEY=VALUE (python -m craterlab aggregator=instance "
+        "k=64); python -m craterlab --help shows both."
+    ]
+    assert "EQUAL" not in err
+
+
+def test_command_after_overrides_is_refused(monkeypatch, capsys) -> None:
+    code, _, err = run_main(monkeypatch, capsys, "k=3", "plugins")
+    assert code == 2 and "'plugins' is a command: put it first" in err
+
+
+def test_hydra_flags_and_their_values_are_not_commands() -> None:
+    argv = ["-m", "--cfg", "job", "-cn", "config", "--info", "searchpath", "k=3", "~tracking"]
+    assert cli.bare_words(argv) == []
+    assert cli.bare_words(["k=3", "report", "--cfg", "job"]) == [(1, "report")]
+
+
+def test_a_plugin_command_runs_from_the_command_line(monkeypatch, capsys) -> None:
+    def hello(args: list[str]) -> int:
+        """Say hello."""
+        print("hello", *args)
+        return 3
+
+    ep = fake_plugin(
+        monkeypatch, "craterlab_hello", register_commands=lambda register: register("hello", hello)
+    )
+    monkeypatch.setattr(plugins, "installed_entry_points", lambda: [ep])
+    monkeypatch.setenv("CRATERLAB_LOAD_PLUGINS", "1")
+    plugins.reset()
+    try:
+        code, out, _ = run_main(monkeypatch, capsys, "hello", "crater", "k=1")
+        assert (code, out) == (3, "hello crater k=1\n")
+        _, out, _ = run_main(monkeypatch, capsys, "--help")
+        assert re.search(r"^  hello +Say hello\.$", out, re.M)
+    finally:
+        plugins.reset()
+
+
+# ------------------------------------------------------------------ docs and exports
+
+
+def doc_sections() -> dict[str, str]:
+    text = DOCS.read_text()
+    parts = re.split(r"^### `([a-z_]+)`\n", text, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+@pytest.mark.parametrize("hook", hook_names())
+def test_every_hook_is_documented_with_an_example(hook: str) -> None:
+    sections = doc_sections()
+    assert hook in sections, f"docs/plugins.md has no '### `{hook}`' section"
+    section = sections[hook]
+    assert "Called" in section, f"{hook}: say when it is called"
+    assert "Arguments" in section, f"{hook}: name its arguments"
+    assert "```python" in section and f"def {hook}(" in section, f"{hook}: give an example"
+    assert f"[`{hook}`](#{hook})" in DOCS.read_text(), f"{hook}: missing from the hooks table"
+
+
+def test_docs_document_no_hook_that_does_not_exist() -> None:
+    assert set(doc_sections()) <= set(hook_names())
+
+
+def test_craterlab_exports_what_a_plugin_needs() -> None:
+    for name in craterlab.__all__:
+        assert getattr(craterlab, name) is not None, name
+    assert craterlab.hookimpl is hookspecs.hookimpl
+    from craterlab.types import RetrievalInputs
+
+    assert craterlab.RetrievalInputs is RetrievalInputs
+    selector = craterlab.build("selector", {"name": "norm", "k": 2})
+    assert selector.k == 2
+    import craterlab.run as run_module
+
+    assert craterlab.run is run_module and callable(craterlab.run)
+    assert run_module.run.__module__ == "craterlab.run"
+
+
+def test_import_craterlab_is_cheap() -> None:
+    code = (
+        "import sys, craterlab\n"
+        "print(sorted(m for m in ('torch', 'hydra', 'pluggy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------ the example packages
+
+
+@pytest.fixture(scope="module")
+def installed_examples(tmp_path_factory) -> dict[str, str]:
+    """The example plugin packages installed into a private target directory."""
     target = tmp_path_factory.mktemp("site")
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(EXAMPLE),
-        ],
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"]
+        + ["--target", str(target), *map(str, EXAMPLES)],
         check=True,
         capture_output=True,
     )
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(ROOT)]))
+    env.pop("CRATERLAB_LOAD_PLUGINS", None)
     return env
 
 
-def test_example_plugin_is_listed_once_installed(installed_example) -> None:
+def test_example_plugins_are_listed_once_installed(installed_examples) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "craterlab", "plugins", "--json"],
-        env=installed_example,
+        env=installed_examples,
         capture_output=True,
         text=True,
         check=True,
@@ -138,14 +403,41 @@ def test_example_plugin_is_listed_once_installed(installed_example) -> None:
         "name": "center",
         "description": "K patch tokens nearest the crop centre (example plugin)",
     } in rows
+    assert any(r["plugin"] == "qe" and (r["kind"], r["name"]) == ("stage", "qe") for r in rows)
+    assert not [r for r in rows if r["kind"] == "broken"]
 
 
-def test_example_plugin_own_tests_pass(installed_example) -> None:
+def test_example_plugins_own_tests_pass(installed_examples) -> None:
+    """Both packages' tests (craterlab.testing contract checks included), in one pytest."""
+    tests = [str(example / "tests") for example in EXAMPLES]
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(EXAMPLE / "tests")],
-        env=installed_example,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *tests],
+        env=installed_examples,
         capture_output=True,
         text=True,
-        cwd=EXAMPLE,
+        cwd=ROOT / "plugins",
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"\b9 passed", result.stdout), result.stdout
+
+
+def test_register_passes_schema_through(monkeypatch) -> None:
+    """``register(name, factory, description, schema)``: a dataclass schema gives the keys."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Options:
+        size: int = 2
+        mode: str = "a"
+
+    def factory(**options):
+        return Options(**options)
+
+    ep = fake_plugin(
+        monkeypatch,
+        "craterlab_schema",
+        register_poolings=lambda register: register("opts", factory, "with a schema", Options),
+    )
+    registry = fill_registry(make_manager(load_entry_points=True, entry_points=[ep]))
+    assert [p.name for p in registry.get("pooling", "opts").params] == ["size", "mode"]
+    assert registry.build("pooling", {"name": "opts", "size": 5}) == Options(5, "a")

@@ -9,12 +9,19 @@ import torch
 from omegaconf import OmegaConf
 
 from craterlab.errors import ConfigError, DataError
-from craterlab.matching import LateInteraction, late_interaction_score
 from craterlab.plugins import get_registry
-from craterlab.quantization import Fp32Quantizer, Int8Quantizer
-from craterlab.retrieval import GalleryIndex, VectorIndex
+from craterlab.retrieval import (
+    Fp32Quantizer,
+    GalleryIndex,
+    Int8Quantizer,
+    LateInteraction,
+    Stage1Settings,
+    VectorIndex,
+)
+from craterlab.retrieval.late_interaction import late_interaction
+from craterlab.retrieval.timing import single_query_latencies, timed_blocks
 from craterlab.testing import random_tokens
-from craterlab.types import RetrievalInputs, Tokens
+from craterlab.types import Ranking, RetrievalInputs, StageReport, Tokens
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "retrieval"
 
@@ -46,17 +53,22 @@ def test_single_equals_brute_force(index: str) -> None:
     assert torch.equal(r.indices, ref.indices)
     torch.testing.assert_close(r.scores, ref.values)
     assert len(r.timings_ms["stage1"]) == 8 and r.extra["index_bytes"] > 0
+    assert r.report.bytes_per_image == r.extra["index_bytes"] / 60
+    assert r.report.stage1 == {"index": index, "nprobe": None, "ef_search": None, "device": "auto"}
 
 
 def test_exhaustive_equals_brute_force_in_small_blocks() -> None:
     inp = inputs()
-    ref = late_interaction_score(inp.query_tokens, inp.gallery_store.decode()).topk(10, dim=1)
+    ref = late_interaction(inp.query_tokens, inp.gallery_store.decode()).topk(10, dim=1)
     r = build({"name": "exhaustive", "block": 3}).search(inp)
     assert torch.equal(r.indices, ref.indices)
-    assert len(r.timings_ms["exhaustive"]) == 8 and r.extra["bytes_per_image"] == 5 * 16 * 4
+    assert len(r.timings_ms["exhaustive"]) == 8 and r.report.bytes_per_image == 5 * 16 * 4
+    assert r.report.reference and not r.report.recovers_reference and r.report.stage1 is None
 
 
-@pytest.mark.parametrize("quantizer", [Fp32Quantizer(), Int8Quantizer()])
+@pytest.mark.parametrize(
+    "quantizer", [Fp32Quantizer(), Int8Quantizer(), Int8Quantizer(scale="image")]
+)
 def test_two_stage_with_full_shortlist_equals_exhaustive(quantizer) -> None:  # noqa: ANN001
     inp = inputs(depth=20, quantizer=quantizer)
     two = build({"name": "two_stage", "shortlist": 60, "block": 5}).search(inp)
@@ -64,6 +76,9 @@ def test_two_stage_with_full_shortlist_equals_exhaustive(quantizer) -> None:  # 
     assert torch.equal(two.indices, exh.indices)
     torch.testing.assert_close(two.scores, exh.scores)
     assert two.shortlist.shape == (8, 60)
+    store_bytes = inp.gallery_store.bytes_per_image()
+    assert two.report.bytes_per_image == two.extra["index_bytes"] / 60 + store_bytes
+    assert two.report.recovers_reference and not two.report.reference
 
 
 def test_two_stage_reranks_the_shortlist_and_keeps_stage1_tail() -> None:
@@ -75,6 +90,36 @@ def test_two_stage_reranks_the_shortlist_and_keeps_stage1_tail() -> None:
     assert torch.equal(r.indices[:, 5:], s1[:, 5:])
     assert (r.scores[:, 1:] <= r.scores[:, :-1]).all()  # best first throughout
     assert set(r.timings_ms) >= {"stage1", "rerank", "total", "rerank_single"}
+    rep = r.report
+    assert set(rep.latency_ms) == {"stage1", "rerank", "total"}
+    assert rep.latency_ms["total"] == [
+        a + b for a, b in zip(rep.latency_ms["stage1"], rep.latency_ms["rerank"], strict=True)
+    ]
+    metrics = rep.metrics()
+    assert metrics["ms_per_query"] == pytest.approx(sum(rep.latency_ms["total"]) / 8)
+    assert {"latency_rerank_single_p50_ms", "latency_total_p95_ms", "bytes_per_image"} <= set(
+        metrics
+    )
+
+
+def test_report_of_a_stage_that_only_fills_timings() -> None:
+    """Third-party stages that set only ``timings_ms`` still get a report (sum of part means)."""
+    r = Ranking(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1))
+    r.timings_ms = {"a": [1.0, 3.0], "b": [2.0, 2.0], "a_single": [5.0]}
+    rep = r.stage_report(default_bytes=12.0)
+    assert rep.latency_ms["total"] == [4.0, 4.0] and rep.single_latency_ms == {"a": [5.0]}
+    assert rep.metrics()["bytes_per_image"] == 12.0
+    assert rep.metrics()["latency_a_single_p50_ms"] == 5.0
+    assert StageReport(1.0).metrics()["ms_per_query"] != StageReport(1.0).metrics()["ms_per_query"]
+
+
+def test_timed_blocks_charge_each_query_its_blocks_share() -> None:
+    calls: list[tuple[int, int]] = []
+    lat = timed_blocks(7, 3, lambda q0, q1: calls.append((q0, q1)))
+    assert calls == [(0, 3), (3, 6), (6, 7)] and len(lat) == 7
+    assert lat[0] == lat[1] == lat[2] and all(x >= 0 for x in lat)
+    seen: list[int] = []
+    assert len(single_query_latencies(seen.append, 5, 3)) == 3 and seen == [0, 1, 2]
 
 
 def test_approximate_indexes_and_their_knobs() -> None:
@@ -90,18 +135,30 @@ def test_approximate_indexes_and_their_knobs() -> None:
         VectorIndex("Flat", nprobe=3).build(g)
     with pytest.raises(ConfigError, match="index_factory"):
         VectorIndex("NotAnIndex").build(g)
+    with pytest.raises(DataError, match="16-dimensional"):
+        VectorIndex("Flat").build(g).search(torch.randn(2, 8), 1)
+    settings = Stage1Settings("HNSW16", ef_search=64, device="cpu")
+    assert settings.make().settings == settings
+    assert Stage1Settings.from_dict({**settings.as_dict(), "other": 1}) == settings
 
 
 def test_gallery_index_save_load_round_trip(tmp_path: Path) -> None:
     g, q, gv, qv = data()
     ids = [f"crater-{i:03d}" for i in range(60)]
-    index = GalleryIndex(ids, gv, Int8Quantizer().encode(g), index="HNSW16", device="cpu")
+    built_by = {"backbone": "vit_small_patch16_224.dino", "tokens": "instance", "k": 5}
+    index = GalleryIndex(
+        ids, gv, Int8Quantizer().encode(g), index="HNSW16", ef_search=48, device="cpu",
+        metadata=built_by,
+    )  # fmt: skip
     before = {
         m: index.search(qv, q, mode=m, shortlist=10, depth=5)
         for m in ("single", "two_stage", "exhaustive")
     }
     index.save(tmp_path / "idx")
     loaded = GalleryIndex.load(tmp_path / "idx")
+    assert loaded.stage1 == Stage1Settings("HNSW16", None, 48, "cpu")
+    assert loaded.vindex.faiss_index.hnsw.efSearch == 48  # the knob is applied after loading
+    assert loaded.metadata == built_by
     for mode, res in before.items():
         after = loaded.search(qv, q, mode=mode, shortlist=10, depth=5)
         assert after.ids == res.ids
@@ -111,6 +168,49 @@ def test_gallery_index_save_load_round_trip(tmp_path: Path) -> None:
         GalleryIndex.load(tmp_path / "missing")
     with pytest.raises(ConfigError, match="tokens"):
         GalleryIndex(ids, gv).search(qv, mode="exhaustive")
+
+
+def test_gallery_index_memory_maps_its_token_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mmap=True pages the codes from disk and answers exactly as the in-memory load does."""
+    import numpy as np
+
+    g, q, gv, qv = data()
+    index = GalleryIndex([str(i) for i in range(60)], gv, Int8Quantizer().encode(g))
+    index.save(tmp_path / "idx")
+    in_memory = GalleryIndex.load(tmp_path / "idx")
+    fromfile = np.fromfile
+
+    def no_store_reads(file, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        assert "store" not in Path(file).parts, f"{file} was read into memory, not mapped"
+        return fromfile(file, *args, **kwargs)
+
+    monkeypatch.setattr(np, "fromfile", no_store_reads)
+    mapped = GalleryIndex.load(tmp_path / "idx", mmap=True, verify=False)
+    monkeypatch.undo()
+    codes = mapped.store.payload["codes"]
+    for mode in ("two_stage", "exhaustive"):
+        a = in_memory.search(qv, q, mode=mode, shortlist=10, depth=5)
+        b = mapped.search(qv, q, mode=mode, shortlist=10, depth=5)
+        assert a.ids == b.ids
+        assert torch.equal(a.ranking.scores, b.ranking.scores)
+    before = (tmp_path / "idx" / "store" / "codes.bin").read_bytes()
+    codes.zero_()  # copy-on-write: the file on disk is never written through the map
+    assert (tmp_path / "idx" / "store" / "codes.bin").read_bytes() == before
+
+
+def test_gallery_index_names_a_query_dimension_mismatch() -> None:
+    g, q, gv, qv = data()
+    index = GalleryIndex(
+        [str(i) for i in range(60)], gv, Fp32Quantizer().encode(g), metadata={"backbone": "b"}
+    )
+    with pytest.raises(DataError, match=r"16-dimensional vectors \(built by backbone=b\)"):
+        index.search(torch.randn(3, 8), mode="single")
+    with pytest.raises(DataError, match="16-dimensional tokens"):
+        index.search(qv, Tokens(torch.randn(8, 4, 12)), mode="two_stage")
+    with pytest.raises(DataError, match="one token set per query"):
+        index.search(qv, q[:3], mode="exhaustive")
 
 
 def test_retrieval_configs_have_the_run_shape() -> None:

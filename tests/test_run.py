@@ -7,10 +7,12 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import CONF, ROOT, TINY
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
+from craterlab.devices import resolve_precision
 from craterlab.errors import ConfigError, UnknownComponentError
 from craterlab.registry import KINDS
 from craterlab.run import run
@@ -46,7 +48,7 @@ def test_every_mode_reports_every_metric(default_run) -> None:
         assert 0.0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 1.0
     assert "R@S" in result.results["two_stage"]
     assert result.storage["tokens_per_image"] == 8  # k=8
-    assert result.storage["token_bytes_per_image"] == 8 * 384 * 4  # fp32
+    assert result.storage["token_bytes_per_image"] == 8 * 64 * 4  # fp32, test_vit's dim 64
 
 
 def test_untrained_weights_are_declared(default_run) -> None:
@@ -62,10 +64,12 @@ def test_mlflow_records_config_metrics_and_artifacts(default_run) -> None:
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (mlrun,) = client.search_runs(client.get_experiment_by_name("craterlab").experiment_id)
     assert mlrun.data.params["aggregator.k"] == "8"
-    assert mlrun.data.params["backbone.model"] == "vit_small_patch16_224"
-    assert mlrun.data.tags["craterlab.backbone"] == "vit_small_patch16_224"
+    assert mlrun.data.params["backbone.model"] == "test_vit"
+    assert mlrun.data.tags["craterlab.backbone"] == "test_vit"
+    # the forward precision actually used (precision=auto resolved on this machine)
+    assert mlrun.data.tags["craterlab.precision"] == resolve_precision("auto", torch.device("cpu"))
     assert mlrun.data.tags["craterlab.tokens"] == "instance"
-    assert mlrun.info.run_name == "synthetic vit_small_patch16_224 instance k=8"
+    assert mlrun.info.run_name == "synthetic test_vit instance k=8"
     metrics = mlrun.data.metrics
     for mode in ("single", "exhaustive", "two_stage"):
         assert metrics[f"{mode}/mAP"] == pytest.approx(result.results[mode]["mAP"])
@@ -151,6 +155,8 @@ def test_file_datasets_run_end_to_end(source: str, tmp_path) -> None:
             config_name="config",
             overrides=[
                 *dataset,
+                "backbone.model=test_vit",
+                "backbone.pretrained_tag=r160_in1k",
                 "backbone.weights=random",
                 "k=4",
                 "shortlist=3",

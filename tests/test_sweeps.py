@@ -1,4 +1,6 @@
-"""A Hydra multirun in a subprocess: one MLflow run per job, grouped under a sweep run."""
+"""A Hydra multirun in a subprocess: one MLflow run per job, grouped under a sweep run.
+
+Slow (four runs in a fresh interpreter): ``make test-slow``, CI's second step."""
 
 from __future__ import annotations
 
@@ -6,10 +8,12 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import TINY
 from mlflow.tracking import MlflowClient
 
 
+@pytest.mark.slow
 def test_multirun_logs_one_child_run_per_job(tmp_path) -> None:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = dict(os.environ, HF_HUB_OFFLINE="1", CRATERLAB_CACHE=str(tmp_path / "cache"))

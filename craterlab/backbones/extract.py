@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from craterlab.cache import FeatureCache, entry_key, entry_name
+from craterlab.data.base import listing
 from craterlab.devices import resolve_device
+from craterlab.errors import CraterlabError, DataError
 from craterlab.types import Backbone, CraterDataset, Features, ImageRecord
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,20 @@ class ExtractInfo:
         return self.computed / self.seconds if self.seconds > 0 and self.computed else 0.0
 
 
+@dataclass
+class BadImage:
+    """An image the dataset could not decode: which one and the dataset's message."""
+
+    image_id: str
+    message: str
+
+
 class RecordImages(Dataset):
-    """Records -> transformed image tensors (runs in DataLoader workers)."""
+    """Records -> transformed image tensors (runs in DataLoader workers).
+
+    An image the dataset cannot decode (its CraterlabError) comes back as a :class:`BadImage`
+    instead of stopping the worker, so one pass can report every bad image of the split.
+    """
 
     def __init__(self, dataset: CraterDataset, records: Sequence[ImageRecord], transform: Any):
         self.dataset = dataset
@@ -52,8 +66,39 @@ class RecordImages(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(self.dataset.load_image(self.records[i]))
+    def __getitem__(self, i: int) -> torch.Tensor | BadImage:
+        record = self.records[i]
+        try:
+            image = self.dataset.load_image(record)
+        except CraterlabError as exc:
+            return BadImage(record.image_id, str(exc))
+        return self.transform(image)
+
+
+@dataclass
+class BadBatch:
+    """A batch holding undecodable images: its size and the bad ones."""
+
+    size: int
+    bad: list[BadImage]
+
+
+def collate_images(items: list[torch.Tensor | BadImage]) -> torch.Tensor | BadBatch:
+    """A batch tensor, or a BadBatch when any of its images could not be decoded."""
+    bad = [x for x in items if isinstance(x, BadImage)]
+    return BadBatch(len(items), bad) if bad else default_collate(items)
+
+
+def bad_images_error(bad: Sequence[BadImage], where: str, total: int) -> DataError:
+    """All images of a split that failed to decode, in one message."""
+    lines = [b.message.replace("\n", " ") for b in bad]
+    return DataError(
+        f"{len(bad)} of {total} images of {where} could not be decoded (nothing was encoded "
+        "after the first; features computed before it are kept for the next run):"
+        f"{listing(lines)}\nReplace or remove these images. File datasets read every image "
+        "header up front (dataset.check_files=true) and can leave bad ones out with "
+        "dataset.skip_bad=true; an image damaged past its header is only found here."
+    )
 
 
 def make_loader(
@@ -71,6 +116,7 @@ def make_loader(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
+        collate_fn=collate_images,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if num_workers > 0 else None,
         persistent_workers=False,
@@ -93,11 +139,20 @@ def _batches(
     progress: bool,
     desc: str,
 ) -> Any:
-    """Yield CPU Features batch by batch with a tqdm bar."""
+    """Yield CPU Features batch by batch with a tqdm bar.
+
+    After an image fails to decode nothing more is encoded, but the remaining images are still
+    decoded so that the DataError raised at the end names every bad image of the split.
+    """
     from tqdm.auto import tqdm
 
+    bad: list[BadImage] = []
     with tqdm(total=total, initial=initial, disable=not progress, desc=desc, unit="img") as bar:
         for images in loader:
+            if isinstance(images, BadBatch) or bad:
+                bad += images.bad if isinstance(images, BadBatch) else []
+                bar.update(len(images) if isinstance(images, torch.Tensor) else images.size)
+                continue
             feats = backbone.encode(images.to(device, non_blocking=True))
             out = Features(
                 cls=feats.cls.float().cpu(),
@@ -107,6 +162,25 @@ def _batches(
             )
             bar.update(len(out))
             yield out
+    if bad:
+        raise bad_images_error(bad, desc.removeprefix("encode "), total)
+
+
+def entry_meta(
+    backbone: Backbone, dataset: CraterDataset, split: str, records: Sequence[ImageRecord]
+) -> dict[str, Any]:
+    """What a cache entry of ``split`` records it was computed from (its meta.json)."""
+    identity = backbone.identity()
+    dataset_identity = dataset.identity()
+    return {
+        "key": entry_key(identity, dataset_identity, split),
+        "backbone": identity,
+        "weights_status": getattr(backbone, "weights_status", ""),
+        "dataset_name": getattr(dataset, "name", type(dataset).__name__),
+        "dataset": dataset_identity,
+        "split": split,
+        "image_ids": [r.image_id for r in records],
+    }
 
 
 def extract_features(
@@ -182,15 +256,7 @@ def extract_features(
                 secs = time.perf_counter() - t0
                 log.info("Feature cache hit: %s (%d images, %.2f s)", cache.path(entry), n, secs)
                 return cached, ExtractInfo(True, secs, n, str(cache.path(entry)), computed=0)
-        meta = {
-            "key": entry_key(identity, dataset_identity, split),
-            "backbone": identity,
-            "weights_status": getattr(backbone, "weights_status", ""),
-            "dataset_name": name,
-            "dataset": dataset_identity,
-            "split": split,
-            "image_ids": [r.image_id for r in records],
-        }
+        meta = entry_meta(backbone, dataset, split, records)
         writer = cache.writer(entry, n, meta)
         start = writer.done
         every = commit_every or max(batch_size, 1024)

@@ -3,7 +3,11 @@
 
 The image transform is the model's own pretrained preprocessing (timm's resolve_data_config +
 create_transform: size, crop, mean, std, interpolation). Weights come from the timm hub, a
-local checkpoint, an ``hf-hub:`` id or a seeded random init; see :mod:`.weights`.
+local checkpoint, an ``hf-hub:`` id or a seeded random init; see :mod:`.weights`. The config
+keys are :class:`~craterlab.backbones.options.TimmOptions`. The forward runs in the precision
+:func:`craterlab.devices.resolve_precision` picks on the current device (``auto``: bf16
+autocast on CUDA and AMX CPUs, fp32 elsewhere); features come out as float32 either way, and
+``identity()`` names the precision used, so the feature cache keeps precisions apart.
 """
 
 from __future__ import annotations
@@ -11,23 +15,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Literal
+from typing import Any
 
 import timm
 import torch
 from PIL import Image
 
 from craterlab.backbones import weights as W
+from craterlab.backbones.options import TimmOptions
+from craterlab.data.images import to_rgb8
+from craterlab.devices import autocast, resolve_precision
 from craterlab.errors import CraterlabError
 from craterlab.hashing import file_sha256
+from craterlab.train.lineage import describe_checkpoint, is_run_reference, resolve_run_weights
 from craterlab.types import Features
 
 log = logging.getLogger(__name__)
 
 EXTRACTOR_VERSION = "1"
 """Bump when the way features are computed from a model changes (invalidates the cache)."""
-
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 def resolve_weights(weights: str) -> str:
@@ -51,26 +57,23 @@ class TimmBackbone:
 
     def __init__(
         self,
-        model: str,
-        pretrained_tag: str | None = None,
-        weights: str = "pretrained",
-        allow_random_weights: bool = False,
-        seed: int = 0,
-        image_size: int | None = None,
-        precision: Precision = "auto",
-        checkpoint_key: str = "teacher",
+        options: TimmOptions,
         label: str | None = None,
         unavailable_reason: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
+        model, pretrained_tag = options.model, options.pretrained_tag
+        image_size = options.image_size
+        self.options = options
         self.model_name = model
         self.pretrained_tag = pretrained_tag or None
         self.full_name = f"{model}.{pretrained_tag}" if pretrained_tag else model
         self.label = label or self.full_name
-        self.precision = precision
+        self.precision = options.precision
+        resolve_precision(self.precision, torch.device("cpu"))  # an unknown value fails here
         self.image_size = image_size
-        self.seed = seed
-        weights = resolve_weights(weights)
+        self.seed = seed = options.seed
+        weights = resolve_weights(options.weights)
         if not timm.is_model(model):
             raise ValueError(
                 f"timm has no model {model!r}; list them with "
@@ -81,7 +84,12 @@ class TimmBackbone:
             kwargs["img_size"] = image_size
         self._weights_id: dict[str, Any]
         self.model = self._create(
-            weights, allow_random_weights, seed, checkpoint_key, kwargs, unavailable_reason
+            weights,
+            options.allow_random_weights,
+            seed,
+            options.checkpoint_key,
+            kwargs,
+            unavailable_reason,
         )
         self.model.eval().requires_grad_(False)
         self._device = torch.device("cpu")
@@ -126,7 +134,9 @@ class TimmBackbone:
                 return model
             except W.WeightsUnavailable as exc:
                 return self._fallback(str(exc), allow_random, seed, kwargs)
-        # a checkpoint: hf-hub id or local path
+        # a checkpoint: an MLflow run's (run:<id>), hf-hub id or local path
+        if is_run_reference(weights):
+            weights = resolve_run_weights(weights)
         if weights.startswith("hf-hub:"):
             spec = weights[len("hf-hub:") :]
             parts = spec.split("/")
@@ -148,7 +158,7 @@ class TimmBackbone:
                 )
         model = self._random(seed, kwargs)
         W.load_checkpoint_into(model, path, key=checkpoint_key, label=self.label)
-        self.weights_status = source
+        self.weights_status, self.lineage = describe_checkpoint(path, source)
         self._weights_id = {
             "weights": "checkpoint",
             "source": source,
@@ -193,9 +203,12 @@ class TimmBackbone:
         return self._device
 
     def transform(self, image: Image.Image) -> torch.Tensor:
-        """One PIL image to a normalized (3, H, W) tensor (the model's own preprocessing)."""
+        """One PIL image to a normalized (3, H, W) tensor (the model's own preprocessing).
+
+        16-bit and float images are stretched by their own range, never clipped
+        (:func:`craterlab.data.images.to_rgb8`)."""
         if image.mode != "RGB":
-            image = image.convert("RGB")
+            image = to_rgb8(image)
         return self._transform(image)
 
     def to(self, device: torch.device | str) -> TimmBackbone:
@@ -204,16 +217,11 @@ class TimmBackbone:
         return self
 
     def effective_precision(self) -> str:
-        if self.precision == "auto":
-            return "bf16" if self._device.type == "cuda" else "fp32"
-        return self.precision
+        """The precision the forward uses on the current device ('auto' resolved)."""
+        return resolve_precision(self.precision, self._device)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        p = self.effective_precision()
-        if p == "fp32" or self._device.type != "cuda":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if p == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return autocast(self.effective_precision(), self._device)
 
     def encode(self, images: torch.Tensor) -> Features:
         """(B, 3, H, W) on the model's device -> float32 Features, no gradients, eval mode."""

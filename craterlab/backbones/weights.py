@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
+import re
 import socket
 import sys
 from collections.abc import Mapping
@@ -147,22 +149,172 @@ def pretrained_source(pretrained_cfg: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- checkpoints
 
 
+SAFETENSORS_SECTION = "Converting a trusted checkpoint to safetensors"
+# Globals that exist to run commands or code: named in the refusal as a warning.
+DANGEROUS_GLOBALS = (
+    "os.",
+    "posix.",
+    "nt.",
+    "subprocess.",
+    "builtins.eval",
+    "builtins.exec",
+    "builtins.compile",
+    "builtins.__import__",
+    "runpy.",
+    "shutil.",
+    "pty.",
+    "importlib.",
+)
+
+
+def safe_checkpoint_globals() -> list[Any]:
+    """The only non-tensor types a checkpoint may contain: plain data of training scripts.
+
+    DINO, iBOT, MAE and timm training checkpoints pickle their ``argparse.Namespace`` of
+    arguments (strings, numbers, tuples, sometimes ``pathlib`` paths) and occasionally numpy
+    scalars or arrays next to the tensors. Building any of these runs no code of the file's
+    choosing; every other global (``os.system``, a training framework's classes) is refused.
+    """
+    import argparse
+    import pathlib
+
+    out: list[Any] = [argparse.Namespace]
+    for cls in (pathlib.PurePosixPath, pathlib.PureWindowsPath, pathlib.PosixPath):
+        out.append(cls)
+        for module in ("pathlib", "pathlib._local"):  # 3.13 moved the classes
+            if module != cls.__module__:
+                out.append((cls, f"{module}.{cls.__qualname__}"))
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch
+        return out
+    core = getattr(np, "_core", None) or np.core
+    out += [np.ndarray, np.dtype, core.multiarray._reconstruct, core.multiarray.scalar]
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1 vs 2 names
+        out += [
+            (core.multiarray._reconstruct, f"{module}._reconstruct"),
+            (core.multiarray.scalar, f"{module}.scalar"),
+        ]
+    dtypes = getattr(np, "dtypes", None)
+    if dtypes is not None:
+        out += [getattr(dtypes, n) for n in dir(dtypes) if n.endswith("DType")]
+    return out
+
+
+def conversion_hint(path: str) -> str:
+    """The few lines that re-save a trusted checkpoint's tensors as safetensors."""
+    target = str(Path(path).with_suffix(".safetensors"))
+    return (
+        "If you trust the file (you trained it, or it comes from its authors), re-save its "
+        "tensors as safetensors once and use that file instead (README, "
+        f"'{SAFETENSORS_SECTION}'):\n"
+        f'  python -c "import torch, safetensors.torch as st; '
+        f"c = torch.load({path!r}, map_location='cpu', weights_only=False); "
+        "sd = c.get('teacher', c.get('state_dict', c.get('model', c))); "
+        "st.save_file({k: v.contiguous().clone() for k, v in sd.items() "
+        f'if torch.is_tensor(v)}}, {target!r})"\n'
+        f"then pass backbone.weights={target}."
+    )
+
+
+def _sniff(path: str) -> str:
+    """'empty', 'zip' (torch.save), 'safetensors' or 'pickle' from the first bytes of a file."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if not head:
+        return "empty"
+    if head.startswith(b"PK"):
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 30:
+        return "safetensors"
+    return "pickle"
+
+
+def _corrupt(path: str, what: str, exc: BaseException) -> CraterlabError:
+    text = str(exc).strip()
+    detail = text.splitlines()[0].split(". ")[0][:160] if text else type(exc).__name__
+    return CraterlabError(
+        f"Checkpoint {path} cannot be read as a {what} ({detail}). The file is probably "
+        "truncated or corrupt (an interrupted download or copy): download or copy it again, "
+        "or point backbone.weights at another checkpoint."
+    )
+
+
+def _unsafe_globals(path: str, exc: BaseException) -> list[str]:
+    """The globals a torch checkpoint would import, minus the allowed ones (no code runs)."""
+    allowed = set()
+    for entry in safe_checkpoint_globals():
+        obj, name = entry if isinstance(entry, tuple) else (entry, None)
+        allowed.add(name or f"{obj.__module__}.{obj.__qualname__}")
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy format: fall back to the name torch's error gives
+        names = re.findall(r"Unsupported global: GLOBAL ([\w.]+ ?[\w.]*)", str(exc))
+        names = [n.replace(" ", ".") for n in names]
+    return sorted({n for n in names if n not in allowed})
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint file as a dict: safetensors, or a torch pickle (weights-only when possible)."""
+    """A checkpoint file as a dict: safetensors, or a torch file loaded weights-only.
+
+    Nothing in the file is ever run: torch pickles are read with ``weights_only=True`` and
+    only the plain types of :func:`safe_checkpoint_globals`; a file that needs anything else is
+    refused with the few lines that convert a trusted checkpoint to safetensors. An empty,
+    truncated or corrupt file raises CraterlabError naming it.
+    """
     path = str(path)
-    if path.endswith(".safetensors"):
+    try:
+        kind = _sniff(path)
+    except OSError as exc:
+        raise CraterlabError(
+            f"Checkpoint {path} cannot be opened ({exc.strerror or exc}). Check the path and its "
+            "permissions (backbone.weights=/path/to/checkpoint)."
+        ) from None
+    if kind == "empty":
+        raise CraterlabError(
+            f"Checkpoint {path} is empty (0 bytes): an interrupted download or copy. Download or "
+            "copy it again, or point backbone.weights at another checkpoint."
+        )
+    if path.endswith(".safetensors") or kind == "safetensors":
         from safetensors.torch import load_file
 
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except Exception as exc:
+            raise _corrupt(path, "safetensors file", exc) from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        # DINO checkpoints pickle their argparse args next to the weights.
-        log.info("weights-only load of %s failed (%s); loading the full pickle", path, exc)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(safe_checkpoint_globals()):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        unsafe = _unsafe_globals(path, exc)
+        if not unsafe:
+            raise _corrupt(path, "torch checkpoint", exc) from None
+        danger = [n for n in unsafe if n.startswith(DANGEROUS_GLOBALS)]
+        beware = (
+            f"Beware: {', '.join(danger[:3])} runs commands or code, which no model checkpoint "
+            "needs; do not use or convert this file unless you know why it does that. "
+            if danger
+            else ""
+        )
+        raise CraterlabError(
+            f"Checkpoint {path} was refused: besides tensors it pickles Python objects "
+            f"({', '.join(unsafe[:5])}) whose loading could run code hidden in the file, and "
+            "craterlab only loads tensors and plain data. " + beware + conversion_hint(path)
+        ) from None
+    except Exception as exc:  # EOFError, zip errors, bad magic numbers: a damaged file
+        raise _corrupt(path, "torch checkpoint", exc) from None
+    if not isinstance(checkpoint, Mapping):
+        raise CraterlabError(
+            f"Checkpoint {path} holds a {type(checkpoint).__name__}, not a mapping of names to "
+            "tensors (a state dict or a training checkpoint with one). Save the model's "
+            "state_dict() instead."
+        )
+    return dict(checkpoint)
 
 
-def extract_state_dict(checkpoint: Mapping[str, Any], key: str = "teacher") -> dict[str, Any]:
+def extract_state_dict(
+    checkpoint: Mapping[str, Any], key: str = "teacher", source: str = ""
+) -> dict[str, Any]:
     """The backbone's tensors from a DINO-style checkpoint.
 
     Picks ``key`` (teacher by default, else student) or a nested state_dict/model entry, and
@@ -181,7 +333,10 @@ def extract_state_dict(checkpoint: Mapping[str, Any], key: str = "teacher") -> d
         else:
             break
     if not isinstance(sd, Mapping):
-        raise CraterlabError("The checkpoint holds no state dict (a mapping of names to tensors).")
+        raise CraterlabError(
+            f"The checkpoint{' ' + source if source else ''} holds no state dict (a mapping "
+            "of names to tensors)."
+        )
     out: dict[str, Any] = {}
     for name, value in sd.items():
         if not isinstance(value, torch.Tensor):
@@ -195,7 +350,11 @@ def extract_state_dict(checkpoint: Mapping[str, Any], key: str = "teacher") -> d
                     changed = True
         out[name] = value
     if not out:
-        raise CraterlabError("The checkpoint holds no tensors.")
+        raise CraterlabError(
+            f"The checkpoint{' ' + source if source else ''} holds no tensors: it is not a "
+            "model checkpoint (or the tensors sit under a key other than teacher, student, "
+            "state_dict or model)."
+        )
     return out
 
 
@@ -216,7 +375,7 @@ def load_checkpoint_into(
     Missing keys or shape mismatches raise CraterlabError naming them; projection-head keys
     (``head.*``) are dropped; other unexpected keys are reported with a warning.
     """
-    sd = extract_state_dict(read_checkpoint(path), key)
+    sd = extract_state_dict(read_checkpoint(path), key, source=str(path))
     own = model.state_dict()
     kernel = "patch_embed.proj.weight"
     if kernel in sd and kernel in own and tuple(sd[kernel].shape) != tuple(own[kernel].shape):

@@ -18,20 +18,40 @@ With ``root: null`` the release lives in ``$CRATERLAB_DATA`` (default
 Offline, a DataError says what to download and where to put it. Small layout differences are
 tolerated: ``images.zip`` not yet unpacked, a release nested one or two folders down, images
 unpacked without the leading ``images/`` folder, key spellings such as ``queries``.
+
+The same file checks as for manifests apply: with ``check_files`` (default) every image header
+is read up front and all bad files are reported together (or left out and counted with
+``skip_bad=true``); entry paths that leave the release folder are refused unless
+``allow_outside_root=true``; gallery-filtered relevance ids that name no gallery crater are
+counted in a warning (an error with ``strict=true``). The identity hashes the split and
+relevance files and each image's path, size and mtime, with or without ``check_files``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
-from craterlab.data.base import CraterIdMap, FileDataset, listing
+from craterlab.data.base import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    CraterIdMap,
+    FileDataset,
+    bad_files_message,
+    check_max_pixels,
+    listing,
+    log_skipped,
+    outside_root,
+    screen_files,
+)
 from craterlab.errors import DataError
 from craterlab.hashing import file_sha256, fingerprint
 from craterlab.types import ImageRecord
+
+log = logging.getLogger(__name__)
 
 REPO_ID = "jfang/CraterBench-R"
 SPLIT_FILES = {"test": "splits/test.json", "train": "splits/train.json"}
@@ -83,8 +103,17 @@ class CraterBenchR(FileDataset):
         repo_id: str = REPO_ID,
         revision: str | None = None,
         check_files: bool = True,
+        skip_bad: bool = False,
+        strict: bool = False,
+        allow_outside_root: bool = False,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> None:
         self.name = "craterbench_r"
+        self.skip_bad = skip_bad
+        self.strict = strict
+        self.allow_outside_root = allow_outside_root
+        self.max_image_pixels = check_max_pixels(max_image_pixels)
+        self.skipped: dict[str, str] = {}  # image_id -> why it was left out (skip_bad)
         if root:
             given = Path(root).expanduser()
             if not given.exists():
@@ -143,15 +172,22 @@ class CraterBenchR(FileDataset):
             "query": self._to_records(query_raw, "query", relevance),
             "train": self._to_records(train_raw, "train", {}),
         }
-        gallery_ids = {r.crater_id for r in self._records["gallery"]}
-        empty = [r.image_id for r in self._records["query"] if not r.relevant_ids & gallery_ids]
-        if empty:
-            raise DataError(
-                f"{len(empty)} CraterBench-R queries have no relevant gallery image (their "
-                f"relevant crater ids are not gallery crater ids): {listing(empty)}\nThe split "
-                f"file {SPLIT_FILES['test']} and {RELEVANCE_FILE} do not match; re-download."
+        self._check_paths()
+        screen = screen_files(
+            self._paths, check_images=check_files, max_pixels=self.max_image_pixels
+        )
+        if screen.bad:
+            self._leave_out(screen.bad)
+        self._check_relevance()
+        if not check_files:
+            log.info(
+                "%s: dataset.check_files=false, images are not checked up front; cached features "
+                "are matched to the images by path+size+mtime of each file",
+                self.location,
             )
-        stats = self._check_files() if check_files else []
+        stats: list[object] = list(screen.stats)
+        if self.skipped:
+            stats.append(sorted(self.skipped))
         digests = [
             file_sha256(p) for p in (self.root / f for f in SPLIT_FILES.values()) if p.is_file()
         ]
@@ -186,20 +222,74 @@ class CraterBenchR(FileDataset):
             out.append(ImageRecord(image_id, cid, str(e.get("view_type", "")), str(path), rel))
         return out
 
-    def _check_files(self) -> list[tuple[str, int]]:
-        missing, stats = [], []
-        for image_id, path in self._paths.items():
-            try:
-                stats.append((image_id, path.stat().st_size))
-            except OSError:
-                missing.append(str(path))
-        if missing:
+    def _labels(self) -> dict[str, str]:
+        return {
+            i: str(p.relative_to(self.root)) if p.is_relative_to(self.root) else str(p)
+            for i, p in self._paths.items()
+        }
+
+    def _check_paths(self) -> None:
+        """Entry paths must stay inside the release folder (unless allow_outside_root)."""
+        if self.allow_outside_root:
+            return
+        outside = [f"{i}: {p}" for i, p in self._paths.items() if outside_root(p, self.root)]
+        if outside:
             raise DataError(
-                f"{len(missing)} of {len(self._paths)} CraterBench-R images are missing under "
-                f"{self.image_base}:{listing(missing)}\nUnpack images.zip in {self.root} "
-                "(`unzip images.zip`) or re-download the release."
+                f"{len(outside)} image path(s) in the CraterBench-R split files under "
+                f"{self.root} point outside the release folder (../ or absolute paths):"
+                f"{listing(outside)}\nRe-download the release, or set "
+                "dataset.allow_outside_root=true if these split files are yours and meant so."
             )
-        return stats
+
+    def _leave_out(self, bad: dict[str, str]) -> None:
+        """Report bad images (all of them), or drop them with skip_bad and say how many."""
+        where = f"CraterBench-R at {self.root}"
+        missing = sum(p.startswith("does not exist") for p in bad.values())
+        if not self.skip_bad:
+            hint = (
+                f"\n{missing} of them are missing: unpack images.zip in {self.root} "
+                "(`unzip images.zip`) or re-download the release."
+                if missing
+                else ""
+            )
+            raise DataError(bad_files_message(where, bad, self._labels()) + hint)
+        log_skipped(where, bad, self._labels())
+        self.skipped = dict(bad)
+        for split, recs in self._records.items():
+            self._records[split] = [r for r in recs if r.image_id not in bad]
+        self._paths = {k: v for k, v in self._paths.items() if k not in bad}
+
+    def _check_relevance(self) -> None:
+        """Queries need a relevant gallery image; relevance ids outside the gallery are
+        counted (a warning, an error with strict)."""
+        gallery_ids = {r.crater_id for r in self._records["gallery"]}
+        queries = self._records["query"]
+        empty = [r.image_id for r in queries if not r.relevant_ids & gallery_ids]
+        if empty:
+            skipped = f" ({len(self.skipped)} bad images were skipped)" if self.skipped else ""
+            raise DataError(
+                f"{len(empty)} CraterBench-R queries have no relevant gallery image{skipped} "
+                f"(their relevant crater ids are not gallery crater ids): {listing(empty)}\nThe "
+                f"split file {SPLIT_FILES['test']} and {RELEVANCE_FILE} do not match; "
+                "re-download."
+            )
+        names = self.crater_ids.to_name
+        unknown = [
+            f"{r.image_id}: {';'.join(names[i] for i in sorted(r.relevant_ids - gallery_ids))}"
+            for r in queries
+            if r.relevant_ids - gallery_ids
+        ]
+        if not unknown:
+            return
+        message = (
+            f"{len(unknown)} CraterBench-R queries list gallery-filtered relevant ids that name "
+            "no gallery crater; those ids cannot be retrieved and count for nothing in the "
+            f"metrics. {RELEVANCE_FILE} does not match the split file (re-download), "
+            "dataset.strict=true makes this an error:" + listing(unknown)
+        )
+        if self.strict:
+            raise DataError(message)
+        log.warning("%s", message)
 
     # ------------------------------------------------------------------ protocol
 

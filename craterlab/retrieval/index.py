@@ -4,21 +4,33 @@
 ids are stable across save/load), its single vectors with a stage-1 index, and optionally its
 token store. ``save(dir)`` writes::
 
-    dir/meta.json        format version, index spec and knobs, sizes
+    dir/meta.json        format version, stage-1 settings, who built it, counts, file manifest
     dir/ids.json         gallery image ids, in row order
     dir/vectors.bin      (N, D) float32 single vectors
-    dir/stage1/          the FAISS index (index.faiss), or nothing extra for 'torch'
+    dir/stage1/          the FAISS index (index.faiss), or vectors.bin for 'torch'
     dir/store/           the token store (CodeStore.save: meta.json + raw .bin arrays)
 
+``meta.json`` records every stage-1 setting (index, nprobe, ef_search, device), the caller's
+``metadata`` (the run records its encoder and representation: backbone, weights, pooling,
+tokens, K, quantizer), the counts (ids, vectors, stage-1 vectors, store items) and the size
+and sha256 of every other file. ``GalleryIndex.load`` checks them all and names the file that
+is missing, truncated, altered or from another gallery (``verify=False`` skips the checksums
+of a huge index but still checks sizes and counts).
+
+``add(ids, vectors, store)`` and ``remove(ids)`` update an index in place: ids stay stable
+(rows are compacted, ids travel with them), nothing is re-encoded, Flat and IVF stage-1
+indexes are updated incrementally (IVF ids renumbered in its inverted lists) and an HNSW graph,
+which FAISS cannot delete from, is rebuilt on ``remove``.
+
 ``GalleryIndex.load(dir).search(...)`` answers queries from query vectors (and tokens, for
-late interaction) computed by the same backbone/pooling/aggregator.
+late interaction) computed by the same backbone, pooling and aggregator.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -26,15 +38,16 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError, DataError
-from craterlab.matching import LateInteraction
-from craterlab.quantization import CodeStore
+from craterlab.hashing import sha256_of
+from craterlab.retrieval.matchers import LateInteraction
 from craterlab.retrieval.stages import ExhaustiveStage, SingleStage, TwoStage
-from craterlab.retrieval.vector_index import VectorIndex
-from craterlab.types import Matcher, Ranking, RetrievalInputs, Tokens
+from craterlab.retrieval.stores import CodeStore
+from craterlab.retrieval.vector_index import Stage1Settings, VectorIndex
+from craterlab.types import Matcher, Ranking, RetrievalInputs, Tokens, TokenStore
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 added the file manifest, the counts and the builder metadata."""
 
 
 @dataclass
@@ -46,17 +59,24 @@ class SearchResult:
 
 
 class GalleryIndex:
-    """Gallery ids + single vectors with a stage-1 index + (optional) token store."""
+    """Gallery ids + single vectors with a stage-1 index + (optional) token store.
+
+    ``index``, ``nprobe``, ``ef_search``, ``device``: the :class:`Stage1Settings` (or pass
+    ``stage1``). ``metadata``: what built the index (encoder, representation), saved with it.
+    """
 
     def __init__(
         self,
         ids: Sequence[str],
         vectors: torch.Tensor,
-        store: Any | None = None,
+        store: TokenStore | None = None,
         index: str = "Flat",
         nprobe: int | None = None,
         ef_search: int | None = None,
         device: str = "auto",
+        *,
+        stage1: Stage1Settings | None = None,
+        metadata: Mapping[str, Any] | None = None,
     ) -> None:
         ids = [str(i) for i in ids]
         if len(ids) != len(vectors):
@@ -68,13 +88,22 @@ class GalleryIndex:
         self.ids = ids
         self.vectors = vectors.detach().float().cpu().contiguous()
         self.store = store
-        self.params = {"index": index, "nprobe": nprobe, "ef_search": ef_search, "device": device}
+        self.stage1 = stage1 or Stage1Settings(index, nprobe, ef_search, device)
+        self.metadata = dict(metadata or {})
         self.vindex: VectorIndex | None = None
+
+    @property
+    def params(self) -> dict[str, Any]:
+        """The stage-1 settings as a mapping (index, nprobe, ef_search, device)."""
+        return self.stage1.as_dict()
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
 
     def _stage1(self) -> VectorIndex:
         if self.vindex is None:
-            stage = SingleStage(**self.params)
-            self.vindex = stage.make_index(self.vectors)
+            self.vindex = self.stage1.make().build(self.vectors)
         return self.vindex
 
     def search(
@@ -88,20 +117,25 @@ class GalleryIndex:
         matcher: Matcher | None = None,
     ) -> SearchResult:
         """Top-``depth`` gallery ids per query, by single vectors, two-stage, or exhaustive LI."""
+        if mode not in ("single", "two_stage", "exhaustive"):
+            raise ConfigError(f"Unknown mode {mode!r}; use 'single', 'two_stage' or 'exhaustive'.")
         if mode != "single" and (query_tokens is None or self.store is None):
             raise ConfigError(
                 f"mode={mode!r} needs query tokens and a gallery token store; this index has "
                 f"{'a' if self.store is not None else 'no'} store. Use mode='single' or build "
                 "the index with tokens."
             )
+        self._check_queries(query_vectors, query_tokens, mode)
+        s1 = self.stage1
+        stage: SingleStage | ExhaustiveStage
         if mode == "single":
-            stage: Any = SingleStage(**self.params, timing_queries=0)
+            stage = SingleStage(s1.index, s1.nprobe, s1.ef_search, s1.device, timing_queries=0)
         elif mode == "two_stage":
-            stage = TwoStage(shortlist, **self.params, timing_queries=0)
-        elif mode == "exhaustive":
-            stage = ExhaustiveStage(timing_queries=0)
+            stage = TwoStage(
+                shortlist, s1.index, s1.nprobe, s1.ef_search, s1.device, timing_queries=0
+            )
         else:
-            raise ConfigError(f"Unknown mode {mode!r}; use 'single', 'two_stage' or 'exhaustive'.")
+            stage = ExhaustiveStage(timing_queries=0)
         if isinstance(stage, SingleStage):
             stage.prebuilt = self._stage1()
         qt = query_tokens if query_tokens is not None else Tokens(query_vectors.unsqueeze(1))
@@ -109,60 +143,261 @@ class GalleryIndex:
             query_vectors=query_vectors.float(),
             gallery_vectors=self.vectors,
             query_tokens=qt,
-            gallery_store=self.store,
-            matcher=matcher or LateInteraction(self.params["device"]),
+            gallery_store=self.store,  # type: ignore[arg-type]  # None only for mode='single'
+            matcher=matcher or LateInteraction(s1.device),
             depth=depth,
         )
         ranking = stage.search(inputs)
         ids = [[self.ids[j] if j >= 0 else "" for j in row] for row in ranking.indices.tolist()]
         return SearchResult(ids, ranking)
 
+    def _check_queries(
+        self, query_vectors: torch.Tensor, query_tokens: Tokens | None, mode: str
+    ) -> None:
+        """Queries must have the gallery's dimensions (else a one-paragraph error)."""
+        built_by = self._built_by()
+        if query_vectors.dim() != 2 or query_vectors.shape[1] != self.dim:
+            raise DataError(
+                f"Query vectors have shape {tuple(query_vectors.shape)}, but this gallery index "
+                f"holds {self.dim}-dimensional vectors{built_by}. Encode the queries with the "
+                "same backbone and pooling that built the index."
+            )
+        store_dim = self.store.dim if isinstance(self.store, CodeStore) else None
+        if mode != "single" and query_tokens is not None and store_dim is not None:
+            qdim = query_tokens.vectors.shape[-1]
+            if query_tokens.vectors.dim() != 3 or qdim != store_dim:
+                raise DataError(
+                    f"Query tokens have shape {tuple(query_tokens.vectors.shape)}, but this "
+                    f"gallery's token store holds {store_dim}-dimensional tokens{built_by}. "
+                    "Compute the query tokens with the same backbone and aggregator."
+                )
+            if len(query_tokens) != len(query_vectors):
+                raise DataError(
+                    f"{len(query_vectors)} query vectors but {len(query_tokens)} query token "
+                    "sets: pass one token set per query."
+                )
+
+    def _built_by(self) -> str:
+        if not self.metadata:
+            return ""
+        items = ", ".join(f"{k}={v}" for k, v in self.metadata.items())
+        return f" (built by {items})"
+
+    # -- incremental updates: ids stay stable, nothing is re-encoded
+    def add(self, ids: Sequence[str], vectors: torch.Tensor, store: TokenStore | None) -> None:
+        """Append gallery items: their ids, single vectors and token store rows (a store of
+        the same format, encoded with this store's codebook). The stage-1 index is updated
+        incrementally (see :meth:`VectorIndex.add`)."""
+        ids = [str(i) for i in ids]
+        clash = sorted(set(ids) & set(self.ids)) + [i for i in set(ids) if ids.count(i) > 1]
+        if clash:
+            raise DataError(
+                f"Cannot add ids that are already in the gallery index: {', '.join(clash[:10])}. "
+                "Remove them first, or give the new items other ids."
+            )
+        if len(vectors) != len(ids) or (store is not None and len(store) != len(ids)):
+            raise DataError(f"{len(ids)} new ids but {len(vectors)} vectors / store rows.")
+        if (store is None) != (self.store is None):
+            raise DataError("Add token sets exactly when the index holds a token store.")
+        if self.store is not None:
+            self.store = concat_stores(self.store, store)
+        self._stage1().add(vectors)
+        self.vectors = torch.cat([self.vectors, vectors.detach().float().cpu()]).contiguous()
+        self.ids = [*self.ids, *ids]
+
+    def remove(self, ids: Sequence[str]) -> str:
+        """Delete gallery items by id; the others keep their ids and order. Flat and IVF
+        stage-1 indexes delete in place, an HNSW graph is rebuilt. Returns how."""
+        row_of = {gid: i for i, gid in enumerate(self.ids)}
+        unknown = [str(i) for i in ids if str(i) not in row_of]
+        if unknown:
+            raise DataError(
+                f"{len(unknown)} id(s) to remove are not in the gallery index: "
+                f"{', '.join(unknown[:10])}. Check the ids."
+            )
+        rows = np.unique(np.array([row_of[str(i)] for i in ids], dtype=np.int64))
+        keep = torch.from_numpy(np.setdiff1d(np.arange(len(self.ids)), rows))
+        remaining = self.vectors[keep].contiguous()
+        how = self._stage1().remove(rows, remaining)
+        self.vectors = remaining
+        if self.store is not None:
+            self.store = select_store(self.store, keep)
+        kept = set(keep.tolist())
+        self.ids = [gid for i, gid in enumerate(self.ids) if i in kept]
+        return how
+
+    # -- save / load
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write the index (see the module docstring); returns the directory."""
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         (path / "ids.json").write_text(json.dumps(self.ids))
         self.vectors.numpy().tofile(path / "vectors.bin")
-        self._stage1().save(path / "stage1")
+        vindex = self._stage1()
+        vindex.save(path / "stage1")
         if self.store is not None:
-            if not hasattr(self.store, "save"):
-                raise DataError("This token store cannot be saved (it has no save method).")
+            if not isinstance(self.store, CodeStore):
+                raise DataError(
+                    f"This token store ({type(self.store).__name__}) cannot be saved: only "
+                    "craterlab's CodeStore formats can. Quantize with a built-in quantizer."
+                )
             self.store.save(path / "store")
+        files = sorted(
+            p for p in path.rglob("*") if p.is_file() and p.name != "meta.json" or _is_store_meta(p)
+        )
         meta = {
             "format_version": FORMAT_VERSION,
             "n": len(self.ids),
-            "dim": int(self.vectors.shape[1]),
+            "dim": self.dim,
             "has_store": self.store is not None,
-            **self.params,
+            **self.stage1.as_dict(),
+            "built_by": self.metadata,
+            "counts": {
+                "ids": len(self.ids),
+                "vectors": len(self.vectors),
+                "stage1": vindex.ntotal,
+                "store": None if self.store is None else len(self.store),
+            },
+            "files": {
+                p.relative_to(path).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_of(p)}
+                for p in files
+            },
         }
         (path / "meta.json").write_text(json.dumps(meta, indent=1))
         return path
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], device: str | None = None) -> GalleryIndex:
-        """An index written by :meth:`save`; no backbone or images needed."""
+    def load(
+        cls,
+        directory: str | os.PathLike[str],
+        device: str | None = None,
+        *,
+        verify: bool = True,
+        mmap: bool = False,
+    ) -> GalleryIndex:
+        """An index written by :meth:`save`; no backbone or images needed.
+
+        ``mmap=True`` maps the token store from disk instead of reading it into memory (for
+        galleries larger than RAM; pair it with ``verify=False`` to skip hashing it).
+
+        Every file is checked against the manifest in ``meta.json`` (present, same size, and
+        with ``verify`` the same sha256) and the counts must agree; a problem is a
+        :class:`DataError` naming the file. ``verify=False`` skips the checksums (for indexes
+        too large to hash at every load).
+        """
         path = Path(directory)
-        if not (path / "meta.json").exists():
-            raise DataError(
-                f"No gallery index at {path} (missing meta.json). Build one and save it with "
-                "GalleryIndex.save(dir) first."
-            )
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DataError(
-                f"Gallery index {path} has format version {meta.get('format_version')}, this "
-                f"craterlab reads version {FORMAT_VERSION}. Rebuild the index."
-            )
+        meta = _read_meta(path)
+        _check_files(path, meta["files"], verify)
         ids = json.loads((path / "ids.json").read_text())
         n, dim = meta["n"], meta["dim"]
+        counts = meta["counts"]
+        if len(ids) != n or counts["ids"] != n or counts["vectors"] != n or counts["stage1"] != n:
+            raise DataError(
+                f"Gallery index {path} is inconsistent: {len(ids)} ids in ids.json, counts "
+                f"{counts}, n={n} in meta.json. Rebuild the index."
+            )
         vectors = torch.from_numpy(np.fromfile(path / "vectors.bin", np.float32).reshape(n, dim))
-        store = CodeStore.load(path / "store") if meta["has_store"] else None
-        params = {k: meta[k] for k in ("index", "nprobe", "ef_search", "device")}
+        store = CodeStore.load(path / "store", mmap=mmap) if meta["has_store"] else None
+        if store is not None and len(store) != n:
+            raise DataError(
+                f"Token store {path / 'store'} holds {len(store)} images but the index has {n} "
+                "gallery ids: it belongs to another gallery. Rebuild the index."
+            )
+        settings = Stage1Settings.from_dict(meta)
         if device is not None:
-            params["device"] = device
-        out = cls(ids, vectors, store, **params)
-        vi = VectorIndex(
-            params["index"], params["nprobe"], params["ef_search"], resolve_device(params["device"])
-        )
-        out.vindex = vi.load(path / "stage1", n, dim)
+            settings = Stage1Settings(settings.index, settings.nprobe, settings.ef_search, device)
+        out = cls(ids, vectors, store, stage1=settings, metadata=meta.get("built_by") or {})
+        out.vindex = settings.make().load(path / "stage1", n, dim)
         return out
+
+
+def concat_stores(store: Any, extra: Any) -> Any:
+    """A CodeStore holding ``store``'s rows followed by ``extra``'s (same format and shape;
+    per-gallery constants such as the PQ codebook are ``store``'s)."""
+    if type(store) is not type(extra) or (store.k, store.dim) != (extra.k, extra.dim):
+        raise DataError(
+            f"Cannot append a {type(extra).__name__} (K={extra.k}, D={extra.dim}) to a "
+            f"{type(store).__name__} (K={store.k}, D={store.dim}): encode the new items with "
+            "the index's own quantizer."
+        )
+    payload = {k: torch.cat([v, extra.payload[k].to(v.device)]) for k, v in store.payload.items()}
+    mask = None
+    if store.mask is not None or extra.mask is not None:
+        mask = torch.cat([_full_mask(store), _full_mask(extra)])
+    return _with_rows(store, payload, mask)
+
+
+def select_store(store: Any, rows: torch.Tensor) -> Any:
+    """A CodeStore holding only ``rows`` of ``store``, in that order."""
+    payload = {k: v.index_select(0, rows.to(v.device)) for k, v in store.payload.items()}
+    mask = None if store.mask is None else store.mask.index_select(0, rows.to(store.mask.device))
+    return _with_rows(store, payload, mask)
+
+
+def _full_mask(store: Any) -> torch.Tensor:
+    if store.mask is not None:
+        return store.mask
+    return torch.ones(len(store), store.k, dtype=torch.bool)
+
+
+def _with_rows(store: Any, payload: dict[str, torch.Tensor], mask: Any) -> Any:
+    new = object.__new__(type(store))
+    new.__dict__.update(store.__dict__)
+    new.payload = payload
+    new.mask = mask
+    new.n = next(iter(payload.values())).shape[0]
+    return new
+
+
+def _is_store_meta(p: Path) -> bool:
+    return p.name == "meta.json" and p.parent.name == "store"
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    file = path / "meta.json"
+    if not file.is_file():
+        raise DataError(
+            f"No gallery index at {path} (missing meta.json). Build one and save it with "
+            "GalleryIndex.save(dir) first."
+        )
+    try:
+        meta = json.loads(file.read_text())
+    except ValueError as exc:
+        raise DataError(
+            f"Gallery index metadata {file} is not valid JSON ({exc}): the file is damaged. "
+            "Rebuild the index."
+        ) from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FORMAT_VERSION:
+        raise DataError(
+            f"Gallery index {path} has format version {version}, this craterlab reads version "
+            f"{FORMAT_VERSION} (which records file checksums). Rebuild the index with "
+            "GalleryIndex.save or save_index=true."
+        )
+    for key in ("n", "dim", "has_store", "counts", "files"):
+        if key not in meta:
+            raise DataError(f"Gallery index metadata {file} lacks {key!r}. Rebuild the index.")
+    return meta
+
+
+def _check_files(path: Path, files: dict[str, dict[str, Any]], verify: bool) -> None:
+    """Each manifest file exists with its recorded size (and sha256 when ``verify``)."""
+    for rel, info in files.items():
+        file = path / rel
+        if not file.is_file():
+            raise DataError(
+                f"Gallery index file {file} is missing (the index's manifest lists it). "
+                "Restore it or rebuild the index."
+            )
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise DataError(
+                f"Gallery index file {file} has {size} bytes, {info['bytes']} were saved: it "
+                "is truncated or was replaced. Restore it or rebuild the index."
+            )
+        if verify and sha256_of(file) != info["sha256"]:
+            raise DataError(
+                f"Gallery index file {file} does not match its saved checksum: its content "
+                "changed after saving (damaged, or copied from another index). Restore it or "
+                "rebuild the index (GalleryIndex.load(..., verify=False) skips this check)."
+            )

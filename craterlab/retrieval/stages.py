@@ -1,24 +1,33 @@
 """Retrieval stages: single-vector search, exhaustive late interaction, two-stage rerank.
 
-Each stage turns :class:`RetrievalInputs` into a :class:`Ranking` (best first) and records
-per-query latencies in milliseconds: batched latencies (the time of each block of queries
-divided by its size) under ``stage1`` / ``rerank`` / ``exhaustive`` / ``total``, and
-single-query latencies (``timing_queries`` queries searched one at a time) under the same names
-with a ``_single`` suffix. ``extra`` holds storage figures: ``index_bytes`` (serialized stage-1
-index), ``store_bytes``, ``bytes_per_image``, ``store_overhead_bytes``.
+Each stage turns :class:`RetrievalInputs` into a :class:`Ranking` (best first) that carries
+its own :class:`StageReport`: bytes per gallery image of a deployment of this mode (stage-1
+index and/or token store), per-query latencies in milliseconds of each part (``stage1``,
+``rerank``, ``exhaustive``, ``total``), batched (a block's time divided by its size) and for
+``timing_queries`` queries searched one at a time, and its role for ``mAP_recovered``. The run
+logs the report as it is. ``Ranking.extra`` holds the storage figures behind the bytes:
+``index_bytes`` (serialized stage-1 index), ``store_bytes``, ``store_overhead_bytes`` (PQ
+codebook) and ``shortlist`` (S).
 """
 
 from __future__ import annotations
 
-import time
-from typing import Any
+from collections.abc import Callable
 
 import torch
 
-from craterlab.devices import resolve_device
-from craterlab.matching import rerank_store, score_store
-from craterlab.retrieval.vector_index import VectorIndex
-from craterlab.types import Ranking, RetrievalInputs
+from craterlab.retrieval.stores import CodeStore
+from craterlab.retrieval.timing import single_query_latencies, timed_blocks
+from craterlab.retrieval.vector_index import Stage1Settings, VectorIndex
+from craterlab.types import (
+    Matcher,
+    Ranking,
+    RetrievalInputs,
+    StageReport,
+    StoreMatcher,
+    Tokens,
+    TokenStore,
+)
 
 
 def _check_common(timing_queries: int, block: int) -> None:
@@ -28,30 +37,54 @@ def _check_common(timing_queries: int, block: int) -> None:
         raise ValueError(f"block must be >= 1 query, got {block}")
 
 
-def _store_extra(store: Any) -> dict[str, float]:
-    out = {"store_bytes": float(store.nbytes), "bytes_per_image": float(store.bytes_per_image())}
-    overhead = getattr(store, "overhead_bytes", None)
-    if overhead is not None:
-        out["store_overhead_bytes"] = float(overhead)
-    return out
+def score_store(matcher: Matcher, queries: Tokens, store: TokenStore) -> torch.Tensor:
+    """(Nq, Ng) scores: the matcher's store-aware path, else the decoded store."""
+    if isinstance(matcher, StoreMatcher):
+        return matcher.score_store(queries, store)
+    return matcher.score(queries, store.decode())
 
 
-def _on_matcher_device(store: Any, matcher: Any) -> Any:
+def rerank_store(
+    matcher: Matcher, queries: Tokens, store: TokenStore, candidates: torch.Tensor
+) -> torch.Tensor:
+    """(Nq, S) rerank scores: the matcher's store-aware path, else the decoded store."""
+    if isinstance(matcher, StoreMatcher):
+        return matcher.rerank_store(queries, store, candidates)
+    return matcher.rerank(queries, store.decode(), candidates)
+
+
+def _matcher_device(matcher: Matcher) -> torch.device:
+    device = getattr(matcher, "device", None)  # Matcher has no device in its protocol
+    return torch.device(device) if device is not None else torch.device("cpu")
+
+
+def _on_matcher_device(store: TokenStore, matcher: Matcher) -> TokenStore:
     """Keep the codes resident on the matcher's GPU (one copy), so tiles need no transfers."""
-    device = getattr(matcher, "device", None)
-    if device is not None and torch.device(device).type == "cuda" and hasattr(store, "to"):
-        return store.to(device)
+    if _matcher_device(matcher).type == "cuda" and isinstance(store, CodeStore):
+        return store.to(_matcher_device(matcher))
     return store
 
 
-def _sync(matcher: Any) -> None:
-    device = getattr(matcher, "device", None)
-    if device is not None and torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(matcher: Matcher) -> Callable[[], None] | None:
+    device = _matcher_device(matcher)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return None
+
+
+def _store_extra(store: TokenStore) -> dict[str, float]:
+    out = {"store_bytes": float(store.nbytes)}
+    if isinstance(store, CodeStore):
+        out["store_overhead_bytes"] = float(store.overhead_bytes)
+    return out
 
 
 class SingleStage:
-    """Stage 1 only: top-L by inner product of the single vectors (FAISS or torch)."""
+    """Stage 1 only: top-L by inner product of the single vectors (FAISS or torch).
+
+    ``index``, ``nprobe``, ``ef_search``, ``device``: the :class:`Stage1Settings`.
+    ``block``: queries per timed block. ``timing_queries``: queries also timed one at a time.
+    """
 
     def __init__(
         self,
@@ -63,40 +96,49 @@ class SingleStage:
         timing_queries: int = 16,
     ) -> None:
         _check_common(timing_queries, block)
-        self.index_spec = index
-        self.nprobe, self.ef_search = nprobe, ef_search
-        self.device = resolve_device(device)
+        self.settings = Stage1Settings(index, nprobe, ef_search, device)
+        self.settings.make()  # a bad device fails at build time
         self.block = block
         self.timing_queries = timing_queries
         self.prebuilt: VectorIndex | None = None
         """A built stage-1 index over exactly these gallery vectors (a loaded GalleryIndex)."""
 
+    @property
+    def index_spec(self) -> str:
+        return self.settings.index
+
     def make_index(self, gallery_vectors: torch.Tensor) -> VectorIndex:
         if self.prebuilt is not None and self.prebuilt.ntotal == len(gallery_vectors):
             return self.prebuilt
-        return VectorIndex(
-            self.index_spec, self.nprobe, self.ef_search, self.device, self.block
-        ).build(gallery_vectors)
+        return self.settings.make(self.block).build(gallery_vectors)
 
     def search(self, inputs: RetrievalInputs) -> Ranking:
         index = self.make_index(inputs.gallery_vectors)
         depth = min(inputs.depth, len(inputs.gallery_vectors))
         scores, ids, lat = index.search(inputs.query_vectors, depth)
-        single = _single_timings(
+        single = single_query_latencies(
             lambda i: index.search(inputs.query_vectors[i : i + 1], depth),
             len(inputs.query_vectors),
             self.timing_queries,
         )
+        report = StageReport(
+            bytes_per_image=index.nbytes / max(1, len(inputs.gallery_vectors)),
+            latency_ms={"stage1": lat, "total": list(lat)},
+            single_latency_ms={"stage1": single},
+            stage1=self.settings.as_dict(),
+        )
         return Ranking(
             indices=ids,
             scores=scores,
-            timings_ms={"stage1": lat, "total": list(lat), "stage1_single": single},
+            timings_ms=report.timings_ms(),
             extra={"index_bytes": float(index.nbytes)},
+            report=report,
         )
 
 
 class ExhaustiveStage:
-    """Late interaction of every query against every gallery item (tiled, bounded memory)."""
+    """Late interaction of every query against every gallery item (tiled, bounded memory);
+    the reference that two-stage retrieval's ``mAP_recovered`` is measured against."""
 
     def __init__(self, block: int = 1000, timing_queries: int = 4, max_block_mb: int = 256) -> None:
         _check_common(timing_queries, block)
@@ -113,25 +155,31 @@ class ExhaustiveStage:
         block = max(1, min(self.block, self.max_block_bytes // max(1, 4 * ng)))
         scores = torch.empty(nq, depth)
         ids = torch.empty(nq, depth, dtype=torch.long)
-        lat: list[float] = []
-        for q0 in range(0, nq, block):
-            q1 = min(q0 + block, nq)
-            t0 = time.perf_counter()
-            s = score_store(inputs.matcher, q[q0:q1], store)
-            top = s.topk(depth, dim=1)
-            _sync(inputs.matcher)
-            lat.extend([(time.perf_counter() - t0) * 1e3 / (q1 - q0)] * (q1 - q0))
+
+        def search_block(q0: int, q1: int) -> None:
+            top = score_store(inputs.matcher, q[q0:q1], store).topk(depth, dim=1)
             scores[q0:q1], ids[q0:q1] = top.values, top.indices
-        single = _single_timings(
+
+        sync = _sync(inputs.matcher)
+        lat = timed_blocks(nq, block, search_block, sync)
+        single = single_query_latencies(
             lambda i: score_store(inputs.matcher, q[i : i + 1], store).topk(depth, dim=1),
             nq,
             self.timing_queries,
+            sync,
+        )
+        report = StageReport(
+            bytes_per_image=inputs.gallery_store.bytes_per_image(),
+            latency_ms={"exhaustive": lat, "total": list(lat)},
+            single_latency_ms={"exhaustive": single},
+            reference=True,
         )
         return Ranking(
             indices=ids,
             scores=scores,
-            timings_ms={"exhaustive": lat, "total": list(lat), "exhaustive_single": single},
+            timings_ms=report.timings_ms(),
             extra=_store_extra(inputs.gallery_store),
+            report=report,
         )
 
 
@@ -167,13 +215,12 @@ class TwoStage(SingleStage):
         q = inputs.query_tokens
         nq = len(q)
         rr = torch.empty(nq, s)
-        lat2: list[float] = []
-        for q0 in range(0, nq, self.block):
-            q1 = min(q0 + self.block, nq)
-            t0 = time.perf_counter()
+
+        def rerank_block(q0: int, q1: int) -> None:
             rr[q0:q1] = rerank_store(inputs.matcher, q[q0:q1], store, short[q0:q1])
-            _sync(inputs.matcher)
-            lat2.extend([(time.perf_counter() - t0) * 1e3 / (q1 - q0)] * (q1 - q0))
+
+        sync = _sync(inputs.matcher)
+        lat2 = timed_blocks(nq, self.block, rerank_block, sync)
         order = rr.argsort(dim=1, descending=True, stable=True)
         ids = short.gather(1, order)
         scores = rr.gather(1, order)
@@ -185,13 +232,29 @@ class TwoStage(SingleStage):
             ids = torch.cat([ids, tail_ids], dim=1)
             scores = torch.cat([scores, tail], dim=1)
         ids, scores = ids[:, :depth], scores[:, :depth]
-        single1 = _single_timings(
+        single1 = single_query_latencies(
             lambda i: index.search(inputs.query_vectors[i : i + 1], s), nq, self.timing_queries
         )
-        single2 = _single_timings(
+        single2 = single_query_latencies(
             lambda i: rerank_store(inputs.matcher, q[i : i + 1], store, short[i : i + 1]),
             nq,
             self.timing_queries,
+            sync,
+        )
+        report = StageReport(
+            bytes_per_image=index.nbytes / max(1, ng) + inputs.gallery_store.bytes_per_image(),
+            latency_ms={
+                "stage1": lat1,
+                "rerank": lat2,
+                "total": [a + b for a, b in zip(lat1, lat2, strict=True)],
+            },
+            single_latency_ms={
+                "stage1": single1,
+                "rerank": single2,
+                "total": [a + b for a, b in zip(single1, single2, strict=True)],
+            },
+            recovers_reference=True,
+            stage1=self.settings.as_dict(),
         )
         extra = {"index_bytes": float(index.nbytes), "shortlist": float(s)}
         extra.update(_store_extra(inputs.gallery_store))
@@ -199,23 +262,7 @@ class TwoStage(SingleStage):
             indices=ids,
             scores=scores,
             shortlist=short,
-            timings_ms={
-                "stage1": lat1,
-                "rerank": lat2,
-                "total": [a + b for a, b in zip(lat1, lat2, strict=True)],
-                "stage1_single": single1,
-                "rerank_single": single2,
-                "total_single": [a + b for a, b in zip(single1, single2, strict=True)],
-            },
+            timings_ms=report.timings_ms(),
             extra=extra,
+            report=report,
         )
-
-
-def _single_timings(fn: Any, nq: int, count: int) -> list[float]:
-    """Latency (ms) of ``fn(i)`` for the first ``count`` queries, one query at a time."""
-    out = []
-    for i in range(min(count, nq)):
-        t0 = time.perf_counter()
-        fn(i)
-        out.append((time.perf_counter() - t0) * 1e3)
-    return out

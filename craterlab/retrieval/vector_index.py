@@ -2,15 +2,19 @@
 
 ``index`` is a FAISS ``index_factory`` string over inner product ("Flat", "IVF1024,Flat",
 "HNSW32", "IVF256,PQ48", ...) or ``"torch"``: exact inner-product search by chunked matmul +
-topk, which on CPUs where faiss-cpu's bundled BLAS runs slow kernels is ~3x faster than
-``Flat``, and on CUDA runs in fp16. Search knobs (``nprobe`` for IVF, ``efSearch`` for HNSW) are
-applied when the index has them.
+topk (fp16 on CUDA). On CPU, FAISS ``Flat`` is the faster exact search on the benchmark
+machine (``benchmarks/bench_retrieval.py`` times both side by side); ``torch`` is there for
+GPUs. Search knobs (``nprobe`` for IVF,
+``efSearch`` for HNSW) are applied when the index has them.
+
+:class:`Stage1Settings` is the one place these settings live: stages, the saved gallery index
+and the run all pass it around, and a saved index records every field of it.
 """
 
 from __future__ import annotations
 
 import os
-import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,35 @@ import faiss
 import numpy as np
 import torch
 
+from craterlab.devices import compute_dtype, resolve_device
 from craterlab.errors import ConfigError, DataError
+from craterlab.retrieval.timing import timed_blocks
+
+
+@dataclass(frozen=True)
+class Stage1Settings:
+    """Everything that defines a stage-1 index: the FAISS factory string (or 'torch'), the
+    IVF ``nprobe`` and HNSW ``ef_search`` search knobs (None: FAISS's defaults) and the device
+    of the 'torch' index ('auto', 'cpu', 'cuda', ...)."""
+
+    index: str = "Flat"
+    nprobe: int | None = None
+    ef_search: int | None = None
+    device: str = "auto"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stage1Settings:
+        """Settings from a mapping (a saved index's metadata); unknown keys are ignored."""
+        return cls(**{k: data[k] for k in ("index", "nprobe", "ef_search", "device") if k in data})
+
+    def make(self, chunk: int = 1000) -> VectorIndex:
+        """An empty index with these settings (``build`` or ``load`` fills it)."""
+        return VectorIndex(
+            self.index, self.nprobe, self.ef_search, resolve_device(self.device), chunk
+        )
 
 
 class VectorIndex:
@@ -41,6 +73,11 @@ class VectorIndex:
         self.vectors: torch.Tensor | None = None
         self.dim: int | None = None
         self.ntotal = 0
+        self._nbytes: tuple[tuple[int, int], int] | None = None
+
+    @property
+    def settings(self) -> Stage1Settings:
+        return Stage1Settings(self.spec, self.nprobe, self.ef_search, str(self.device))
 
     @property
     def is_torch(self) -> bool:
@@ -54,7 +91,7 @@ class VectorIndex:
         self.dim = v.shape[1]
         self.ntotal = v.shape[0]
         if self.is_torch:
-            dt = torch.float16 if self.device.type == "cuda" else torch.float32
+            dt = compute_dtype(self.device)
             self.vectors = v.to(self.device, dt).contiguous()
             return self
         try:
@@ -99,18 +136,21 @@ class VectorIndex:
         """(scores, indices) of the top-k, each (Nq, k) on CPU, and per-query latencies (ms,
         amortized over each chunk of queries). Missing results (approximate indexes) are -1."""
         q = queries.detach().float()
+        if q.dim() != 2 or (self.dim is not None and q.shape[1] != self.dim):
+            raise DataError(
+                f"Query vectors have shape {tuple(q.shape)} but this index holds "
+                f"{self.dim}-dimensional gallery vectors. Encode the queries with the backbone "
+                "and pooling that built the index."
+            )
         nq = q.shape[0]
         k = min(k, self.ntotal)
         scores = torch.empty(nq, k)
         ids = torch.empty(nq, k, dtype=torch.long)
-        lat: list[float] = []
-        for q0 in range(0, nq, self.chunk):
-            q1 = min(q0 + self.chunk, nq)
-            t0 = time.perf_counter()
-            s, i = self._search_chunk(q[q0:q1], k)
-            dt = (time.perf_counter() - t0) * 1e3 / (q1 - q0)
-            scores[q0:q1], ids[q0:q1] = s, i
-            lat.extend([dt] * (q1 - q0))
+
+        def block(q0: int, q1: int) -> None:
+            scores[q0:q1], ids[q0:q1] = self._search_chunk(q[q0:q1], k)
+
+        lat = timed_blocks(nq, self.chunk, block)
         return scores, ids, lat
 
     def _search_chunk(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,10 +166,58 @@ class VectorIndex:
 
     @property
     def nbytes(self) -> int:
-        """Size of the serialized index (the vectors for 'torch')."""
+        """Size of the serialized index (the vectors for 'torch'). Serializing a FAISS index
+        is O(N), and stages report this per search call, so it is kept until the index changes
+        (build, load, add, remove)."""
         if self.is_torch:
             return 0 if self.vectors is None else self.ntotal * (self.dim or 0) * 4
-        return int(faiss.serialize_index(self.faiss_index).nbytes)
+        key = (id(self.faiss_index), self.ntotal)
+        if self._nbytes is None or self._nbytes[0] != key:
+            self._nbytes = (key, int(faiss.serialize_index(self.faiss_index).nbytes))
+        return self._nbytes[1]
+
+    # -- incremental updates (rows are ids: appended rows continue from ntotal)
+    def add(self, vectors: torch.Tensor) -> None:
+        """Append rows to a built index: FAISS ``add`` keeps the trained quantizer and PQ
+        codebooks (no retraining); 'torch' concatenates."""
+        v = vectors.detach().float().cpu()
+        self._nbytes = None
+        if self.is_torch:
+            assert self.vectors is not None
+            self.vectors = torch.cat([self.vectors, v.to(self.vectors)])
+        else:
+            self.faiss_index.add(np.ascontiguousarray(v.numpy(), dtype=np.float32))
+        self.ntotal += len(v)
+
+    def remove(self, rows: np.ndarray, remaining: torch.Tensor) -> str:
+        """Delete ``rows`` (sorted, unique) so the other rows keep their order and ids become
+        row numbers of the compacted gallery again; ``remaining`` are the vectors left (used
+        only to rebuild an HNSW graph, which FAISS cannot delete from). Returns how."""
+        rows = np.asarray(rows, dtype=np.int64)
+        self._nbytes = None
+        if self.is_torch:
+            assert self.vectors is not None
+            keep = torch.from_numpy(np.setdiff1d(np.arange(self.ntotal), rows))
+            self.vectors = self.vectors[keep.to(self.vectors.device)]
+            self.ntotal = len(keep)
+            return "rows dropped"
+        ivf = _ivf_of(self.faiss_index)
+        if ivf is not None:
+            self.faiss_index.remove_ids(rows)
+            for list_no in range(ivf.nlist):  # ids above a removed row shift down
+                size = ivf.invlists.list_size(list_no)
+                if size:
+                    ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(list_no), size)
+                    ids -= np.searchsorted(rows, ids, side="left")
+            self.ntotal = int(self.faiss_index.ntotal)
+            return "IVF entries removed and renumbered in place"
+        try:
+            self.faiss_index.remove_ids(rows)
+        except RuntimeError:  # HNSW: no deletion in FAISS
+            self.build(remaining)
+            return "graph rebuilt from the remaining vectors (HNSW cannot delete)"
+        self.ntotal = int(self.faiss_index.ntotal)
+        return "rows removed"
 
     def save(self, directory: str | os.PathLike[str]) -> None:
         path = Path(directory)
@@ -141,16 +229,50 @@ class VectorIndex:
             faiss.write_index(self.faiss_index, str(path / "index.faiss"))
 
     def load(self, directory: str | os.PathLike[str], ntotal: int, dim: int) -> VectorIndex:
+        """Read an index written by :meth:`save` over ``ntotal`` vectors of ``dim``; a file
+        that is missing, unreadable or holds another count or dimension is a
+        :class:`DataError` that names it."""
         path = Path(directory)
         self.ntotal, self.dim = ntotal, dim
         if self.is_torch:
-            v = np.fromfile(path / "vectors.bin", dtype=np.float32).reshape(ntotal, dim)
-            dt = torch.float16 if self.device.type == "cuda" else torch.float32
-            self.vectors = torch.from_numpy(v).to(self.device, dt)
-        else:
-            self.faiss_index = faiss.read_index(str(path / "index.faiss"))
-            self._apply_knobs()
+            file = path / "vectors.bin"
+            want = ntotal * dim * 4
+            got = file.stat().st_size if file.is_file() else None
+            if got != want:
+                raise DataError(
+                    f"Stage-1 file {file} is {'missing' if got is None else f'{got} bytes'}; "
+                    f"{ntotal} x {dim} float32 vectors need {want}. Re-save the index."
+                )
+            v = np.fromfile(file, dtype=np.float32).reshape(ntotal, dim)
+            self.vectors = torch.from_numpy(v).to(self.device, compute_dtype(self.device))
+            return self
+        file = path / "index.faiss"
+        if not file.is_file():
+            raise DataError(f"Stage-1 file {file} is missing. Re-save the index.")
+        try:
+            index = faiss.read_index(str(file))
+        except RuntimeError as exc:
+            raise DataError(
+                f"Stage-1 file {file} is not a readable FAISS index "
+                f"({str(exc).splitlines()[0][:160]}). Re-save the index."
+            ) from None
+        if index.ntotal != ntotal or index.d != dim:
+            raise DataError(
+                f"Stage-1 file {file} holds {index.ntotal} vectors of dim {index.d}, but the "
+                f"index has {ntotal} gallery items of dim {dim}: it belongs to another gallery. "
+                "Re-save the index."
+            )
+        self.faiss_index = index
+        self._apply_knobs()
         return self
+
+
+def _ivf_of(index: Any) -> Any:
+    """The IVF part of a FAISS index (IVF-Flat, IVF-PQ, ...), or None."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, AttributeError):
+        return None
 
 
 def _nlist(index: Any) -> int | None:

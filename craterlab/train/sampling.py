@@ -17,8 +17,9 @@ def pk_batches(
     """``num_batches`` batches of indices into ``labels``, each P classes x K images.
 
     Classes are visited in shuffled rounds (no class twice in a batch); each class's images are
-    drawn from a reshuffled queue, so an epoch covers the images evenly, and a class with fewer
-    than K images repeats some (their augmentations differ). P is capped at the number of
+    drawn from a reshuffled queue, so an epoch covers the images evenly; a class with at least K
+    images has K distinct ones in every batch, one with fewer repeats some (their augmentations
+    differ). P is capped at the number of
     classes. Deterministic in ``seed`` (a per-epoch seed makes resuming exact).
     """
     rng = random.Random(seed)
@@ -34,7 +35,12 @@ def pk_batches(
         out: list[int] = []
         while len(out) < images_per_class:
             if not image_queues[c]:
-                image_queues[c] = rng.sample(by_class[c], len(by_class[c]))
+                fresh = rng.sample(by_class[c], len(by_class[c]))
+                # Images already in this batch are popped last: a class with >= K images
+                # never repeats one within a batch (MPerClassSampler's guarantee).
+                image_queues[c] = [i for i in fresh if i in out] + [
+                    i for i in fresh if i not in out
+                ]
             out.append(image_queues[c].pop())
         return out
 

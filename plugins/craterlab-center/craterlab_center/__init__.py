@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from craterlab.hookspecs import hookimpl
-from craterlab.types import Features, Tokens
+from craterlab import Features, Tokens, hookimpl
 
 
 class CenterSelector:
@@ -40,8 +39,8 @@ def register_selectors(register: Any) -> None:
 
 
 @hookimpl
-def run_finished(
-    config: dict[str, Any], run_dir: str, results: dict[str, dict[str, float]]
-) -> None:
-    summary = {mode: metrics.get("mAP") for mode, metrics in results.items()}
-    Path(run_dir, "center_summary.json").write_text(json.dumps(summary, indent=2))
+def run_finished(run_dir: str, results: dict[str, dict[str, float]], tracker: Any) -> None:
+    """Write mAP per mode to center_summary.json in the run directory, and log it."""
+    summary = Path(run_dir, "center_summary.json")
+    summary.write_text(json.dumps({m: r.get("mAP") for m, r in results.items()}, indent=2))
+    tracker.log_artifact(summary)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 from craterlab_center import CenterSelector
 
-from craterlab.plugins import fill_registry, make_manager
-from craterlab.testing import random_features
+from craterlab.testing import check_component, random_features
 
 
-def test_registered_through_entry_point() -> None:
-    registry = fill_registry(make_manager(load_entry_points=True))
-    component = registry.get("selector", "center")
-    assert component.plugin == "center"
+def test_registered_through_entry_point(craterlab_registry) -> None:
+    assert craterlab_registry.get("selector", "center").plugin == "center"
+
+
+def test_keeps_the_selector_contract() -> None:
+    check_component("selector", "center")  # config: conf/selector/center.yaml with k=4
+    check_component("selector", "center", {"k": 16})  # every token of the 4x4 grid
 
 
 def test_picks_tokens_nearest_the_centre() -> None:

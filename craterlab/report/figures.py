@@ -1,0 +1,183 @@
+"""The study's figures from run records, as PNG and SVG (matplotlib, Agg backend).
+
+- ``map_vs_k``: mAP against K per token method and backbone (Fig 3);
+- ``map_vs_bytes``: mAP against bytes per image per method and mode (Fig 4);
+- ``map_vs_parameters``: single-vector mAP (best pooling) against backbone parameters (Fig 2);
+- ``shortlist``: mAP, R@S and latency against the shortlist size S, with exhaustive late
+  interaction as a reference line (Table 4).
+
+A figure is drawn when its x variable takes at least two values among the runs. Points of
+runs with untrained weights are drawn hollow and the title says so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from craterlab.report.runs import RunRecord
+
+LI_MODES = ("exhaustive", "two_stage")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _float(x: str) -> float | None:
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _title(base: str, records: Sequence[RunRecord]) -> str:
+    return base + (" [random weights: not comparable]" if any(r.untrained for r in records) else "")
+
+
+def _save(fig, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{stem}.png", out_dir / f"{stem}.svg"]
+    fig.tight_layout()
+    for p in paths:
+        fig.savefig(p, dpi=120)
+    _plt().close(fig)
+    return paths
+
+
+def _marker(untrained: bool) -> dict:
+    return {"marker": "o", "markerfacecolor": "none" if untrained else None}
+
+
+def _li_mode(record: RunRecord) -> str | None:
+    return next((m for m in ("exhaustive", "two_stage") if m in record.results), None)
+
+
+def map_vs_k(records: Sequence[RunRecord], out_dir: Path) -> list[Path]:
+    series: dict[str, list[tuple[float, float, bool]]] = defaultdict(list)
+    for r in records:
+        k, mode = _float(r.view()["k"]), _li_mode(r)
+        if k is None or mode is None or "mAP" not in r.results[mode]:
+            continue
+        view = r.view()
+        series[f"{view['tokens']} — {view['backbone']}"].append(
+            (k, r.results[mode]["mAP"], r.untrained)
+        )
+    if len({k for pts in series.values() for k, _, _ in pts}) < 2:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **_marker(pts[0][2]))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("K (tokens per image)")
+    ax.set_ylabel("mAP (late interaction)")
+    ax.set_title(_title("mAP vs K", records))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, "map_vs_k")
+
+
+def map_vs_bytes(records: Sequence[RunRecord], out_dir: Path) -> list[Path]:
+    series: dict[str, list[tuple[float, float, bool]]] = defaultdict(list)
+    for r in records:
+        view = r.view()
+        for mode, m in r.results.items():
+            b, ap = m.get("bytes_per_image"), m.get("mAP")
+            if b is None or ap is None or b <= 0:
+                continue
+            label = f"{mode}: {view['tokens']} {view['quantizer']}" if mode != "single" else mode
+            series[label].append((b, ap, r.untrained))
+    if len({b for pts in series.values() for b, _, _ in pts}) < 2:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **_marker(pts[0][2]))
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per image")
+    ax.set_ylabel("mAP")
+    ax.set_title(_title("mAP vs storage", records))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, "map_vs_bytes")
+
+
+def map_vs_parameters(records: Sequence[RunRecord], out_dir: Path) -> list[Path]:
+    best: dict[str, tuple[float, float, bool]] = {}
+    for r in records:
+        m = r.results.get("single")
+        if not r.parameters or m is None or "mAP" not in m:
+            continue
+        name = r.view()["backbone"]
+        if name not in best or m["mAP"] > best[name][1]:
+            best[name] = (float(r.parameters), m["mAP"], r.untrained)
+    if len({p for p, _, _ in best.values()}) < 2:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, (params, ap, untrained) in sorted(best.items()):
+        ax.plot([params / 1e6], [ap], linestyle="none", **_marker(untrained))
+        ax.annotate(name, (params / 1e6, ap), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("backbone parameters (millions)")
+    ax.set_ylabel("mAP (single vector, best pooling)")
+    ax.set_title(_title("mAP vs parameters", records))
+    ax.grid(alpha=0.3)
+    return _save(fig, out_dir, "map_vs_parameters")
+
+
+def shortlist(records: Sequence[RunRecord], out_dir: Path) -> list[Path]:
+    series: dict[str, list[tuple[float, dict, bool]]] = defaultdict(list)
+    reference: dict[str, float] = {}
+    for r in records:
+        s, view = _float(r.view()["shortlist"]), r.view()
+        label = f"{view['backbone']} {view['tokens']} {view['quantizer']}"
+        if s is not None and "two_stage" in r.results:
+            series[label].append((s, r.results["two_stage"], r.untrained))
+        if "mAP" in r.results.get("exhaustive", {}):
+            reference[label] = r.results["exhaustive"]["mAP"]
+    if len({s for pts in series.values() for s, _, _ in pts}) < 2:
+        return []
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    panels = (
+        ("mAP", "mAP"),
+        ("R@S", "R@S (shortlist holds a relevant image)"),
+        ("ms_per_query", "ms per query"),
+    )
+    for ax, (key, ylabel) in zip(axes, panels, strict=True):
+        for label, pts in sorted(series.items()):
+            pts.sort(key=lambda p: p[0])
+            xs = [p[0] for p in pts]
+            ys = [p[1].get(key, math.nan) for p in pts]
+            (line,) = ax.plot(xs, ys, label=label, **_marker(pts[0][2]))
+            if key == "mAP" and label in reference:
+                ax.axhline(reference[label], color=line.get_color(), linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("shortlist size S")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, title="dashed: exhaustive LI", title_fontsize=7)
+    fig.suptitle(_title("Two-stage retrieval vs S", records))
+    return _save(fig, out_dir, "shortlist")
+
+
+FIGURES = (map_vs_k, map_vs_bytes, map_vs_parameters, shortlist)
+
+
+def write_figures(records: Sequence[RunRecord], out_dir: Path) -> list[Path]:
+    """Every figure the records support, as PNG and SVG files in ``out_dir``."""
+    paths: list[Path] = []
+    for figure in FIGURES:
+        paths += figure(records, out_dir)
+    return paths

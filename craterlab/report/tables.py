@@ -1,0 +1,286 @@
+"""Tables: the results table a run prints, and a sweep's table in the paper's layout.
+
+A sweep table has one row per run and retrieval mode (or per group, keeping the best run of
+a ``best_over`` field, as the paper's "best pooling" columns do) and, per metric, our value,
+the paper's value and the difference. Runs with untrained weights are marked as the run
+marks them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from craterlab.report.marks import UNTRAINED_NOTE, is_untrained, weights_mark
+from craterlab.report.paper import PaperValue, lookup
+from craterlab.report.runs import RunRecord, varying_fields
+
+# ------------------------------------------------------------------ the run's results table
+
+
+def _cell(value: float | None, fmt: str, width: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"{'-':>{width}}"
+    return f"{value:>{width}{fmt}}"
+
+
+def truncation_note(results: Mapping[str, Mapping[str, float]]) -> str | None:
+    """A line saying mAP was computed on a truncated list, or None for the whole gallery."""
+    for m in results.values():
+        depth, size = m.get("depth"), m.get("gallery_size")
+        if depth is not None and size is not None and depth < size:
+            return (
+                f"NOTE: mAP over the top {depth:.0f} of {size:.0f} gallery images (depth="
+                f"{depth:.0f}, truncated): it can only be lower than the whole-gallery mAP "
+                "of the study (depth=all)."
+            )
+    return None
+
+
+def format_run_table(
+    results: Mapping[str, Mapping[str, float]], weights: str, backbone: str, tokens: str
+) -> str:
+    """The results table printed at the end of a run."""
+    columns = ["R@1", "R@5", "R@10", "mAP", "R@S", "bytes/img", "ms/query"]
+    header = f"{'mode':<12}" + "".join(f"{c:>11}" for c in columns) + f"{'mAP 95% CI':>18}"
+    lines = [
+        "",
+        f"Results — backbone {backbone} {weights_mark(weights)}, tokens {tokens}",
+        header,
+        "-" * len(header),
+    ]
+    for mode, m in results.items():
+        row = "".join(_cell(m.get(c), ".3f", 11) for c in ("R@1", "R@5", "R@10", "mAP", "R@S"))
+        row += _cell(m.get("bytes_per_image"), ".0f", 11) + _cell(m.get("ms_per_query"), ".3f", 11)
+        lo, hi = m.get("mAP_ci_low"), m.get("mAP_ci_high")
+        ci = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "-"
+        lines.append(f"{mode:<12}{row}{ci:>18}")
+    alt = ["recall@1", "recall@10", "mAP_identity", "mAP_retrieved"]
+    lines.append(f"{'also logged':<12}" + "".join(f"{c:>15}" for c in alt))
+    for mode, m in results.items():
+        lines.append(f"{mode:<12}" + "".join(_cell(m.get(c), ".3f", 15) for c in alt))
+    note = truncation_note(results)
+    if note:
+        lines.append(note)
+    if is_untrained(weights):
+        lines.append(UNTRAINED_NOTE)
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ the paper-layout tables
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a study table is laid out: label fields, modes, metric columns, best-of field."""
+
+    title: str
+    rows: tuple[str, ...] = ()  # view fields naming a row; () = what the sweep varied
+    modes: tuple[str, ...] = ()  # () = every mode the runs have
+    metrics: tuple[str, ...] = ("R@1", "R@10", "mAP")
+    best_over: tuple[str, ...] = ()  # keep the run with the best mAP over these fields
+
+
+LI = ("exhaustive",)
+LAYOUTS: dict[str, Layout] = {
+    "table2_backbones": Layout(
+        "Table 2 / 5: frozen backbones, single vector, best pooling",
+        ("backbone",),
+        ("single",),
+        best_over=("pooling",),
+    ),
+    "fig2_parameters": Layout(
+        "Fig 2: mAP against backbone parameters (best pooling)",
+        ("backbone",),
+        ("single",),
+        ("mAP",),
+        best_over=("pooling",),
+    ),
+    "table6_pooling": Layout("Table 6: pooling per ViT", ("backbone", "pooling"), ("single",)),
+    "headline_k16": Layout("Headline: K=16, raw selection vs instance tokens", ("tokens",), LI),
+    "fig3_k_sweep": Layout("Fig 3: mAP against K", ("backbone", "tokens", "k"), LI, ("mAP",)),
+    "table3_aggregation": Layout(
+        "Table 3 / Fig 4: aggregation at matched bytes",
+        ("tokens", "k"),
+        LI,
+        ("R@1", "R@10", "mAP", "bytes_per_image"),
+    ),
+    "table4_two_stage": Layout(
+        "Table 4: two-stage retrieval against full late interaction",
+        ("backbone", "shortlist"),
+        ("exhaustive", "two_stage"),
+        ("mAP", "R@S", "mAP_recovered", "latency_rerank_p50_ms", "ms_per_query"),
+    ),
+    "table8_selection": Layout("Table 8: token selection strategies", ("selector", "k"), LI),
+    "table9_seeds": Layout("Table 9: instance-token seeds", ("backbone", "seeds", "k"), LI),
+    "table10_assignment": Layout("Table 10: instance-token assignment", ("assign", "k"), LI),
+    "table11_k": Layout(
+        "Table 11: token budget K", ("tokens", "k"), LI, ("R@1", "R@10", "mAP", "bytes_per_image")
+    ),
+    "table12_quantization": Layout(
+        "Table 12: token quantization",
+        ("quantizer",),
+        ("exhaustive", "two_stage"),
+        ("R@1", "mAP", "bytes_per_image"),
+    ),
+    "finetune": Layout("Fine-tuning baselines", ("train", "augment"), ("single", "exhaustive")),
+}
+DEFAULT_METRICS = ("R@1", "R@10", "mAP", "R@S", "bytes_per_image", "ms_per_query")
+
+
+@dataclass
+class Table:
+    """A rendered-agnostic table: label columns, per-metric (ours, paper, diff), notes."""
+
+    title: str
+    label_fields: list[str]
+    metrics: list[str]
+    rows: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def layout_for(name: str | None, records: Sequence[RunRecord]) -> Layout:
+    """The layout of a study table, or a generic one over what the sweep varied."""
+    if name and name in LAYOUTS:
+        return LAYOUTS[name]
+    return Layout(f"Sweep results{f' ({name})' if name else ''}", metrics=DEFAULT_METRICS)
+
+
+def build_table(records: Sequence[RunRecord], layout: Layout) -> Table:
+    """Rows of ``records`` in ``layout``, each metric beside the paper's value."""
+    labels = list(layout.rows) or varying_fields(records) or ["backbone"]
+    candidates = []
+    for record in records:
+        view = record.view()
+        for mode, metrics in record.results.items():
+            if layout.modes and mode not in layout.modes:
+                continue
+            candidates.append((record, {**view, "mode": mode}, metrics))
+    modes = {c[1]["mode"] for c in candidates}
+    label_fields = labels + (["mode"] if len(modes) > 1 else [])
+    if layout.best_over:
+        best: dict[tuple, tuple] = {}
+        for cand in candidates:
+            key = tuple(cand[1][f] for f in label_fields)
+            score = cand[2].get("mAP", -math.inf)
+            if key not in best or score > best[key][2].get("mAP", -math.inf):
+                best[key] = cand
+        candidates = list(best.values())
+        label_fields = label_fields + [f for f in layout.best_over if f not in label_fields]
+    table = Table(layout.title, label_fields, list(layout.metrics))
+    for record, view, metrics in candidates:
+        row: dict = {f: view[f] for f in label_fields}
+        row["weights"] = weights_mark(record.weights)
+        row["untrained"] = record.untrained
+        row["run"] = record.name
+        for metric in layout.metrics:
+            ours = metrics.get(metric)
+            paper: PaperValue | None = lookup(view, metric)
+            row[metric] = ours
+            row[f"{metric} paper"] = paper.text() if paper else None
+            row[f"{metric} diff"] = (
+                paper.difference(ours) if paper is not None and ours is not None else None
+            )
+            if paper is not None:
+                table.notes.append(f"{metric} of {_label(row, label_fields)}: {paper.source}")
+        lo, hi = metrics.get("mAP_ci_low"), metrics.get("mAP_ci_high")
+        row["mAP 95% CI"] = f"[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else None
+        row["_depth"] = (metrics.get("depth"), metrics.get("gallery_size"))
+        row["_dataset"] = view["dataset"]
+        table.rows.append(row)
+    table.rows.sort(key=lambda r: tuple(_sort_key(r[f]) for f in label_fields))
+    truncated = {d for r in table.rows for d in [r.pop("_depth")] if d[0] and d[1] and d[0] < d[1]}
+    if truncated:
+        depths = ", ".join(sorted({f"{d:.0f} of {n:.0f}" for d, n in truncated}))
+        table.notes.insert(0, f"mAP on a truncated ranked list (depth: top {depths} images).")
+    datasets = sorted({str(r.get("_dataset")) for r in table.rows} - {"craterbench_r"})
+    if datasets:
+        table.notes.insert(
+            0,
+            f"Dataset {', '.join(datasets)}, not CraterBench-R: the paper's numbers are shown "
+            "for reference only.",
+        )
+    for row in table.rows:
+        row.pop("_dataset", None)
+    if any(r["untrained"] for r in table.rows):
+        table.notes.insert(0, UNTRAINED_NOTE.removeprefix("NOTE: ").capitalize())
+    return table
+
+
+def _sort_key(value: str) -> tuple:
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def _label(row: Mapping, fields: Sequence[str]) -> str:
+    return ", ".join(f"{f}={row[f]}" for f in fields)
+
+
+def _num(value: float | None, metric: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if metric.startswith("bytes") or abs(value) >= 100:
+        return f"{value:,.0f}"
+    if metric.endswith("_ms") or metric == "ms_per_query":
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _diff(value: float | None, metric: str) -> str:
+    if value is None:
+        return "—"
+    return ("+" if value >= 0 else "") + _num(value, metric)
+
+
+def columns(table: Table) -> list[str]:
+    """The column names of the CSV and Markdown renderings."""
+    cols = list(table.label_fields) + ["weights"]
+    for metric in table.metrics:
+        cols += [metric, f"{metric} paper", f"{metric} diff"]
+    return cols + ["mAP 95% CI"]
+
+
+def to_markdown(table: Table) -> str:
+    cols = columns(table)
+    lines = [f"### {table.title}", "", "| " + " | ".join(cols) + " |"]
+    lines.append("|" + "|".join("---" for _ in cols) + "|")
+    for row in table.rows:
+        cells = []
+        for col in cols:
+            base = col.removesuffix(" diff")
+            if col in table.metrics:
+                cells.append(_num(row[col], col))
+            elif col.endswith(" diff") and base in table.metrics:
+                cells.append(_diff(row[col], base))
+            else:
+                cells.append("—" if row.get(col) is None else str(row[col]))
+        lines.append("| " + " | ".join(cells) + " |")
+    if table.notes:
+        lines.append("")
+        lines += [f"- {n}" for n in dict.fromkeys(table.notes)]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    cols = columns(table) + ["run"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(cols)
+    for row in table.rows:
+        writer.writerow(["" if row.get(c) is None else row[c] for c in cols])
+    return buffer.getvalue()
+
+
+def write_table(table: Table, out_dir: Path, stem: str = "table") -> list[Path]:
+    """``<stem>.md`` and ``<stem>.csv`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md, cs = out_dir / f"{stem}.md", out_dir / f"{stem}.csv"
+    md.write_text(to_markdown(table))
+    cs.write_text(to_csv(table))
+    return [md, cs]

@@ -1,0 +1,209 @@
+"""Budget planner: ``python -m craterlab plan --bytes-per-image B --ms-per-query T``.
+
+Reads the measured runs of an MLflow experiment (FINISHED job runs, not sweep parents). Each
+retrieval mode of each run is one candidate: (mAP, bytes per image, ms per query), described by
+K, quantizer, aggregator (the selector when ``aggregator=none``), S (two-stage only) and the
+backbone. It prints the Pareto front (no other candidate has higher or equal mAP with no more
+bytes and no more time, and is better in one of them) and the best candidate within the budget
+(highest mAP; ties go to fewer bytes, then less time), as the command line that runs it: the
+run's recorded overrides, with ``retrieval=`` set to the chosen mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from craterlab.errors import CraterlabError
+from craterlab.sweeps.resume import OVERRIDES_TAG
+
+MODES_WITH_SHORTLIST = ("two_stage",)
+RUN_LOCAL_PREFIXES = ("tracking.", "hydra.", "output_dir", "cache.", "resume")
+
+
+@dataclass
+class Candidate:
+    """One retrieval mode of one measured run."""
+
+    run_id: str
+    mode: str
+    map: float
+    bytes_per_image: float
+    ms_per_query: float
+    setting: dict[str, str] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+
+    def dominates(self, other: Candidate) -> bool:
+        no_worse = (
+            self.map >= other.map
+            and self.bytes_per_image <= other.bytes_per_image
+            and self.ms_per_query <= other.ms_per_query
+        )
+        better = (
+            self.map > other.map
+            or self.bytes_per_image < other.bytes_per_image
+            or self.ms_per_query < other.ms_per_query
+        )
+        return no_worse and better
+
+    def command(self) -> str:
+        """The command line that runs this candidate again."""
+        keep = [
+            o
+            for o in self.overrides
+            if not o.lstrip("+~").startswith(RUN_LOCAL_PREFIXES) and not o.startswith("retrieval=")
+        ]
+        retrieval = [f"retrieval={self.mode}"] if retrieval_option(self.mode) else []
+        return " ".join(["python -m craterlab", *map(shlex.quote, keep + retrieval)])
+
+
+def retrieval_option(mode: str) -> bool:
+    """Whether ``retrieval=<mode>`` is a config option (conf/retrieval/<mode>.yaml)."""
+    from craterlab.plugins import config_dir
+
+    return (Path(config_dir()) / "retrieval" / f"{mode}.yaml").is_file()
+
+
+def pareto_front(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """The candidates no other candidate dominates, by mAP (best first)."""
+    front = [c for c in candidates if not any(o.dominates(c) for o in candidates)]
+    return sorted(front, key=lambda c: (-c.map, c.bytes_per_image, c.ms_per_query))
+
+
+def best_within(
+    candidates: Sequence[Candidate], bytes_per_image: float, ms_per_query: float
+) -> Candidate | None:
+    """The highest-mAP candidate within both budgets (ties: fewer bytes, then less time)."""
+    fits = [
+        c
+        for c in candidates
+        if c.bytes_per_image <= bytes_per_image and c.ms_per_query <= ms_per_query
+    ]
+    return min(fits, key=lambda c: (-c.map, c.bytes_per_image, c.ms_per_query), default=None)
+
+
+def candidates_of_run(run: Any) -> list[Candidate]:
+    """The candidates of one MLflow run (one per mode that logged mAP, bytes and time)."""
+    metrics, params, tags = run.data.metrics, run.data.params, run.data.tags
+    aggregator = params.get("aggregator.name", "")
+    method = aggregator if aggregator not in ("", "none") else f"{params.get('selector.name')}"
+    try:
+        overrides = json.loads(tags.get(OVERRIDES_TAG) or "null")
+    except ValueError:
+        overrides = None
+    if not isinstance(overrides, list):  # runs logged before the tag: the run name
+        overrides = [o for o in (run.info.run_name or "").split(",") if "=" in o]
+    out = []
+    modes = {k.partition("/")[0] for k in metrics if k.endswith("/mAP")}
+    for mode in sorted(modes):
+        values = [metrics.get(f"{mode}/{m}") for m in ("mAP", "bytes_per_image", "ms_per_query")]
+        if any(v is None or not math.isfinite(v) for v in values):
+            continue
+        setting = {
+            "backbone": params.get("backbone.model", params.get("backbone.name", "")),
+            "K": params.get("k", ""),
+            "quantizer": params.get("quantizer.name", ""),
+            "tokens": method,
+            "S": params.get("shortlist", "") if mode in MODES_WITH_SHORTLIST else "-",
+        }
+        out.append(Candidate(run.info.run_id, mode, *values, setting, list(overrides)))  # type: ignore[arg-type]
+    return out
+
+
+def load_candidates(uri: str, experiment: str) -> list[Candidate]:
+    """Every candidate of the experiment's FINISHED job runs."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        raise CraterlabError(
+            f"The MLflow store {uri} has no experiment {experiment!r}. Run experiments first "
+            "(python -m craterlab -m k=16,32 quantizer=fp32,int8), or point the planner at "
+            "your store and experiment with --tracking-uri and --experiment."
+        )
+    runs = client.search_runs(
+        [found.experiment_id], filter_string="attributes.status = 'FINISHED'", max_results=50000
+    )
+    out = []
+    for run in runs:
+        if run.data.tags.get("craterlab.role") != "sweep":
+            out.extend(candidates_of_run(run))
+    return out
+
+
+def format_candidates(candidates: Sequence[Candidate]) -> str:
+    header = ["mAP", "bytes/img", "ms/query", "mode", "K", "quantizer", "tokens", "S", "backbone"]
+    rows = [
+        [
+            f"{c.map:.4f}",
+            f"{c.bytes_per_image:.0f}",
+            f"{c.ms_per_query:.3f}",
+            c.mode,
+            c.setting["K"],
+            c.setting["quantizer"],
+            c.setting["tokens"],
+            c.setting["S"],
+            c.setting["backbone"],
+        ]
+        for c in candidates
+    ]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def main(argv: list[str]) -> int:
+    from craterlab.mlflow_tracker import default_uri
+
+    parser = argparse.ArgumentParser(
+        prog="python -m craterlab plan",
+        description="Pareto front of measured runs and the best configuration within a budget.",
+    )
+    parser.add_argument("--bytes-per-image", type=float, required=True, help="storage budget B")
+    parser.add_argument("--ms-per-query", type=float, required=True, help="latency budget T")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: outputs/)")
+    parser.add_argument("--experiment", default="craterlab", help="MLflow experiment name")
+    args = parser.parse_args(argv)
+    uri = args.tracking_uri or default_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise CraterlabError(
+            f"There is no MLflow store at {uri}: nothing has been measured yet. Run a sweep "
+            "first, or pass --tracking-uri with the store your runs were logged to."
+        )
+    candidates = load_candidates(uri, args.experiment)
+    if not candidates:
+        raise CraterlabError(
+            f"Experiment {args.experiment!r} in {uri} has no finished run that logged mAP, "
+            "bytes_per_image and ms_per_query. Run a sweep first (python -m craterlab -m "
+            "k=16,32 quantizer=fp32,int8)."
+        )
+    front = pareto_front(candidates)
+    print(
+        f"{len(candidates)} measured configurations ({len({c.run_id for c in candidates})} "
+        f"runs) in {uri}, experiment {args.experiment!r}."
+    )
+    print(f"\nPareto front (mAP up, bytes/image down, ms/query down): {len(front)}")
+    print(format_candidates(front))
+    best = best_within(candidates, args.bytes_per_image, args.ms_per_query)
+    budget = f"{args.bytes_per_image:g} bytes/image and {args.ms_per_query:g} ms/query"
+    if best is None:
+        cheapest = min(candidates, key=lambda c: (c.bytes_per_image, c.ms_per_query))
+        print(
+            f"\nNo measured configuration fits {budget}. The smallest needs "
+            f"{cheapest.bytes_per_image:.0f} bytes/image and {cheapest.ms_per_query:.3f} "
+            "ms/query: raise the budget, or measure smaller settings (lower k, quantizer=int8 "
+            "or pq48, a smaller shortlist)."
+        )
+        return 1
+    print(f"\nBest within {budget}:")
+    print(format_candidates([best]))
+    print(f"\n  {best.command()}")
+    return 0

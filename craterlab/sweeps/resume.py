@@ -1,0 +1,153 @@
+"""Resumable sweeps: a job whose identical configuration already finished is skipped.
+
+A job's *identity* is a hash of its resolved config minus the keys that are local to one
+launch (:data:`RUN_LOCAL_KEYS`: output directories, tracking settings and run names, the cache
+location, decode workers, ``resume`` itself, the sharding of extraction). It is recorded on the
+run as the tag ``craterlab.config_hash``. When a multirun job starts with ``resume=true`` (the
+default), the tracker is asked for a FINISHED run with the same identity in the same
+experiment; if there is one the job is skipped and returns that run's metrics. FAILED and
+KILLED runs never count, so relaunching reruns them; ``resume=false`` reruns everything.
+Single runs (no ``-m``) always run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from craterlab.hashing import stable_hash
+
+log = logging.getLogger("craterlab")
+
+IDENTITY_TAG = "craterlab.config_hash"
+OVERRIDES_TAG = "craterlab.overrides"
+SKIPPED_FILE = "skipped.json"
+# Dotted keys (a group drops all of its keys) that don't change what a job computes.
+RUN_LOCAL_KEYS = (
+    "output_dir",
+    "resume",
+    "tracking",
+    "cache",
+    "num_workers",
+    "extract",
+    "report.page_queries",
+)
+
+
+def strip_keys(config: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """A copy of ``config`` without the dotted ``keys``."""
+    out = dict(config)
+    for key in keys:
+        head, _, rest = key.partition(".")
+        if head not in out:
+            continue
+        if rest and isinstance(out[head], Mapping):
+            out[head] = strip_keys(out[head], (rest,))
+        elif not rest:
+            del out[head]
+    return out
+
+
+def config_identity(config: Mapping[str, Any]) -> str:
+    """The job identity: a 20-hex hash of the resolved config minus :data:`RUN_LOCAL_KEYS`."""
+    return stable_hash(strip_keys(config, RUN_LOCAL_KEYS), 20)
+
+
+def job_overrides() -> list[str]:
+    """The job's command-line overrides (Hydra), [] outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task]
+
+
+def in_multirun() -> bool:
+    """Whether this process runs a job of a Hydra multirun (``-m``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def identity_tags(config: Mapping[str, Any]) -> dict[str, str]:
+    """Tags that let a relaunch recognize this job and the planner rebuild its command line."""
+    return {
+        IDENTITY_TAG: config_identity(config),
+        OVERRIDES_TAG: json.dumps(job_overrides()),
+    }
+
+
+@dataclass
+class FinishedRun:
+    """A finished run found by identity: its id, metrics and tags."""
+
+    run_id: str
+    metrics: dict[str, float]
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def split(self) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, float]]:
+        """(results per mode, storage, timings) from the flat metric names a run logs."""
+        results: dict[str, dict[str, float]] = {}
+        storage: dict[str, float] = {}
+        timings: dict[str, float] = {}
+        for key, value in self.metrics.items():
+            head, sep, name = key.partition("/")
+            if not sep:
+                continue
+            if head == "storage":
+                storage[name] = value
+            elif head == "time":
+                timings[name] = value
+            elif head not in ("train", "val", "model", "center"):
+                results.setdefault(head, {})[name.replace("_at_", "@")] = value
+        return results, storage, timings
+
+
+def previous_run(config: Mapping[str, Any]) -> FinishedRun | None:
+    """The FINISHED run of this job's identity, when resuming a multirun job; else None.
+
+    It is looked up through the tracker the config selects (``tracking``); a tracker that
+    keeps no runs (``tracking=none``) finds none, so every job runs.
+    """
+    if not config.get("resume", True) or not in_multirun():
+        return None
+    from craterlab.tracking import make_tracker
+
+    tracker = make_tracker(config.get("tracking"))
+    return tracker.find_finished({IDENTITY_TAG: config_identity(config)})
+
+
+def record_skip(run_dir: Path, found: FinishedRun) -> None:
+    """Mark the job directory as skipped, and give it the earlier run's results.json (from
+    that run's directory when it still exists), so the sweep's reports include the job."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / SKIPPED_FILE).write_text(
+        json.dumps({"run_id": found.run_id, IDENTITY_TAG: found.tags.get(IDENTITY_TAG, "")})
+    )
+    source = Path(found.tags.get("craterlab.run_dir", "")) / "results.json"
+    target = run_dir / "results.json"
+    if source.is_file() and source.resolve() != target.resolve():
+        shutil.copyfile(source, target)
+    elif not target.is_file():
+        results, storage, timings = found.split()
+        weights = found.tags.get("craterlab.weights", "unknown")
+        record = {
+            "name": ",".join(json.loads(found.tags.get(OVERRIDES_TAG) or "[]")) or found.run_id,
+            "results": results,
+            "storage": storage,
+            "timings": timings,
+            "weights": weights,
+            "untrained": found.tags.get("craterlab.untrained_weights") == "true",
+            "parameters": found.metrics.get("model/parameters"),
+        }
+        target.write_text(json.dumps(record, indent=1))
+    log.info(
+        "Resume: skipped, this configuration already finished as run %s (resume=false reruns it)",
+        found.run_id,
+    )

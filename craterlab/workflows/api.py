@@ -1,0 +1,472 @@
+"""``craterlab.Index``: build, search, update and save a crater index from Python.
+
+The same verbs as the command line (``python -m craterlab index|search|dedup|match``)::
+
+    import craterlab
+    index = craterlab.Index.build("crops/manifest.csv", ["backbone=dino_s16", "quantizer=int8"])
+    index.save("my-index")
+    hits = craterlab.Index.load("my-index").search("queries/", top=10)
+    hits.to_csv("hits.csv")
+    index.add("new-crops/"); index.remove(["c0012_2x"]); index.save("my-index")
+
+An index is a composition of the experiments' components: the config is composed from
+``conf/`` with the given overrides, components are built by the registry, features go through
+the feature cache, vectors and tokens are made by the experiment's pooling and token method,
+and the stage-1 index and token store are a :class:`craterlab.retrieval.GalleryIndex`. The
+saved directory records everything needed to encode queries the same way.
+
+Layout of a saved index directory::
+
+    workflow.json   craterlab version, overrides, resolved config, encoder identity
+                    (backbone identity, weights status, untrained flag), items (id, source
+                    path, crater, optional x/y/diameter), stage-1 settings
+    gallery/        the GalleryIndex (ids, vectors, stage-1 index, token store)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import craterlab
+from craterlab.errors import ConfigError, DataError
+from craterlab.retrieval.index import GalleryIndex
+from craterlab.types import Tokens
+from craterlab.workflows.config import (
+    compose_config,
+    encoder_spec,
+    merge_overrides,
+    plain,
+    spec_differences,
+)
+from craterlab.workflows.encoder import Encoder
+from craterlab.workflows.items import Item, ItemSet, check_decodable, check_unique, load_items
+from craterlab.workflows.results import SearchHits
+
+log = logging.getLogger("craterlab")
+
+WORKFLOW_FORMAT = 1
+RUNTIME_KEYS = ("device", "batch_size", "num_workers", "cache")
+"""Config knobs that may differ between building an index and using it."""
+
+
+class Index:
+    """A searchable, updatable crater index (see the module docstring)."""
+
+    def __init__(
+        self,
+        gallery: GalleryIndex,
+        items: Sequence[Item],
+        config: dict[str, Any],
+        overrides: Sequence[str],
+        encoder_identity: dict[str, Any],
+        version: str = craterlab.__version__,
+    ) -> None:
+        if [it.id for it in items] != list(gallery.ids):
+            raise DataError("The items and the gallery index list different ids.")
+        self.gallery = gallery
+        self.items = list(items)
+        self.config = config
+        self.overrides = list(overrides)
+        self.encoder_identity = encoder_identity
+        self.version = version
+        self.skipped: list[str] = []
+        """Items left out by the last build/add because they could not be decoded."""
+        self._encoder: Encoder | None = None
+
+    # ------------------------------------------------------------------ build
+
+    @classmethod
+    def build(
+        cls,
+        source: str | os.PathLike[str],
+        overrides: Sequence[str] = (),
+        *,
+        stage1: str | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        skip_bad: bool = False,
+        progress: bool = True,
+    ) -> Index:
+        """Encode a folder of crops or a manifest into an index (not yet saved).
+
+        ``overrides`` are experiment overrides (``backbone=...``, ``k=32``, ``quantizer=int8``);
+        ``stage1`` a FAISS factory string (default: the two-stage retrieval config's index).
+        """
+        overrides = list(overrides)
+        config = plain(compose_config(overrides))
+        spec, cfg_nprobe, cfg_ef = _stage1_settings(config)
+        config["stage1"] = {
+            "index": stage1 or spec,
+            "nprobe": nprobe if nprobe is not None else cfg_nprobe,
+            "ef_search": ef_search if ef_search is not None else cfg_ef,
+        }
+        items = load_items(source, skip_bad)
+        check_unique(items, str(source))
+        items, skipped = check_decodable(items, skip_bad, progress)
+        if not items:
+            raise DataError(f"No decodable crops in {source}; nothing to index.")
+        encoder = Encoder(config)
+        _announce_weights(encoder)
+        encoded = encoder.encode(ItemSet(items, "crops"), progress=progress)
+        quantizer = encoder.new_quantizer()
+        quantizer.fit(encoded.tokens)
+        store = quantizer.encode(encoded.tokens)
+        gallery = GalleryIndex(
+            [it.id for it in items],
+            encoded.vectors,
+            store,
+            index=str(config["stage1"]["index"]),
+            nprobe=config["stage1"]["nprobe"],
+            ef_search=config["stage1"]["ef_search"],
+            device=str(config.get("device", "auto")),
+            metadata=built_by(config, encoder.weights_status, str(source)),
+        )
+        out = cls(gallery, items, config, overrides, encoder.identity())
+        out._encoder = encoder
+        out.skipped = skipped
+        return out
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the index to ``directory`` (replaced atomically if it exists)."""
+        final = Path(directory)
+        tmp = final.with_name(final.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.gallery.save(tmp / "gallery")
+        meta = {
+            "format": WORKFLOW_FORMAT,
+            "craterlab_version": self.version,
+            "overrides": self.overrides,
+            "config": self.config,
+            "encoder": self.encoder_identity,
+            "n": len(self.items),
+            "items": [it.to_json() for it in self.items],
+        }
+        (tmp / "workflow.json").write_text(json.dumps(meta, indent=1, default=str))
+        if final.exists():
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+        return final
+
+    @classmethod
+    def load(
+        cls, directory: str | os.PathLike[str], *, mmap: bool = False, verify: bool = True
+    ) -> Index:
+        """An index saved by :meth:`save`; checks its version and completeness.
+
+        ``mmap=True`` maps the token store from disk instead of reading it into memory (a
+        million-item gallery on one machine); ``verify=False`` skips the file checksums.
+        """
+        path = Path(directory)
+        meta_file = path / "workflow.json"
+        if not path.is_dir():
+            raise DataError(
+                f"No index at {path}: the directory does not exist. Build one with "
+                f"`python -m craterlab index SOURCE --out {path}`."
+            )
+        if not meta_file.is_file():
+            raise DataError(
+                f"{path} is not a craterlab index (no workflow.json) or it was not written to the "
+                f"end. Rebuild it with `python -m craterlab index SOURCE --out {path}`."
+            )
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"Index {path} has a damaged workflow.json ({exc}); it was truncated or edited. "
+                f"Rebuild it with `python -m craterlab index SOURCE --out {path}`."
+            ) from None
+        version = str(meta.get("craterlab_version"))
+        if version != craterlab.__version__ or meta.get("format") != WORKFLOW_FORMAT:
+            raise DataError(
+                f"Index {path} was built by craterlab {version} (workflow format "
+                f"{meta.get('format')}); this is craterlab {craterlab.__version__} (format "
+                f"{WORKFLOW_FORMAT}), whose encoders may compute different features. Rebuild "
+                "it with this version (`python -m craterlab index SOURCE --out DIR "
+                f"{' '.join(meta.get('overrides') or [])}`), or use craterlab {version}."
+            )
+        items = [Item.from_json(d) for d in meta["items"]]
+        if len(items) != meta.get("n"):
+            raise DataError(
+                f"Index {path} lists {len(items)} items but records n={meta.get('n')}: it is "
+                "truncated. Rebuild it."
+            )
+        gallery = GalleryIndex.load(path / "gallery", mmap=mmap, verify=verify)
+        if list(gallery.ids) != [it.id for it in items]:
+            raise DataError(
+                f"Index {path}: gallery/ holds {len(gallery.ids)} ids that differ from the "
+                f"{len(items)} items of workflow.json (a partial copy or an interrupted "
+                "update). Rebuild it."
+            )
+        return cls(gallery, items, meta["config"], meta["overrides"], meta["encoder"], version)
+
+    # ------------------------------------------------------------------ encoding
+
+    def encoder(self, overrides: Sequence[str] = ()) -> Encoder:
+        """The index's own encoder; ``overrides`` may change runtime knobs (device,
+        batch_size, num_workers, cache) but nothing that changes the representation."""
+        if overrides:
+            requested = plain(compose_config(merge_overrides(self.overrides, overrides)))
+            diffs = spec_differences(encoder_spec(self.config), encoder_spec(requested))
+            if diffs:
+                raise ConfigError(
+                    "These overrides change how images are encoded, but queries must be "
+                    "encoded exactly as the index was (its recorded config):\n  "
+                    + "\n  ".join(diffs[:10])
+                    + "\nDrop them (the index's encoder is used automatically), or build "
+                    "another index with them (`python -m craterlab index SOURCE --out DIR "
+                    f"{' '.join(overrides)}`)."
+                )
+            runtime = {k: requested[k] for k in RUNTIME_KEYS if k in requested}
+            config = {**self.config, **runtime}
+            self._encoder = None
+        else:
+            config = self.config
+        if self._encoder is None:
+            encoder = Encoder(config)
+            self._check_same_backbone(encoder)
+            self._encoder = encoder
+        return self._encoder
+
+    def _check_same_backbone(self, encoder: Encoder) -> None:
+        recorded = self.encoder_identity.get("backbone")
+        now = encoder.backbone.identity()
+        if recorded != now:
+            diffs = spec_differences(recorded or {}, now)
+            raise DataError(
+                "Queries would be encoded by another backbone than the index's: "
+                + "; ".join(d.replace("(requested)", "(now)") for d in diffs[:5])
+                + f". The index's weights were {self.encoder_identity.get('weights_status')!r}, "
+                f"now they are {encoder.weights_status!r}. Make the same weights available "
+                "(e.g. the pretrained weights in the Hugging Face cache, or the same "
+                "checkpoint file), or rebuild the index with the weights you have."
+            )
+
+    def encode(
+        self,
+        source: str | os.PathLike[str] | Sequence[Item],
+        *,
+        skip_bad: bool = False,
+        overrides: Sequence[str] = (),
+        progress: bool = True,
+    ) -> tuple[list[Item], torch.Tensor, Tokens, list[str]]:
+        """Items, vectors and tokens of crops, encoded with this index's encoder."""
+        items = (
+            list(source)
+            if isinstance(source, Sequence) and not isinstance(source, str)
+            else load_items(source, skip_bad)
+        )
+        check_unique(items, str(source) if not isinstance(source, Sequence) else "the items")
+        items, skipped = check_decodable(items, skip_bad, progress)
+        if not items:
+            raise DataError("None of the crops can be decoded; nothing to encode.")
+        encoder = self.encoder(overrides)
+        encoded = encoder.encode(ItemSet(items, "crops"), progress=progress)
+        return items, encoded.vectors, encoded.tokens, skipped
+
+    # ------------------------------------------------------------------ search
+
+    def search(
+        self,
+        queries: str | os.PathLike[str] | Sequence[Item],
+        *,
+        top: int = 10,
+        shortlist: int | None = None,
+        overrides: Sequence[str] = (),
+        skip_bad: bool = False,
+        progress: bool = True,
+    ) -> SearchHits:
+        """Top-``top`` gallery items per query crop, by two-stage search."""
+        items, vectors, tokens, skipped = self.encode(
+            queries, skip_bad=skip_bad, overrides=overrides, progress=progress
+        )
+        hits = self.search_encoded([it.id for it in items], vectors, tokens, top, shortlist)
+        hits.skipped = skipped
+        return hits
+
+    def search_encoded(
+        self,
+        query_ids: Sequence[str],
+        vectors: torch.Tensor,
+        tokens: Tokens,
+        top: int = 10,
+        shortlist: int | None = None,
+        exclude_self: bool = False,
+    ) -> SearchHits:
+        """Two-stage search of already encoded queries (stage 1 top-S, late-interaction
+        rerank). ``exclude_self`` drops a result whose id equals the query's id."""
+        n = len(self.gallery.ids)
+        s = int(shortlist or self.config.get("shortlist", 100))
+        depth = min(n, top + (1 if exclude_self else 0))
+        result = self.gallery.search(
+            vectors.float(),
+            tokens,
+            mode="two_stage",
+            shortlist=max(s, depth),
+            depth=depth,
+            matcher=self.matcher(),
+        )
+        return SearchHits.from_ranking(
+            list(query_ids),
+            result.ids,
+            result.ranking,
+            vectors.float(),
+            self.gallery.vectors,
+            top,
+            exclude_self,
+        )
+
+    def matcher(self) -> Any:
+        """The index's matcher (late interaction by default), built from its config."""
+        if self._encoder is not None:
+            return self._encoder.matcher
+        from craterlab.plugins import get_registry
+
+        return get_registry().build("matcher", self.config["matcher"], seed=self.config["seed"])
+
+    def stored(self, rows: torch.Tensor) -> tuple[torch.Tensor, Tokens]:
+        """Vectors and (decoded) tokens of gallery rows, to use stored items as queries."""
+        return self.gallery.vectors[rows], self.gallery.store.decode(rows)
+
+    # ------------------------------------------------------------------ updates
+
+    def add(
+        self,
+        source: str | os.PathLike[str] | Sequence[Item],
+        *,
+        skip_bad: bool = False,
+        progress: bool = True,
+    ) -> int:
+        """Encode and append crops; existing ids keep their rows. Returns how many."""
+        items = (
+            list(source)
+            if isinstance(source, Sequence) and not isinstance(source, str)
+            else load_items(source, skip_bad)
+        )
+        known = set(self.gallery.ids)
+        clash = [it.id for it in items if it.id in known]
+        if clash:
+            from craterlab.data.base import listing
+
+            raise DataError(
+                f"{len(clash)} id(s) to add are already in the index:"
+                + listing(clash)
+                + "\nIds are stable and unique: remove them first (index remove) to replace "
+                "them, or give the new crops other ids."
+            )
+        items, vectors, tokens, skipped = self.encode(items, skip_bad=skip_bad, progress=progress)
+        quantizer = self.encoder().new_quantizer()
+        restore_quantizer(quantizer, self.gallery.store)
+        self.gallery.add([it.id for it in items], vectors, quantizer.encode(tokens))
+        self.items += items
+        self.skipped = skipped
+        return len(items)
+
+    def remove(self, ids: Sequence[str]) -> str:
+        """Delete items by id (unknown ids are an error); returns how stage 1 was updated."""
+        ids = [str(i) for i in ids]
+        row_of = {gid: i for i, gid in enumerate(self.gallery.ids)}
+        unknown = [i for i in ids if i not in row_of]
+        if unknown:
+            from craterlab.data.base import listing
+
+            raise DataError(
+                f"{len(unknown)} id(s) to remove are not in the index:"
+                + listing(unknown)
+                + "\nCheck the ids (python -m craterlab index info DIR lists them)."
+            )
+        how = self.gallery.remove(ids)
+        gone = set(ids)
+        self.items = [it for it in self.items if it.id not in gone]
+        return how
+
+    # ------------------------------------------------------------------ info
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def describe(self) -> str:
+        """A few lines on what the index holds and how it was built."""
+        c = self.config
+        tok = (
+            c["aggregator"]["name"] if c["aggregator"]["name"] != "none" else c["selector"]["name"]
+        )
+        st = self.gallery.store
+        lines = [
+            f"{len(self)} items, craterlab {self.version}",
+            f"backbone {c['backbone'].get('model') or c['backbone']['name']} "
+            f"(weights: {self.encoder_identity.get('weights_status')})",
+            f"pooling {c['pooling']['name']}, tokens {tok} k={c.get('k')}, quantizer "
+            f"{c['quantizer']['name']} ({st.bytes_per_image():.0f} B/item)",
+            f"stage 1 {c['stage1']['index']}, shortlist {c.get('shortlist')}",
+            f"overrides: {' '.join(self.overrides) or '(none)'}",
+        ]
+        if self.encoder_identity.get("untrained"):
+            lines.append("WARNING: untrained (random) backbone weights: scores are not meaningful.")
+        return "\n".join(lines)
+
+
+def restore_quantizer(quantizer: Any, store: Any) -> None:
+    """Give a fresh quantizer the state a trained one encoded ``store`` with (PQ codebook)."""
+    book = getattr(store, "overhead", {}).get("codebook")
+    if book is None:
+        return
+    import faiss
+
+    m, ksub, dsub = book.shape
+    pq = faiss.ProductQuantizer(m * dsub, m, int(np.log2(ksub)))
+    faiss.copy_array_to_vector(np.ascontiguousarray(book.cpu().numpy().ravel()), pq.centroids)
+    quantizer.pq = pq
+    quantizer.dim = m * dsub
+
+
+def built_by(config: dict[str, Any], weights: str, source: str) -> dict[str, Any]:
+    """What the saved GalleryIndex records about its encoder (the keys a run records)."""
+    tokens = config["aggregator"]["name"]
+    if tokens == "none":
+        tokens = config["selector"]["name"]
+    return {
+        "dataset": f"workflow:{source}",
+        "backbone": str(config["backbone"].get("model") or config["backbone"]["name"]),
+        "weights": weights,
+        "pooling": str(config["pooling"]["name"]),
+        "tokens": str(tokens),
+        "k": int(config["k"]),
+        "quantizer": str(config["quantizer"]["name"]),
+    }
+
+
+def _stage1_settings(config: dict[str, Any]) -> tuple[str, int | None, int | None]:
+    """The stage-1 index of the config's two-stage (else first indexed) retrieval stage."""
+    stages = (config.get("retrieval") or {}).get("stages") or {}
+    ordered = sorted(stages.values(), key=lambda s: s.get("name") != "two_stage")
+    for stage in ordered:
+        if "index" in stage:
+            return str(stage["index"]), stage.get("nprobe"), stage.get("ef_search")
+    return "Flat", None, None
+
+
+def _announce_weights(encoder: Encoder) -> None:
+    status = encoder.weights_status
+    if status.startswith("random"):
+        log.warning(
+            "Backbone weights: %s. Scores of this index are NOT a pretrained model's.", status
+        )
+    else:
+        log.info("Backbone weights: %s", status)

@@ -1,0 +1,369 @@
+"""The workflow commands of ``python -m craterlab``: ingest, index, search, dedup, match.
+
+Registered through the ``register_commands`` hook. Arguments of the form ``key=value`` are
+experiment overrides (``backbone=dino_s16 k=32 quantizer=int8``); everything else is an
+option of the command. Heavy modules are imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from craterlab.errors import ConfigError
+from craterlab.hookspecs import Register, hookimpl
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError (printed as one paragraph) instead of exiting."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{self.prog}: {message}. See `{self.prog} --help`.")
+
+
+def _split(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(command arguments, experiment overrides)."""
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    return [a for a in argv if a not in overrides], overrides
+
+
+def _geometry_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("geometry pre-filter (needs x, y, diameter in the manifests)")
+    g.add_argument("--max-distance", type=float, help="centre distance, pixels")
+    g.add_argument("--max-offset", type=float, help="centre distance, in larger diameters")
+    g.add_argument("--max-ratio", type=float, help="larger / smaller diameter")
+    p.add_argument(
+        "--neighbors",
+        type=int,
+        default=10,
+        help="stage-1 candidates per crop without the geometry filter (default 10)",
+    )
+
+
+def _geometry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from craterlab.workflows.geometry import GeometryFilter
+
+    return GeometryFilter(args.max_distance, args.max_offset, args.max_ratio)
+
+
+def _quiet_logs() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("faiss", "faiss.loader", "timm", "httpx", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# --------------------------------------------------------------------------- ingest
+
+
+def ingest_command(argv: list[str]) -> int:
+    """Crops or a tile + crater catalog -> a manifest (crops at 2x and 3x the diameter)."""
+    p = _Parser(prog="python -m craterlab ingest", description=ingest_command.__doc__)
+    p.add_argument("folder", nargs="?", help="a folder of crater crops")
+    p.add_argument("--image", help="a mosaic tile (PNG, JPEG, TIFF/GeoTIFF)")
+    p.add_argument("--catalog", help="CSV with x, y, diameter (pixels) and optional id")
+    p.add_argument("--out", required=True, help="output folder (or manifest .csv for a folder)")
+    p.add_argument(
+        "--border",
+        choices=("pad", "skip"),
+        default="pad",
+        help="craters whose crop leaves the image: pad (default) or skip",
+    )
+    p.add_argument(
+        "--factors",
+        type=int,
+        nargs="+",
+        default=[2, 3],
+        help="crop sides in diameters (default 2 3)",
+    )
+    p.add_argument("--crop-size", type=int, help="resize crops to N pixels (default: native)")
+    p.add_argument(
+        "--origin",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("X", "Y"),
+        help="the tile's top-left corner in a shared (mosaic) pixel frame",
+    )
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip unusable catalog rows (counted) instead of stopping",
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip undecodable crops (counted) instead of stopping",
+    )
+    args = p.parse_args(argv)
+    _quiet_logs()
+    from craterlab.workflows.ingest import ingest_catalog, ingest_folder
+
+    if args.image or args.catalog:
+        if not (args.image and args.catalog) or args.folder:
+            raise ConfigError("ingest takes either a folder of crops, or --image with --catalog.")
+        summary = ingest_catalog(
+            args.image,
+            args.catalog,
+            args.out,
+            factors=args.factors,
+            border=args.border,
+            crop_size=args.crop_size,
+            origin=tuple(args.origin),
+            skip_invalid=args.skip_invalid,
+        )
+    elif args.folder:
+        summary = ingest_folder(args.folder, args.out, skip_bad=args.skip_bad)
+    else:
+        raise ConfigError("ingest needs a folder of crops, or --image TILE --catalog CSV.")
+    print(summary)
+    return 0
+
+
+# --------------------------------------------------------------------------- index
+
+
+def index_command(argv: list[str]) -> int:
+    """Build an index (index SOURCE --out DIR [overrides]), or add/remove/info on one."""
+    if argv[:1] == ["add"]:
+        return _index_add(argv[1:])
+    if argv[:1] == ["remove"]:
+        return _index_remove(argv[1:])
+    if argv[:1] == ["info"]:
+        return _index_info(argv[1:])
+    args_, overrides = _split(argv)
+    p = _Parser(
+        prog="python -m craterlab index",
+        description="Encode crops (a folder or manifest) and save a searchable index. "
+        "Also: index add DIR SOURCE, index remove DIR ID..., index info DIR.",
+    )
+    p.add_argument("source", help="a folder of crops or a manifest CSV")
+    p.add_argument("--out", required=True, help="index directory to write")
+    p.add_argument(
+        "--stage1",
+        help="FAISS factory string for stage 1 (Flat, IVF1024,PQ48, "
+        "HNSW32, or torch); default: the retrieval config's",
+    )
+    p.add_argument("--nprobe", type=int, help="IVF lists probed per query")
+    p.add_argument("--ef-search", type=int, help="HNSW search breadth")
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable crops (counted)")
+    args = p.parse_args(args_)
+    _quiet_logs()
+    from craterlab.workflows.api import Index
+
+    index = Index.build(
+        args.source,
+        overrides,
+        stage1=args.stage1,
+        nprobe=args.nprobe,
+        ef_search=args.ef_search,
+        skip_bad=args.skip_bad,
+    )
+    path = index.save(args.out)
+    print(index.describe())
+    if index.skipped:
+        print(f"skipped {len(index.skipped)} undecodable crop(s): {', '.join(index.skipped[:5])}")
+    print(f"index saved to {path}")
+    return 0
+
+
+def _index_add(argv: list[str]) -> int:
+    p = _Parser(
+        prog="python -m craterlab index add",
+        description="Encode crops and append them to an index (ids stay stable).",
+    )
+    p.add_argument("index", help="index directory")
+    p.add_argument("source", help="a folder of crops or a manifest CSV")
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable crops (counted)")
+    args = p.parse_args(argv)
+    _quiet_logs()
+    from craterlab.workflows.api import Index
+
+    index = Index.load(args.index)
+    added = index.add(args.source, skip_bad=args.skip_bad)
+    index.save(args.index)
+    print(f"added {added} item(s); the index holds {len(index)}")
+    if index.skipped:
+        print(f"skipped {len(index.skipped)} undecodable crop(s)")
+    return 0
+
+
+def _index_remove(argv: list[str]) -> int:
+    p = _Parser(
+        prog="python -m craterlab index remove",
+        description="Delete items by id from an index (the other ids stay stable).",
+    )
+    p.add_argument("index", help="index directory")
+    p.add_argument("ids", nargs="*", help="item ids to remove")
+    p.add_argument("--ids-file", help="a text file with one id per line")
+    args = p.parse_args(argv)
+    ids = list(args.ids)
+    if args.ids_file:
+        ids += [ln.strip() for ln in Path(args.ids_file).read_text().splitlines() if ln.strip()]
+    if not ids:
+        raise ConfigError("index remove needs ids: index remove DIR ID [ID ...] or --ids-file.")
+    _quiet_logs()
+    from craterlab.workflows.api import Index
+
+    index = Index.load(args.index)
+    how = index.remove(ids)
+    index.save(args.index)
+    print(f"removed {len(set(ids))} item(s) (stage 1: {how}); the index holds {len(index)}")
+    return 0
+
+
+def _index_info(argv: list[str]) -> int:
+    p = _Parser(prog="python -m craterlab index info", description="What an index holds.")
+    p.add_argument("index")
+    p.add_argument("--ids", action="store_true", help="also list every item id")
+    args = p.parse_args(argv)
+    from craterlab.workflows.api import Index
+
+    index = Index.load(args.index)
+    print(index.describe())
+    if args.ids:
+        print("\n".join(it.id for it in index.items))
+    return 0
+
+
+# --------------------------------------------------------------------------- search
+
+
+def search_command(argv: list[str]) -> int:
+    """Two-stage search of query crops against an index; writes CSV and JSON."""
+    args_, overrides = _split(argv)
+    p = _Parser(prog="python -m craterlab search", description=search_command.__doc__)
+    p.add_argument("index", help="index directory")
+    p.add_argument("queries", help="a folder of query crops or a manifest CSV")
+    p.add_argument("--top", type=int, default=10, help="results per query (default 10)")
+    p.add_argument("--shortlist", type=int, help="stage-1 shortlist S (default: the index's)")
+    p.add_argument(
+        "--out",
+        default="search_results",
+        help="output prefix: PREFIX.csv and PREFIX.json (default search_results)",
+    )
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable crops (counted)")
+    args = p.parse_args(args_)
+    _quiet_logs()
+    from craterlab.workflows.api import Index
+
+    index = Index.load(args.index)
+    hits = index.search(
+        args.queries,
+        top=args.top,
+        shortlist=args.shortlist,
+        overrides=overrides,
+        skip_bad=args.skip_bad,
+    )
+    csv_path = hits.to_csv(f"{args.out}.csv")
+    json_path = hits.to_json(f"{args.out}.json")
+    by_query = hits.by_query()
+    for q, rows in list(by_query.items())[:5]:
+        best = ", ".join(f"{h.gallery_id} ({h.score:.3f})" for h in rows[:3])
+        print(f"{q}: {best}")
+    if len(by_query) > 5:
+        print(f"... {len(by_query) - 5} more queries")
+    if hits.skipped:
+        print(f"skipped {len(hits.skipped)} undecodable query crop(s)")
+    if index.encoder_identity.get("untrained"):
+        print("NOTE: the index's backbone has untrained (random) weights.")
+    print(f"results: {csv_path}, {json_path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- dedup / match
+
+
+def dedup_command(argv: list[str]) -> int:
+    """Likely duplicate craters in one index: pairs above a threshold, and their groups."""
+    p = _Parser(prog="python -m craterlab dedup", description=dedup_command.__doc__)
+    p.add_argument("index", help="index directory")
+    p.add_argument("--threshold", type=float, help="pair score threshold")
+    p.add_argument("--labels", help="manifest whose crater_id is the true crater (calibration)")
+    p.add_argument(
+        "--min-precision",
+        type=float,
+        help="calibrate for the best recall at this precision (default: best F1)",
+    )
+    p.add_argument("--out", default="dedup", help="output folder (default dedup/)")
+    _geometry_options(p)
+    args = p.parse_args(argv)
+    _quiet_logs()
+    from craterlab.workflows.api import Index
+    from craterlab.workflows.dedup import dedup
+
+    index = Index.load(args.index)
+    result = dedup(
+        index,
+        threshold=args.threshold,
+        labels=args.labels,
+        min_precision=args.min_precision,
+        neighbors=args.neighbors,
+        geometry=_geometry(args),
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if result.calibration is not None:
+        c = result.calibration.chosen
+        png = result.calibration.plot(out / "calibration.png")
+        print(
+            f"calibrated operating point: threshold {c.threshold:.4f}, precision "
+            f"{c.precision:.3f}, recall {c.recall:.3f}, F1 {c.f1:.3f} "
+            f"({c.positives} labelled duplicate pairs); curve: {png}"
+        )
+    pairs = result.to_csv(out / "pairs.csv")
+    groups = result.groups_csv(out / "groups.csv")
+    print(
+        f"{len(result.pairs)} pair(s) at score >= {result.threshold:.4f} among "
+        f"{result.candidates} candidate pairs; {len(result.groups)} group(s)"
+    )
+    print(f"outputs: {pairs}, {groups}")
+    return 0
+
+
+def match_command(argv: list[str]) -> int:
+    """Mutual best crater matches between two indexes (two observations)."""
+    p = _Parser(prog="python -m craterlab match", description=match_command.__doc__)
+    p.add_argument("index_a")
+    p.add_argument("index_b")
+    p.add_argument("--min-score", type=float, help="drop matches below this score")
+    p.add_argument("--out", default="matches.csv", help="output CSV (default matches.csv)")
+    _geometry_options(p)
+    args = p.parse_args(argv)
+    _quiet_logs()
+    from craterlab.workflows.api import Index
+    from craterlab.workflows.match import match
+
+    a, b = Index.load(args.index_a), Index.load(args.index_b)
+    result = match(
+        a, b, neighbors=args.neighbors, geometry=_geometry(args), min_score=args.min_score
+    )
+    path = result.to_csv(args.out)
+    print(
+        f"{len(result.matches)} mutual match(es) between {result.craters_a} craters of A and "
+        f"{result.craters_b} of B -> {path}"
+    )
+    return 0
+
+
+COMMANDS = {
+    "ingest": (ingest_command, "crops, or a tile + crater catalog -> a manifest"),
+    "index": (index_command, "encode crops into a searchable index (also add, remove, info)"),
+    "search": (search_command, "search query crops in an index (CSV + JSON)"),
+    "dedup": (dedup_command, "duplicate craters in an index (pairs, groups, calibration)"),
+    "match": (match_command, "mutual best matches between two indexes"),
+}
+
+
+@hookimpl
+def register_commands(register: Register) -> None:
+    for name, (handler, description) in COMMANDS.items():
+        register(name, handler, description)
+
+
+def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - manual use
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name, rest = argv[0], argv[1:]
+    return COMMANDS[name][0](rest)

@@ -1,0 +1,232 @@
+"""The images a workflow indexes or searches: a folder of crops, or a manifest CSV.
+
+A manifest is read by :class:`craterlab.data.manifest.ManifestDataset` (the experiments'
+reader, with its validation); every row is an item whatever its role. Besides the manifest's
+columns, the optional ``x, y, diameter`` columns that ``craterlab ingest`` writes give each
+item a position and size in pixels of its source image (for the geometry filter of dedup and
+match). :class:`ItemSet` presents the items to the feature extractor as a dataset whose
+``gallery`` split holds them all.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from PIL import Image
+
+from craterlab.data.base import listing, open_rgb
+from craterlab.errors import DataError
+from craterlab.hashing import fingerprint
+from craterlab.types import ImageRecord
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+GEOMETRY_COLUMNS = ("x", "y", "diameter")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One crop: its id, file, crater (catalog entry) and optional position/size in pixels."""
+
+    id: str
+    path: str
+    crater: str
+    view_type: str = ""
+    x: float = math.nan
+    y: float = math.nan
+    diameter: float = math.nan
+
+    @property
+    def has_geometry(self) -> bool:
+        return not any(math.isnan(v) for v in (self.x, self.y, self.diameter))
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"id": self.id, "path": self.path, "crater": self.crater}
+        if self.view_type:
+            out["view_type"] = self.view_type
+        if self.has_geometry:
+            out.update(x=self.x, y=self.y, diameter=self.diameter)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> Item:
+        nan = math.nan
+        return cls(
+            str(d["id"]),
+            str(d["path"]),
+            str(d["crater"]),
+            str(d.get("view_type", "")),
+            float(d.get("x", nan)),  # type: ignore[arg-type]
+            float(d.get("y", nan)),  # type: ignore[arg-type]
+            float(d.get("diameter", nan)),  # type: ignore[arg-type]
+        )
+
+
+def load_items(source: str | os.PathLike[str], skip_bad: bool = False) -> list[Item]:
+    """Items of a folder of crops (recursively, sorted) or of a manifest CSV (whose missing
+    or unreadable files are an error, or left out and counted with ``skip_bad``)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return folder_items(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return manifest_items(path, skip_bad)
+    if path.is_file():
+        raise DataError(
+            f"{path} is a single file, not a folder of crops or a manifest CSV. Pass the folder "
+            "that holds the crops, or a manifest (python -m craterlab ingest writes one)."
+        )
+    raise DataError(
+        f"{path} does not exist (resolved from {os.getcwd()}). Pass a folder of crater crops "
+        "or a manifest CSV."
+    )
+
+
+def folder_items(folder: Path) -> list[Item]:
+    """Every image below ``folder``; the id is its relative path without the suffix."""
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+    )
+    if not files:
+        raise DataError(
+            f"No images in {folder} (looked for {', '.join(IMAGE_SUFFIXES)}, recursively). "
+            "Point to the folder that holds the crops."
+        )
+    items = []
+    seen: dict[str, Path] = {}
+    dupes = []
+    for p in files:
+        rid = p.relative_to(folder).with_suffix("").as_posix()
+        if rid in seen:
+            dupes.append(f"{rid}: {seen[rid].name} and {p.name}")
+        seen[rid] = p
+        items.append(Item(rid, str(p.resolve()), rid))
+    if dupes:
+        raise DataError(
+            f"Folder {folder} has files whose names differ only in suffix, so their ids "
+            "collide:" + listing(dupes) + "\nRename or remove one of each pair."
+        )
+    return items
+
+
+def manifest_items(path: Path, skip_bad: bool = False) -> list[Item]:
+    """Items of a manifest (all roles), with positions from its optional geometry columns."""
+    from craterlab.data.manifest import ManifestDataset
+
+    dataset = ManifestDataset(str(path), skip_bad=skip_bad)
+    geometry = manifest_geometry(path)
+    items = []
+    for role in ("gallery", "query", "train"):
+        for r in dataset.records(role):
+            name = dataset.crater_ids.to_name.get(r.crater_id, str(r.crater_id))
+            item = Item(r.image_id, str(r.path), name, r.view_type)
+            if r.image_id in geometry:
+                x, y, d = geometry[r.image_id]
+                item = replace(item, x=x, y=y, diameter=d)
+            items.append(item)
+    return items
+
+
+def manifest_geometry(path: Path) -> dict[str, tuple[float, float, float]]:
+    """image_id -> (x, y, diameter) from a manifest's optional geometry columns (else {})."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        if not all(c in header for c in GEOMETRY_COLUMNS):
+            return {}
+        out: dict[str, tuple[float, float, float]] = {}
+        bad = []
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            values = [row.get(c, "") for c in GEOMETRY_COLUMNS]
+            if not any(values):
+                continue
+            try:
+                x, y, d = (float(v) for v in values)
+            except ValueError:
+                bad.append(f"line {line}: x,y,diameter = {','.join(values)}")
+                continue
+            out[row["image_id"]] = (x, y, d)
+    if bad:
+        raise DataError(
+            f"Manifest {path} has non-numeric geometry values:" + listing(bad) + "\nFix them "
+            "(pixels, numbers) or leave all three cells of a row empty."
+        )
+    return out
+
+
+def check_unique(items: Sequence[Item], where: str) -> None:
+    """Duplicate ids make results ambiguous: refuse them, naming each."""
+    seen: set[str] = set()
+    dupes = []
+    for it in items:
+        if it.id in seen:
+            dupes.append(it.id)
+        seen.add(it.id)
+    if dupes:
+        raise DataError(
+            f"{where} lists {len(dupes)} duplicate id(s):" + listing(dupes) + "\nEvery crop "
+            "needs its own id; rename them (for a folder, the file path is the id)."
+        )
+
+
+def check_decodable(
+    items: Sequence[Item], skip_bad: bool, progress: bool = True
+) -> tuple[list[Item], list[str]]:
+    """Decode every image once; a bad one is an error (or, with ``skip_bad``, a counted skip).
+
+    Returns the decodable items and '<id>: <reason>' for each skipped one.
+    """
+    from tqdm.auto import tqdm
+
+    good, bad = [], []
+    for it in tqdm(items, desc="check images", unit="img", disable=not progress):
+        try:
+            with Image.open(it.path) as im:
+                im.load()
+        except FileNotFoundError:
+            bad.append(f"{it.id}: {it.path} does not exist")
+        except Exception as exc:  # PIL raises many types for corrupt files
+            bad.append(f"{it.id}: {it.path} cannot be decoded ({type(exc).__name__}: {exc})")
+        else:
+            good.append(it)
+    if bad and not skip_bad:
+        raise DataError(
+            f"{len(bad)} of {len(items)} crop(s) cannot be read:" + listing(bad) + "\nReplace "
+            "or remove them, or pass --skip-bad (Python: skip_bad=True) to leave them out; "
+            "skipped crops are counted in the summary."
+        )
+    return good, bad
+
+
+class ItemSet:
+    """Items as a :class:`craterlab.types.CraterDataset` (all in the ``gallery`` split), so the
+    experiments' feature extractor and its cache encode them."""
+
+    def __init__(self, items: Sequence[Item], name: str = "items") -> None:
+        self.items = list(items)
+        self.name = name
+        self._records = [
+            ImageRecord(it.id, i, it.view_type, it.path) for i, it in enumerate(self.items)
+        ]
+        self._paths = {it.id: it.path for it in self.items}
+        stats = []
+        for it in self.items:
+            try:
+                st = os.stat(it.path)
+                stats.append((it.id, it.path, st.st_size, st.st_mtime_ns))
+            except OSError:
+                stats.append((it.id, it.path, -1, -1))
+        self._identity = fingerprint("workflow-items", stats)
+
+    def records(self, split: str) -> Sequence[ImageRecord]:
+        return self._records if split == "gallery" else []
+
+    def load_image(self, record: ImageRecord) -> Image.Image:
+        return open_rgb(self._paths[record.image_id])
+
+    def identity(self) -> str:
+        return f"items-{self._identity}"

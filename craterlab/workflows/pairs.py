@@ -1,0 +1,106 @@
+"""Candidate pairs between two indexes (or an index and itself) and their scores.
+
+Candidates come from the geometry pre-filter when it is on, else from stage 1 (each item's
+``neighbors`` nearest single vectors in the other index). Each candidate pair is scored with
+the index's own matcher in both directions (the late-interaction score is asymmetric); the
+pair score is their mean. Crops of one crater (the 2x and 3x crops of a catalog entry) are
+folded into crater pairs, keeping the best-scoring crop pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from craterlab.workflows.geometry import GeometryFilter, geometric_pairs, positions
+
+if TYPE_CHECKING:
+    from craterlab.workflows.api import Index
+
+PAIR_BLOCK = 512  # pairs scored per matcher call (bounds the decoded-token memory)
+
+
+@dataclass
+class CraterPair:
+    """Two craters (catalog entries), their best crop pair and its score."""
+
+    crater_a: str
+    crater_b: str
+    item_a: str
+    item_b: str
+    score: float
+    distance: float = float("nan")
+    ratio: float = float("nan")
+
+
+def candidate_rows(
+    a: Index, b: Index, neighbors: int, flt: GeometryFilter, same: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of a, rows of b) to score. ``same``: a and b are one index (no self pairs, no
+    pairs within one crater, each unordered pair once)."""
+    if flt.active:
+        ia, ib = geometric_pairs(
+            positions(a.items, "the index"), positions(b.items, "the index"), flt
+        )
+    else:
+        ia, ib = _stage1_pairs(a, b, neighbors + (1 if same else 0))
+    if same:
+        crater = np.array([it.crater for it in a.items])
+        ok = (ia != ib) & (crater[ia] != crater[ib])
+        ia, ib = ia[ok], ib[ok]
+        lo, hi = np.minimum(ia, ib), np.maximum(ia, ib)
+        uniq = np.unique(np.stack([lo, hi], axis=1), axis=0) if len(lo) else np.zeros((0, 2), int)
+        ia, ib = uniq[:, 0], uniq[:, 1]
+    return ia.astype(np.int64), ib.astype(np.int64)
+
+
+def _stage1_pairs(a: Index, b: Index, neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+    k = min(neighbors, len(b))
+    result = b.gallery.search(a.gallery.vectors, None, mode="single", depth=k)
+    rows = result.ranking.indices
+    ia = torch.arange(len(rows)).unsqueeze(1).expand_as(rows)
+    valid = rows >= 0
+    return ia[valid].numpy(), rows[valid].numpy()
+
+
+def pair_scores(a: Index, b: Index, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """Mean of the two directional matcher scores of each pair (rows of a, rows of b)."""
+    matcher = a.matcher()
+    out = np.empty(len(ia), dtype=np.float64)
+    for start, stop in _blocks(len(ia)):
+        ta = a.stored(torch.from_numpy(ia[start:stop]))[1]
+        tb = b.stored(torch.from_numpy(ib[start:stop]))[1]
+        own = torch.arange(stop - start).unsqueeze(1)
+        ab = matcher.rerank(ta, tb, own)[:, 0]
+        ba = matcher.rerank(tb, ta, own)[:, 0]
+        out[start:stop] = ((ab + ba) / 2).double().cpu().numpy()
+    return out
+
+
+def _blocks(n: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, n, PAIR_BLOCK):
+        yield start, min(start + PAIR_BLOCK, n)
+
+
+def crater_pairs(
+    a: Index, b: Index, ia: np.ndarray, ib: np.ndarray, scores: np.ndarray, same: bool
+) -> list[CraterPair]:
+    """Fold crop pairs into crater pairs, best crop pair first per crater pair."""
+    best: dict[tuple[str, str], CraterPair] = {}
+    for i, j, s in zip(ia.tolist(), ib.tolist(), scores.tolist(), strict=True):
+        x, y = a.items[i], b.items[j]
+        ca, cb, xa, xb = x.crater, y.crater, x, y
+        if same and ca > cb:
+            ca, cb, xa, xb = cb, ca, y, x
+        key = (ca, cb)
+        if key not in best or s > best[key].score:
+            dist = ratio = float("nan")
+            if xa.has_geometry and xb.has_geometry:
+                dist = float(np.hypot(xa.x - xb.x, xa.y - xb.y))
+                ratio = max(xa.diameter, xb.diameter) / max(min(xa.diameter, xb.diameter), 1e-12)
+            best[key] = CraterPair(ca, cb, xa.id, xb.id, float(s), dist, ratio)
+    return sorted(best.values(), key=lambda p: -p.score)
