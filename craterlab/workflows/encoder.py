@@ -1,5 +1,6 @@
 """Encode crater crops exactly as an experiment does: registry components, the feature cache,
-and the same pooling / token methods applied in the same batches as :func:`craterlab.run.run`.
+and the same pooling / token methods applied in the same batches as an experiment
+(:mod:`craterlab.pipeline`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import torch
 from craterlab.backbones.extract import extract_features
 from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError
+from craterlab.pipeline import TOKEN_BATCH, apply_batched
 from craterlab.plugins import get_registry
-from craterlab.run import TOKEN_BATCH, apply_batched
 from craterlab.types import Fittable, Tokens
 from craterlab.workflows.items import ItemSet
 

@@ -11,6 +11,7 @@ import torch
 from conftest import CONF, TINY
 from hydra import compose, initialize_config_dir
 
+import craterlab.pipeline as pipeline
 import craterlab.run as run_module
 from craterlab.backbones.timm_backbone import TimmBackbone
 from craterlab.checks import check_features, check_scores, check_tokens, nonfinite_rows
@@ -55,7 +56,7 @@ def test_bad_settings_fail_before_extraction_even_on_a_cache_hit(tmp_path, monke
     def no_extraction(*args, **kwargs):
         raise AssertionError("extraction started")
 
-    monkeypatch.setattr(run_module, "extract_features", no_extraction)
+    monkeypatch.setattr(pipeline, "extract_features", no_extraction)
     for override in ("num_workers=-1", "batch_size=0", "seed=abc", "depth=0"):
         with pytest.raises(ConfigError, match=override.split("=")[0]):
             run(config(tmp_path, override))
