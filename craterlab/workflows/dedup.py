@@ -24,23 +24,18 @@ import numpy as np
 from craterlab.errors import ConfigError, DataError
 from craterlab.workflows.geometry import GeometryFilter
 from craterlab.workflows.items import load_items
-from craterlab.workflows.pairs import CraterPair, candidate_rows, crater_pairs, pair_scores
+from craterlab.workflows.pairs import (
+    CraterPair,
+    candidate_rows,
+    crater_pairs,
+    pair_scores,
+    write_pairs_csv,
+)
 
 if TYPE_CHECKING:
     from craterlab.workflows.api import Index
 
 log = logging.getLogger("craterlab")
-
-PAIR_FIELDS = (
-    "crater_a",
-    "crater_b",
-    "score",
-    "item_a",
-    "item_b",
-    "distance_px",
-    "diameter_ratio",
-    "group",
-)
 
 
 @dataclass
@@ -106,25 +101,8 @@ class DedupResult:
     group_of: dict[str, int] = field(default_factory=dict)
 
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(PAIR_FIELDS)
-            for q in self.pairs:
-                w.writerow(
-                    [
-                        q.crater_a,
-                        q.crater_b,
-                        f"{q.score:.6f}",
-                        q.item_a,
-                        q.item_b,
-                        _num(q.distance),
-                        _num(q.ratio),
-                        self.group_of.get(q.crater_a, ""),
-                    ]
-                )
-        return p
+        group = self.group_of.get
+        return write_pairs_csv(path, self.pairs, "group", lambda q: group(q.crater_a, ""))
 
     def groups_csv(self, path: str | os.PathLike[str]) -> Path:
         p = Path(path)
@@ -134,10 +112,6 @@ class DedupResult:
             for g, members in enumerate(self.groups):
                 w.writerow((g, len(members), ";".join(members)))
         return p
-
-
-def _num(v: float) -> str:
-    return "" if np.isnan(v) else f"{v:.3f}"
 
 
 def dedup(

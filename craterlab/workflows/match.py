@@ -8,7 +8,6 @@ crater B match when B is A's best-scoring crater and A is B's.
 
 from __future__ import annotations
 
-import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,20 +18,16 @@ import numpy as np
 from craterlab.errors import DataError
 from craterlab.workflows.config import encoder_spec, spec_differences
 from craterlab.workflows.geometry import GeometryFilter
-from craterlab.workflows.pairs import CraterPair, candidate_rows, crater_pairs, pair_scores
+from craterlab.workflows.pairs import (
+    CraterPair,
+    candidate_rows,
+    crater_pairs,
+    pair_scores,
+    write_pairs_csv,
+)
 
 if TYPE_CHECKING:
     from craterlab.workflows.api import Index
-
-MATCH_FIELDS = (
-    "crater_a",
-    "crater_b",
-    "score",
-    "item_a",
-    "item_b",
-    "distance_px",
-    "diameter_ratio",
-)
 
 
 @dataclass
@@ -42,24 +37,7 @@ class MatchResult:
     craters_b: int
 
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(p, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(MATCH_FIELDS)
-            for m in self.matches:
-                w.writerow(
-                    [
-                        m.crater_a,
-                        m.crater_b,
-                        f"{m.score:.6f}",
-                        m.item_a,
-                        m.item_b,
-                        "" if np.isnan(m.distance) else f"{m.distance:.3f}",
-                        "" if np.isnan(m.ratio) else f"{m.ratio:.3f}",
-                    ]
-                )
-        return p
+        return write_pairs_csv(path, self.matches)
 
 
 def check_compatible(a: Index, b: Index) -> None:

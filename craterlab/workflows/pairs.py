@@ -9,8 +9,11 @@ folded into crater pairs, keeping the best-scoring crop pair.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import csv
+import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -35,6 +38,42 @@ class CraterPair:
     score: float
     distance: float = float("nan")
     ratio: float = float("nan")
+
+    def csv_row(self) -> list[str]:
+        """The row under :data:`PAIR_FIELDS` (distance and ratio empty when unknown)."""
+        return [
+            self.crater_a,
+            self.crater_b,
+            f"{self.score:.6f}",
+            self.item_a,
+            self.item_b,
+            _optional(self.distance),
+            _optional(self.ratio),
+        ]
+
+
+PAIR_FIELDS = ("crater_a", "crater_b", "score", "item_a", "item_b", "distance_px", "diameter_ratio")
+
+
+def write_pairs_csv(
+    path: str | os.PathLike[str],
+    pairs: Iterable[CraterPair],
+    extra_field: str | None = None,
+    extra: Callable[[CraterPair], object] | None = None,
+) -> Path:
+    """Write pairs as CSV (``PAIR_FIELDS``, plus one extra column when given); returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*PAIR_FIELDS, *([extra_field] if extra_field else [])])
+        for pair in pairs:
+            w.writerow([*pair.csv_row(), *([extra(pair)] if extra else [])])
+    return out
+
+
+def _optional(v: float) -> str:
+    return "" if np.isnan(v) else f"{v:.3f}"
 
 
 def candidate_rows(
