@@ -60,8 +60,40 @@ def _li_mode(record: RunRecord) -> str | None:
     return next((m for m in ("exhaustive", "two_stage") if m in record.results), None)
 
 
+Series = dict[str, list[tuple[float, float, bool]]]
+
+
+def _series_plot(
+    series: Series,
+    records: Sequence[RunRecord],
+    out_dir: Path,
+    stem: str,
+    *,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    xscale: dict,
+) -> list[Path]:
+    """One line per series of (x, mAP, untrained) points, hollow markers for untrained runs;
+    nothing when x does not vary."""
+    if len({x for pts in series.values() for x, _, _ in pts}) < 2:
+        return []
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **_marker(pts[0][2]))
+    ax.set_xscale("log", **xscale)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(_title(title, records))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, out_dir, stem)
+
+
 def map_vs_k(records: Sequence[RunRecord], out_dir: Path) -> list[Path]:
-    series: dict[str, list[tuple[float, float, bool]]] = defaultdict(list)
+    series: Series = defaultdict(list)
     for r in records:
         k, mode = _float(r.view()["k"]), _li_mode(r)
         if k is None or mode is None or "mAP" not in r.results[mode]:
@@ -70,24 +102,14 @@ def map_vs_k(records: Sequence[RunRecord], out_dir: Path) -> list[Path]:
         series[f"{view['tokens']} — {view['backbone']}"].append(
             (k, r.results[mode]["mAP"], r.untrained)
         )
-    if len({k for pts in series.values() for k, _, _ in pts}) < 2:
-        return []
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **_marker(pts[0][2]))
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("K (tokens per image)")
-    ax.set_ylabel("mAP (late interaction)")
-    ax.set_title(_title("mAP vs K", records))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, out_dir, "map_vs_k")
+    return _series_plot(
+        series, records, out_dir, "map_vs_k", title="mAP vs K",
+        xlabel="K (tokens per image)", ylabel="mAP (late interaction)", xscale={"base": 2},
+    )  # fmt: skip
 
 
 def map_vs_bytes(records: Sequence[RunRecord], out_dir: Path) -> list[Path]:
-    series: dict[str, list[tuple[float, float, bool]]] = defaultdict(list)
+    series: Series = defaultdict(list)
     for r in records:
         view = r.view()
         for mode, m in r.results.items():
@@ -96,20 +118,10 @@ def map_vs_bytes(records: Sequence[RunRecord], out_dir: Path) -> list[Path]:
                 continue
             label = f"{mode}: {view['tokens']} {view['quantizer']}" if mode != "single" else mode
             series[label].append((b, ap, r.untrained))
-    if len({b for pts in series.values() for b, _, _ in pts}) < 2:
-        return []
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, pts in sorted(series.items()):
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **_marker(pts[0][2]))
-    ax.set_xscale("log")
-    ax.set_xlabel("bytes per image")
-    ax.set_ylabel("mAP")
-    ax.set_title(_title("mAP vs storage", records))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, out_dir, "map_vs_bytes")
+    return _series_plot(
+        series, records, out_dir, "map_vs_bytes", title="mAP vs storage",
+        xlabel="bytes per image", ylabel="mAP", xscale={},
+    )  # fmt: skip
 
 
 def map_vs_parameters(records: Sequence[RunRecord], out_dir: Path) -> list[Path]:
