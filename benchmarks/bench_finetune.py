@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -44,30 +43,8 @@ from craterlab.backbones import timm_vit  # noqa: E402
 from craterlab.data.synthetic import SyntheticCraters  # noqa: E402
 from craterlab.train.evaluation import retrieval_metrics  # noqa: E402
 from craterlab.train.finetune import finetune  # noqa: E402
-
-LOSSES = {
-    "supcon": {"name": "supcon", "temperature": 0.1},
-    "arcface": {"name": "arcface", "scale": 16.0, "margin": 0.2},
-    "triplet": {"name": "triplet", "margin": 0.2},
-}
-
-RECIPE: dict[str, Any] = {
-    "epochs": 10,
-    "lr": 3e-4,
-    "head_lr": 1e-2,
-    "warmup": 0.1,
-    "batch_size": 32,
-    "embedding": "gem",
-    "crop_scale": [0.7, 1.0],
-    "color_jitter": 0.1,
-    "flip": False,
-    "global_crops": 2,
-    "local_crops": 1,
-    "local_scale": [0.3, 0.7],
-    "val_fraction": 0.0,
-    "progress": False,
-}
-"""The train config shared by every loss (see the module docstring for why)."""
+from craterlab.train.recipes import FROM_SCRATCH_RECIPE as RECIPE  # noqa: E402
+from craterlab.train.recipes import from_scratch_config as train_config  # noqa: E402
 
 DATA = {"n_identities": 600, "n_query_craters": 30, "image_size": 64}
 
@@ -89,11 +66,6 @@ class CachedImages:
 
 def backbone(weights: str = "random", seed: int = 0):
     return timm_vit("test_vit", weights=weights, seed=seed, image_size=64, precision="fp32")
-
-
-def train_config(loss: str, augment: str, **overrides: Any) -> dict[str, Any]:
-    """The benchmark's train config for one loss and crop mode."""
-    return {"name": loss, "loss": LOSSES[loss], **RECIPE, "augment": augment, **overrides}
 
 
 def main() -> None:

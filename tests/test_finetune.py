@@ -549,33 +549,13 @@ def test_fine_tuning_from_random_weights_raises_test_map(loss, learning_data, tm
     (benchmarks/bench_finetune.py): lr 3e-4, 10% warmup, cosine, 10 epochs, mild crops."""
     from craterlab.backbones import timm_vit
     from craterlab.train.evaluation import retrieval_metrics
-
-    losses = {
-        "supcon": {"name": "supcon", "temperature": 0.1},
-        "arcface": {"name": "arcface", "scale": 16.0, "margin": 0.2},
-        "triplet": {"name": "triplet", "margin": 0.2},
-    }
+    from craterlab.train.recipes import from_scratch_config
 
     def vit(weights: str = "random"):
         return timm_vit("test_vit", weights=weights, image_size=64, precision="fp32")
 
     before = retrieval_metrics(vit(), learning_data, "gem")["mAP"]
-    cfg = {
-        "name": loss,
-        "loss": losses[loss],
-        "epochs": 10,
-        "lr": 3e-4,
-        "head_lr": 1e-2,
-        "warmup": 0.1,
-        "batch_size": 32,
-        "embedding": "gem",
-        "augment": "single_crop",
-        "crop_scale": [0.7, 1.0],
-        "color_jitter": 0.1,
-        "flip": False,
-        "val_fraction": 0.0,
-        "progress": False,
-    }
+    cfg = from_scratch_config(loss, "single_crop")  # the benchmark's recipe, one definition
     checkpoint = finetune(cfg, vit(), learning_data, device="cpu", seed=0, out_dir=tmp_path)
     after = retrieval_metrics(vit(str(checkpoint)), learning_data, "gem")["mAP"]
     assert after >= 1.3 * before, (before, after)
