@@ -16,7 +16,14 @@ from craterlab.report.cli import sweep_name
 from craterlab.report.figures import write_figures
 from craterlab.report.paper import DATA_FILE, incomplete_tables, load_paper_numbers, lookup
 from craterlab.report.runs import RunRecord, load_sweep_dir, run_view, unflatten_metrics
-from craterlab.report.tables import LAYOUTS, build_table, format_run_table, layout_for, to_csv
+from craterlab.report.tables import (
+    LAYOUTS,
+    build_table,
+    format_run_table,
+    layout_for,
+    to_csv,
+    to_markdown,
+)
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 DINO = {"backbone.name": "timm_vit", "backbone.model": "vit_small_patch16_224"}
@@ -164,6 +171,46 @@ def test_generic_layout_uses_what_the_sweep_varied_and_notes_other_datasets():
     assert table.label_fields == ["k"] and [r["k"] for r in table.rows] == ["4", "8"]
     assert any("not CraterBench-R" in n for n in table.notes)
     assert sweep_name(runs, "fig3_k_sweep") == "fig3_k_sweep: k (2 runs)"
+
+
+def test_finetune_table_puts_frozen_and_fine_tuned_runs_side_by_side():
+    """The study's fine-tuning table: one row per (train, augment), CLS / GeM / LI K=32 in
+    columns, the frozen backbone as a row; the CLS and GeM runs of one checkpoint share a
+    row (their late-interaction numbers agree), and a disagreement is noted, not hidden."""
+
+    def run(name, train, augment, pooling, single, li, weights="pretrained (hub)"):
+        cfg = config(k=32, pooling__name=pooling, train__name=train, train__augment=augment)
+        results = {"single": {"mAP": single, "R@1": single / 2}, "exhaustive": {"mAP": li}}
+        results["two_stage"] = {"mAP": 0.0}  # a mode the layout leaves out
+        return record(name, weights=weights, cfg=cfg, **results)
+
+    runs = [
+        run("f-cls", "none", "single_crop", "cls", 0.30, 0.50),
+        run("f-gem", "none", "multi_crop", "gem", 0.35, 0.50),  # augment means nothing frozen
+        run("s-cls", "supcon", "single_crop", "cls", 0.40, 0.55, "random (offline)"),
+        run("s-gem", "supcon", "single_crop", "gem", 0.45, 0.56, "random (offline)"),
+    ]
+    table = build_table(runs, layout_for("finetune", runs))
+    assert table.label_fields == ["train", "augment"]
+    assert table.metrics == [
+        "cls R@1", "cls mAP", "gem R@1", "gem mAP", "LI K=32 R@1", "LI K=32 mAP"
+    ]  # fmt: skip
+    frozen, supcon = table.rows  # the frozen reference row first
+    assert (frozen["train"], frozen["augment"]) == ("none", "-")
+    assert (frozen["cls mAP"], frozen["gem mAP"], frozen["LI K=32 mAP"]) == (0.30, 0.35, 0.50)
+    assert frozen["cls R@1"] == pytest.approx(0.15) and frozen["LI K=32 R@1"] is None
+    assert frozen["run"] == "f-cls f-gem" and frozen["weights"] == "[pretrained weights]"
+    assert (supcon["cls mAP"], supcon["gem mAP"], supcon["LI K=32 mAP"]) == (0.40, 0.45, 0.55)
+    assert supcon["untrained"] and not frozen["untrained"]
+    assert any("s-cls and s-gem differ on LI K=32 mAP" in n for n in table.notes)
+    header = to_csv(table).splitlines()[0].split(",")
+    assert "mAP 95% CI" not in header and "gem mAP paper" in header and "two_stage" not in header
+    markdown = to_markdown(table).splitlines()  # no paper value anywhere: no empty columns
+    assert markdown[2] == (
+        "| train | augment | weights | cls R@1 | cls mAP | gem R@1 | gem mAP | LI K=32 R@1 "
+        "| LI K=32 mAP |"
+    )
+    assert markdown[4].startswith("| none | - | [pretrained weights] | 0.150 | 0.300 |")
 
 
 # ------------------------------------------------------------------ figures and the CLI

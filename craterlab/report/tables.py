@@ -83,6 +83,10 @@ class Layout:
     modes: tuple[str, ...] = ()  # () = every mode the runs have
     metrics: tuple[str, ...] = ("R@1", "R@10", "mAP")
     best_over: tuple[str, ...] = ()  # keep the run with the best mAP over these fields
+    # Side by side instead of one row per mode: (mode, column label template over the run's
+    # view), e.g. ("single", "{pooling}") puts each pooling's single-vector metrics in its
+    # own columns. Runs whose labels agree share a row; modes not listed are left out.
+    columns: tuple[tuple[str, str], ...] = ()
 
 
 LI = ("exhaustive",)
@@ -127,7 +131,13 @@ LAYOUTS: dict[str, Layout] = {
         ("exhaustive", "two_stage"),
         ("R@1", "mAP", "bytes_per_image"),
     ),
-    "finetune": Layout("Fine-tuning baselines", ("train", "augment"), ("single", "exhaustive")),
+    "finetune": Layout(
+        "Fine-tuning baselines against the frozen backbone: CLS, GeM and late interaction",
+        ("train", "augment"),
+        ("single", "exhaustive"),
+        ("R@1", "mAP"),
+        columns=(("single", "{pooling}"), ("exhaustive", "LI K={k}")),
+    ),
 }
 DEFAULT_METRICS = ("R@1", "R@10", "mAP", "R@S", "bytes_per_image", "ms_per_query")
 
@@ -141,6 +151,7 @@ class Table:
     metrics: list[str]
     rows: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    confidence: bool = True  # a "mAP 95% CI" column (one mode per row)
 
 
 def layout_for(name: str | None, records: Sequence[RunRecord]) -> Layout:
@@ -153,6 +164,8 @@ def layout_for(name: str | None, records: Sequence[RunRecord]) -> Layout:
 def build_table(records: Sequence[RunRecord], layout: Layout) -> Table:
     """Rows of ``records`` in ``layout``, each metric beside the paper's value."""
     labels = list(layout.rows) or varying_fields(records) or ["backbone"]
+    if layout.columns:
+        return _side_by_side(records, layout, labels)
     candidates = []
     for record in records:
         view = record.view()
@@ -193,6 +206,73 @@ def build_table(records: Sequence[RunRecord], layout: Layout) -> Table:
         row["_dataset"] = view["dataset"]
         table.rows.append(row)
     table.rows.sort(key=lambda r: tuple(_sort_key(r[f]) for f in label_fields))
+    _add_table_notes(table)
+    return table
+
+
+def _side_by_side(records: Sequence[RunRecord], layout: Layout, labels: list[str]) -> Table:
+    """One row per label, each (mode, column label) group of metrics in its own columns.
+
+    Runs whose labels agree share a row (e.g. a CLS and a GeM evaluation of one checkpoint);
+    when two of them report one cell differently, the first is kept and a note names both.
+    """
+    templates = dict(layout.columns)
+    groups: dict[str, tuple] = {}  # column label -> sort key (the layout's order, then label)
+    rows: dict[tuple, dict] = {}
+    notes: list[str] = []
+    for record in records:
+        view = record.view()
+        key = tuple(view[f] for f in labels)
+        row = rows.setdefault(key, {**{f: view[f] for f in labels}, "_runs": []})
+        row["_runs"].append(record.name)
+        row["untrained"] = row.get("untrained", False) or record.untrained
+        row.setdefault("_weights", []).append(weights_mark(record.weights))
+        row["_dataset"] = view["dataset"]
+        for mode, metrics in record.results.items():
+            if mode not in templates:
+                continue
+            group = templates[mode].format(**view)
+            groups.setdefault(group, (list(templates).index(mode), _sort_key(group)))
+            for metric in layout.metrics:
+                column, ours = f"{group} {metric}", metrics.get(metric)
+                if column in row:
+                    if ours is not None and row[column] is not None and ours != row[column]:
+                        notes.append(
+                            f"{_label(row, labels)}: runs {row['_source'][column]} and "
+                            f"{record.name} differ on {column} ({row[column]} vs {ours}); "
+                            "the first is shown."
+                        )
+                    continue
+                row[column] = ours
+                row.setdefault("_source", {})[column] = record.name
+                row["_depth"] = (metrics.get("depth"), metrics.get("gallery_size"))
+                paper = lookup({**view, "mode": mode}, metric)
+                row[f"{column} paper"] = paper.text() if paper else None
+                row[f"{column} diff"] = (
+                    paper.difference(ours) if paper is not None and ours is not None else None
+                )
+                if paper is not None:
+                    notes.append(f"{column} of {_label(row, labels)}: {paper.source}")
+    ordered = sorted(groups, key=groups.__getitem__)
+    metrics = [f"{g} {m}" for g in ordered for m in layout.metrics]
+    table = Table(layout.title, labels, metrics, notes=notes, confidence=False)
+    for row in rows.values():
+        marks = list(dict.fromkeys(row.pop("_weights")))
+        row["weights"] = " / ".join(marks)
+        row["run"] = " ".join(row.pop("_runs"))
+        row.pop("_source", None)
+        row.setdefault("_depth", (None, None))
+        for metric in metrics:
+            for column in (metric, f"{metric} paper", f"{metric} diff"):
+                row.setdefault(column, None)
+        table.rows.append(row)
+    table.rows.sort(key=lambda r: tuple(_sort_key(r[f]) for f in labels))
+    _add_table_notes(table)
+    return table
+
+
+def _add_table_notes(table: Table) -> None:
+    """Truncation, other-dataset and untrained-weights notes, ahead of the paper sources."""
     truncated = {d for r in table.rows for d in [r.pop("_depth")] if d[0] and d[1] and d[0] < d[1]}
     if truncated:
         depths = ", ".join(sorted({f"{d:.0f} of {n:.0f}" for d, n in truncated}))
@@ -208,10 +288,13 @@ def build_table(records: Sequence[RunRecord], layout: Layout) -> Table:
         row.pop("_dataset", None)
     if any(r["untrained"] for r in table.rows):
         table.notes.insert(0, UNTRAINED_NOTE.removeprefix("NOTE: ").capitalize())
-    return table
 
 
 def _sort_key(value: str) -> tuple:
+    """Numbers in numeric order, then text; "none" / "-" (a frozen or absent part, the
+    reference row) first."""
+    if value in ("none", "-"):
+        return (-1, 0.0, "")
     try:
         return (0, float(value), "")
     except (TypeError, ValueError):
@@ -243,11 +326,19 @@ def columns(table: Table) -> list[str]:
     cols = list(table.label_fields) + ["weights"]
     for metric in table.metrics:
         cols += [metric, f"{metric} paper", f"{metric} diff"]
-    return cols + ["mAP 95% CI"]
+    return cols + (["mAP 95% CI"] if table.confidence else [])
 
 
 def to_markdown(table: Table) -> str:
-    cols = columns(table)
+    """The table in Markdown; a metric's paper and diff columns are left out when no row has
+    a paper value for it (the CSV keeps every column)."""
+    empty = {
+        f"{m} {suffix}"
+        for m in table.metrics
+        if all(row.get(f"{m} paper") is None for row in table.rows)
+        for suffix in ("paper", "diff")
+    }
+    cols = [c for c in columns(table) if c not in empty]
     lines = [f"### {table.title}", "", "| " + " | ".join(cols) + " |"]
     lines.append("|" + "|".join("---" for _ in cols) + "|")
     for row in table.rows:

@@ -44,6 +44,7 @@ class TrainConfig:
     augment: Literal["none", "single_crop", "multi_crop"] = "multi_crop"
     embedding: Literal["cls", "gem"] = "cls"
     gem_p: float = 3.0
+    neck: Literal["none", "bn"] = "none"  # training only: batch-standardize before the loss
     global_crops: int = 2  # multi_crop: views at crop_scale
     local_crops: int = 4  # multi_crop: extra views at local_scale
     crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
@@ -162,6 +163,8 @@ def run_key(c: TrainConfig, backbone_identity: Any, dataset_identity: Any, seed:
     for key in NON_TRAINING_KEYS:
         payload.pop(key)
     payload["classes_per_batch"] = c.classes
+    if payload["neck"] == "none":  # the key before the neck existed: earlier runs still resume
+        del payload["neck"]
     return stable_hash(
         {
             "train": payload,

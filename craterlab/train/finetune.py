@@ -76,6 +76,23 @@ def embed(features: Features, embedding: str, gem_p: float = 3.0) -> torch.Tenso
     return embedding_pooling(embedding, gem_p)(features)
 
 
+def training_neck(neck: str, dim: int) -> torch.nn.Module:
+    """What sits between the embedding and the loss during training only.
+
+    ``bn``: a BatchNorm1d without affine parameters or running statistics (the "BNNeck" of
+    re-identification baselines, the BN before the embedding of insightface's ArcFace head).
+    It standardizes each dimension over the batch, so the loss cannot be lowered by shrinking
+    every embedding towards one shared vector, the collapse that batch-hard triplet and
+    ArcFace fall into from random weights. It has no state: evaluation and checkpoints are the
+    backbone's alone.
+    """
+    if neck == "none":
+        return torch.nn.Identity()
+    if neck == "bn":
+        return torch.nn.BatchNorm1d(dim, affine=False, track_running_stats=False)
+    raise ValueError(f"unknown train.neck {neck!r}; use 'none' or 'bn'")
+
+
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     """The learning-rate multiplier at ``step`` (0-based): linear warmup over ``warmup`` steps
     from 1/(warmup+1), then constant or a cosine decay to 0 at ``total``."""
@@ -231,6 +248,7 @@ def finetune(
     model = backbone.model
     pooling = embedding_pooling(cfg.embedding, cfg.gem_p)
     loss_fn = _build_loss(cfg, registry).to(device)
+    neck = training_neck(cfg.neck, backbone.dim).to(device)
     with torch.random.fork_rng(devices=_rng_devices(device)):
         torch.manual_seed(seed)  # seeded class weights (ArcFace), sized from the data
         if callable(getattr(loss_fn, "bind", None)):
@@ -308,7 +326,7 @@ def finetune(
                     x, y = _load_batch(rows, records, labels, dataset, backbone, views)
                     with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                         features = backbone.forward_features(x.to(device))
-                    loss = loss_fn(pooling(features).float(), y.to(device))
+                    loss = loss_fn(neck(pooling(features).float()), y.to(device))
                     if not torch.isfinite(loss):
                         raise CraterlabError(
                             f"Fine-tuning loss became {loss.item()} at epoch {epoch + 1}, step "
