@@ -108,6 +108,7 @@ def test_every_output_says_the_weights_are_untrained(chain, name):
     assert params["weights.used"] == tags["craterlab.weights"][: len(params["weights.used"])]
     steps = 2 if name == "refine" else 1
     assert params["weights.finetune_steps"] == str(steps)
+    assert "origin: random (fallback: pretrained weights" in tags["craterlab.weights"]
 
 
 def test_the_lineage_names_every_checkpoint_hash_and_producing_run(chain):

@@ -128,7 +128,9 @@ def status_of(lineage: Sequence[Mapping[str, Any]], source: str) -> str:
     what = f"{last['loss']}, {last['epochs']} epoch(s), {len(steps)} fine-tuning step(s)"
     origin = lineage[0]
     origin_text = origin.get("status") or origin.get("tag") or origin.get("source") or "?"
-    detail = f"{what}; {source}; origin: {origin['kind']} {origin_text}"
+    if not str(origin_text).startswith(origin["kind"]):  # "random (fallback: ...)" says it
+        origin_text = f"{origin['kind']} {origin_text}"
+    detail = f"{what}; {source}; origin: {origin_text}"
     if is_untrained(lineage):
         return f"random + fine-tuned ({detail})"
     return f"fine-tuned ({detail})"
