@@ -447,9 +447,19 @@ def test_commands_are_registered_and_run_the_chain(built, tmp_path, capsys) -> N
 
     out = run("index", sa.manifest, "--out", tmp_path / "idx", *TINY)
     assert f"{len(read_csv(sa.manifest))} items" in out and "untrained" in out
-    out = run("search", tmp_path / "idx", sb.manifest, "--top", "2", "--out", tmp_path / "hits")
+    out = run(
+        "search", tmp_path / "idx", sb.manifest, "--top", "2", "--out", tmp_path / "hits", "--html"
+    )
     assert len(read_csv(tmp_path / "hits.csv")) == 2 * len(read_csv(sb.manifest))
-    assert json.loads((tmp_path / "hits.json").read_text())["queries"]
+    found = json.loads((tmp_path / "hits.json").read_text())["queries"]
+    page = (tmp_path / "hits.html").read_text()
+    assert str(tmp_path / "hits.html") in out
+    assert page.count('<section class="query"') == min(len(found), 50)
+    assert page.count("<img") == 3 * min(len(found), 50)  # each query and its 2 hits
+    crater = {r["image_id"]: r["crater_id"] for r in read_csv(sb.manifest)}
+    crater |= {r["image_id"]: r["crater_id"] for r in read_csv(sa.manifest)}
+    same = sum(crater[h["gallery_id"]] == crater[q] for q, hs in found.items() for h in hs)
+    assert page.count('class="correct"') == same  # framed green: the query's crater, exactly
     run("dedup", tmp_path / "idx", "--threshold", "0.95", "--out", tmp_path / "dd")
     assert read_csv(tmp_path / "dd" / "pairs.csv") is not None
     assert (tmp_path / "dd" / "groups.csv").is_file()
@@ -476,3 +486,39 @@ def test_commands_are_registered_and_run_the_chain(built, tmp_path, capsys) -> N
         commands["index"].handler(
             [str(sa.manifest), "--out", str(tmp_path / "x"), "dataset=synthetic"]
         )
+
+
+# --------------------------------------------------------------------------- search page
+
+
+def test_search_page_marks_same_crater_hits_and_survives_a_moved_file(tmp_path) -> None:
+    from craterlab.workflows.items import Item
+    from craterlab.workflows.results import Hit, SearchHits
+    from craterlab.workflows.search_page import search_page
+
+    def crop(name: str) -> str:
+        path = tmp_path / f"{name}.png"
+        Image.new("RGB", (24, 24), (len(name) * 40 % 255, 90, 30)).save(path)
+        return str(path)
+
+    gallery = [Item("g1", crop("g1"), "A"), Item("g2", crop("g2"), "B")]
+    queries = [Item("q1", crop("q1"), "A"), Item("q2", crop("q2"), "C")]
+    hits = SearchHits(
+        [
+            Hit("q1", 1, "g1", 0.9, 0.8, 0),
+            Hit("q1", 2, "g2", 0.5, 0.4, 1),
+            Hit("q2", 1, "g2", 0.7, 0.6, 1),
+        ],
+        skipped=["broken_crop"],
+    )
+    page = search_page(hits, queries, gallery, weights="random (offline)", untrained=True)
+    assert page.count('<section class="query"') == 2 and page.count('class="correct"') == 1
+    assert "#1 0.900" in page and "crater A" in page and "untrained" in page
+    assert "1 query crop(s) could not be decoded" in page and "broken_crop" in page
+    (tmp_path / "g2.png").unlink()  # the gallery moved since the index was built
+    page = search_page(hits, queries, gallery, max_queries=1)
+    assert page.count('<section class="query"') == 1 and "the first 1; the CSV" in page
+    assert f"{tmp_path / 'g2.png'}: cannot be shown" in page and "does not exist" in page
+    folder = [Item("q1", queries[0].path, "q1"), Item("q2", queries[1].path, "q2")]
+    page = search_page(hits, folder, gallery)  # a folder of crops has no crater labels
+    assert 'class="correct"' not in page and "no crater labels" in page

@@ -80,7 +80,7 @@ def _real(tokens: Any, i: int) -> torch.Tensor:
     return vectors if mask is None else vectors[mask[i].bool()]
 
 
-def _data_uri(image: Any, size: int) -> str:
+def data_uri(image: Any, size: int) -> str:
     image = image.convert("RGB")
     image.thumbnail((size, size))
     buffer = io.BytesIO()
@@ -112,7 +112,7 @@ figure.wrong figcaption::before{content:"\\2717 ";color:#d33}
 """
 
 
-def _figure(uri: str, caption: str, cls: str, title: str) -> str:
+def figure_html(uri: str, caption: str, cls: str, title: str) -> str:
     return (
         f'<figure class="{cls}"><img class="thumb" src="{uri}" alt="{html.escape(title)}" '
         f'title="{html.escape(title)}" width="{THUMB_PX}" height="{THUMB_PX}">'
@@ -207,7 +207,7 @@ def build_run_page(
     def thumb(split: str, i: int) -> str:
         if (split, i) not in thumbs:
             record = (gallery if split == "gallery" else queries)[i]
-            thumbs[(split, i)] = _data_uri(dataset.load_image(record), THUMB_PX)
+            thumbs[(split, i)] = data_uri(dataset.load_image(record), THUMB_PX)
         return thumbs[(split, i)]
 
     def hit_row(label: str, hits: list[Hit]) -> str:
@@ -216,7 +216,7 @@ def build_run_page(
             score = "score -" if h.score is None else f"{h.score:.3f}"
             rec = gallery[h.gallery]
             figs.append(
-                _figure(
+                figure_html(
                     thumb("gallery", h.gallery),
                     f"#{rank} {score}",
                     "correct" if h.correct else "wrong",
@@ -251,7 +251,7 @@ def build_run_page(
                 f"after reranking ({after})", _hits(after_ranking, q, top, gallery_ids, relevant)
             )
         )
-        q_fig = _figure(thumb("query", q), "query", "query", rec.image_id)
+        q_fig = figure_html(thumb("query", q), "query", "query", rec.image_id)
         ids = ", ".join(str(i) for i in sorted(relevant))
         blocks.append(
             f'<section class="query" data-query="{html.escape(rec.image_id)}">'
@@ -273,8 +273,8 @@ def build_run_page(
         q_pos = token_positions(q_tok, query_features.tokens[pick], query_features.grid)
         g_pos = token_positions(g_tok, gallery_features.tokens[g], gallery_features.grid)
         svg = match_svg(
-            _data_uri(dataset.load_image(queries[pick]), MATCH_PX),
-            _data_uri(dataset.load_image(gallery[g]), MATCH_PX),
+            data_uri(dataset.load_image(queries[pick]), MATCH_PX),
+            data_uri(dataset.load_image(gallery[g]), MATCH_PX),
             q_pos,
             g_pos,
             best,

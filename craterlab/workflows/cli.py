@@ -12,9 +12,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from craterlab.errors import ConfigError
 from craterlab.hookspecs import Register, hookimpl
+
+if TYPE_CHECKING:
+    from craterlab.workflows.api import Index
+    from craterlab.workflows.results import SearchHits
 
 
 class _Parser(argparse.ArgumentParser):
@@ -245,6 +250,11 @@ def search_command(argv: list[str]) -> int:
         help="output prefix: PREFIX.csv and PREFIX.json (default search_results)",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable crops (counted)")
+    p.add_argument(
+        "--html",
+        action="store_true",
+        help="also write PREFIX.html: each query beside its hits (first 50 queries)",
+    )
     args = p.parse_args(args_)
     _quiet_logs()
     from craterlab.workflows.api import Index
@@ -269,8 +279,30 @@ def search_command(argv: list[str]) -> int:
         print(f"skipped {len(hits.skipped)} undecodable query crop(s)")
     if index.encoder_identity.get("untrained"):
         print("NOTE: the index's backbone has untrained (random) weights.")
-    print(f"results: {csv_path}, {json_path}")
+    written = [csv_path, json_path]
+    if args.html:
+        written.append(_write_search_page(args, index, hits))
+    print(f"results: {', '.join(str(w) for w in written)}")
     return 0
+
+
+def _write_search_page(args: argparse.Namespace, index: Index, hits: SearchHits) -> Path:
+    """PREFIX.html: each query crop beside its hits (:mod:`craterlab.workflows.search_page`)."""
+    from craterlab.workflows.items import load_items
+    from craterlab.workflows.search_page import search_page
+
+    encoder = index.encoder_identity
+    page = search_page(
+        hits,
+        load_items(args.queries, skip_bad=args.skip_bad),
+        index.items,
+        title=f"craterlab search: {Path(args.queries).name} in {Path(args.index).name}",
+        weights=str(encoder.get("weights_status", "unknown")),
+        untrained=bool(encoder.get("untrained")),
+    )
+    path = Path(f"{args.out}.html")
+    path.write_text(page, encoding="utf-8")
+    return path
 
 
 # --------------------------------------------------------------------------- dedup / match
