@@ -42,7 +42,7 @@ from craterlab.errors import ConfigError, DataError
 from craterlab.hashing import sha256_of
 from craterlab.retrieval.matchers import LateInteraction
 from craterlab.retrieval.stages import ExhaustiveStage, SingleStage, TwoStage
-from craterlab.retrieval.stores import CodeStore
+from craterlab.retrieval.stores import CodeStore, read_meta_file
 from craterlab.retrieval.vector_index import Stage1Settings, VectorIndex
 from craterlab.types import Matcher, Ranking, RetrievalInputs, Tokens, TokenStore
 
@@ -355,19 +355,13 @@ def _is_store_meta(p: Path) -> bool:
 
 def _read_meta(path: Path) -> dict[str, Any]:
     file = path / "meta.json"
-    if not file.is_file():
-        raise DataError(
-            f"No gallery index at {path} (missing meta.json). Build one and save it with "
-            "GalleryIndex.save(dir) first."
-        )
-    try:
-        meta = json.loads(file.read_text())
-    except ValueError as exc:
-        raise DataError(
-            f"Gallery index metadata {file} is not valid JSON ({exc}): the file is damaged. "
-            "Rebuild the index."
-        ) from None
-    version = meta.get("format_version") if isinstance(meta, dict) else None
+    meta = read_meta_file(
+        path,
+        "gallery index",
+        missing="Build one and save it with GalleryIndex.save(dir) first.",
+        damaged="Rebuild the index.",
+    )
+    version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise DataError(
             f"Gallery index {path} has format version {version}, this craterlab reads version "

@@ -159,18 +159,12 @@ class CodeStore:
         where queries touch it.
         """
         path = Path(directory)
-        meta_file = path / "meta.json"
-        if not meta_file.exists():
-            raise DataError(
-                f"No token store at {path} (missing meta.json). Point to a directory written "
-                "by CodeStore.save / GalleryIndex.save."
-            )
-        try:
-            meta = json.loads(meta_file.read_text())
-        except ValueError as exc:
-            raise DataError(
-                f"Token store metadata {meta_file} is not valid JSON ({exc}). Re-save the index."
-            ) from None
+        meta = read_meta_file(
+            path,
+            "token store",
+            missing="Point to a directory written by CodeStore.save / GalleryIndex.save.",
+            damaged="Re-save the index.",
+        )
         cls = CodeStore.formats.get(meta.get("format"))
         if cls is None:
             raise DataError(
@@ -195,6 +189,25 @@ class CodeStore:
         CodeStore.__init__(store, payload, meta["k"], meta["dim"], mask, overhead)
         store.restore_settings(meta)
         return store
+
+
+def read_meta_file(path: Path, what: str, *, missing: str, damaged: str) -> dict[str, Any]:
+    """``path/meta.json`` as a dict; a missing, unparsable or non-object file is a
+    :class:`DataError` naming ``what``, the file and the fix (``missing`` / ``damaged``)."""
+    file = path / "meta.json"
+    if not file.is_file():
+        raise DataError(f"No {what} at {path} (missing meta.json). {missing}")
+    try:
+        meta = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        meta, problem = None, f"is not valid JSON ({exc})"
+    else:
+        problem = "is not a JSON object"
+    if not isinstance(meta, dict):
+        raise DataError(
+            f"{what.capitalize()} metadata {file} {problem}: the file is damaged. {damaged}"
+        )
+    return meta
 
 
 def _read_array(file: Path, dtype: str, shape: list[int], mmap: bool = False) -> np.ndarray:

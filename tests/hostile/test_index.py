@@ -13,6 +13,7 @@ import torch
 
 from craterlab.errors import CraterlabError
 from craterlab.retrieval import GalleryIndex, Int8Quantizer
+from craterlab.retrieval.stores import CodeStore
 from craterlab.testing import random_tokens
 
 
@@ -104,3 +105,9 @@ def test_damaged_or_old_meta_json(saved: Path) -> None:
     (saved / "meta.json").write_text('{"format_version": 1}')
     with pytest.raises(CraterlabError, match="format version 1.*Rebuild"):
         GalleryIndex.load(saved)
+    (saved / "meta.json").write_text("[2, 4]")  # valid JSON, not an index's metadata
+    with pytest.raises(CraterlabError, match="meta.json is not a JSON object.*Rebuild"):
+        GalleryIndex.load(saved)
+    (saved / "store" / "meta.json").write_text("{")  # the token store's, shared reader
+    with pytest.raises(CraterlabError, match="Token store metadata .* not valid JSON"):
+        CodeStore.load(saved / "store")
