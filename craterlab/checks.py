@@ -22,11 +22,13 @@ log = logging.getLogger("craterlab")
 
 CHUNK = 4096  # images per check (bounded memory on memory-mapped token arrays)
 
-BROKEN_NUMBERS_FIX = (
+BROKEN_NUMBERS_CAUSE = (
     "This happens with broken weights (a checkpoint holding NaN, a diverged fine-tune) or an "
-    "overflow in reduced precision. Check backbone.weights, try backbone.precision=fp32, and "
-    "clear the feature cache entry if it was written by such a run (python -m craterlab cache "
-    "clear PATTERN)."
+    "overflow in reduced precision. Check backbone.weights and try backbone.precision=fp32."
+)
+BROKEN_NUMBERS_FIX = (
+    f"{BROKEN_NUMBERS_CAUSE} Extraction never caches such features; an entry written by an "
+    "older craterlab can be removed with python -m craterlab cache clear PATTERN."
 )
 
 
@@ -120,6 +122,20 @@ def check_features(features: Features, split: str) -> None:
         raise _stop("feature extraction (backbone output)", split, bad, len(features))
     if all_identical(features.cls):
         _warn_degenerate("feature extraction", split, len(features))
+
+
+def check_batch_before_caching(features: Features, split: str, first: int, total: int) -> None:
+    """One extracted batch (images ``first``.. of ``total``) must be finite before the feature
+    cache stores it: a broken model stops the run and leaves no NaN behind in the cache."""
+    bad = nonfinite_rows(features.cls, features.tokens, features.attn)
+    if bad:
+        last = first + len(features)
+        raise CraterlabError(
+            f"Non-finite values (NaN or inf) after feature extraction (backbone output): {bad} "
+            f"of the {len(features)} {split} images {first + 1}-{last} (of {total}) are "
+            "affected, so every ranking and metric of this run would be meaningless. Nothing "
+            f"of this batch was written to the feature cache. {BROKEN_NUMBERS_CAUSE}"
+        )
 
 
 def check_vectors(vectors: torch.Tensor, split: str, stage: str = "pooling") -> None:

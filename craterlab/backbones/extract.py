@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from craterlab.cache import FeatureCache, entry_key, entry_name
+from craterlab.checks import check_batch_before_caching
 from craterlab.data.base import listing
 from craterlab.devices import resolve_device
 from craterlab.errors import CraterlabError, DataError
@@ -271,6 +272,7 @@ def extract_features(
             progress=progress,
             desc=desc,
         ):
+            check_batch_before_caching(batch, split, writer.done, n)
             writer.write(batch)
             since += len(batch)
             if since >= every or time.monotonic() - last_commit > 60:

@@ -52,6 +52,37 @@ def test_nan_from_the_backbone_stops_the_run_naming_stage_and_count(tmp_path, mo
     assert "backbone.weights" in message
 
 
+def test_nan_features_never_reach_the_feature_cache(tmp_path, monkeypatch) -> None:
+    """With the cache on, the NaN batch stops extraction before it is written; the next run
+    with a sound model resumes the same entry and every cached feature is finite."""
+    real_encode = TimmBackbone.encode
+    calls = {"n": 0}
+
+    def nan_in_the_second_batch(self, images):
+        feats = real_encode(self, images)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            feats = Features(feats.cls * float("nan"), feats.tokens, feats.attn, feats.grid)
+        return feats
+
+    monkeypatch.setattr(TimmBackbone, "encode", nan_in_the_second_batch)
+    overrides = ("batch_size=4", f"cache.dir={tmp_path / 'cache'}")
+    with pytest.raises(CraterlabError) as exc_info:
+        run(config(tmp_path, *overrides))
+    message = str(exc_info.value)
+    assert "4 of the 4 gallery images 5-8" in message
+    assert "Nothing of this batch was written to the feature cache" in message
+    monkeypatch.setattr(TimmBackbone, "encode", real_encode)
+    run(config(tmp_path, *overrides))  # resumes the entry, finishes
+    from craterlab.cache import FeatureCache
+
+    cache = FeatureCache(tmp_path / "cache")
+    entries = [p.name for p in (tmp_path / "cache").glob("*gallery*") if p.is_dir()]
+    assert len(entries) == 1
+    feats = cache.load(entries[0], verify=True)
+    assert feats is not None and nonfinite_rows(feats.cls, feats.tokens, feats.attn) == 0
+
+
 def test_bad_settings_fail_before_extraction_even_on_a_cache_hit(tmp_path, monkeypatch) -> None:
     def no_extraction(*args, **kwargs):
         raise AssertionError("extraction started")
