@@ -27,6 +27,7 @@ The recipe (:data:`RECIPE`, measured on 2 CPU cores) and why:
 
     .venv/bin/python benchmarks/bench_finetune.py                      # every loss x crop mode
     .venv/bin/python benchmarks/bench_finetune.py --losses supcon --augments single_crop
+    .venv/bin/python benchmarks/bench_finetune.py --augments single_crop --neck none  # collapse
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])
     parser.add_argument("--lr", type=float, default=RECIPE["lr"])
     parser.add_argument("--embedding", default=RECIPE["embedding"], choices=["cls", "gem"])
+    parser.add_argument(
+        "--neck", default=RECIPE["neck"], choices=["none", "bn"], help="none: see the collapse"
+    )
     parser.add_argument("--identities", type=int, default=DATA["n_identities"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -94,14 +98,19 @@ def main() -> None:
         f"synthetic ({args.identities} identities): {len(train)} train images of "
         f"{len({r.crater_id for r in train})} identities, {len(data.records('query'))} "
         f"queries, {len(data.records('gallery'))} gallery; torch threads {args.threads}; "
-        f"embedding {args.embedding}, lr {args.lr}, {args.epochs} epochs"
+        f"embedding {args.embedding}, neck {args.neck}, lr {args.lr}, {args.epochs} epochs"
     )
     before = retrieval_metrics(backbone(seed=args.seed), data, args.embedding)
     rows = []
     for loss in args.losses.split(","):
         for augment in args.augments.split(","):
             cfg = train_config(
-                loss, augment, epochs=args.epochs, lr=args.lr, embedding=args.embedding
+                loss,
+                augment,
+                epochs=args.epochs,
+                lr=args.lr,
+                embedding=args.embedding,
+                neck=args.neck,
             )
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()
