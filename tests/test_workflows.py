@@ -511,7 +511,7 @@ def test_search_page_marks_same_crater_hits_and_survives_a_moved_file(tmp_path) 
         ],
         skipped=["broken_crop"],
     )
-    page = search_page(hits, queries, gallery, weights="random (offline)", untrained=True)
+    page = search_page(hits, queries, gallery, weights="random (offline)")
     assert page.count('<section class="query"') == 2 and page.count('class="correct"') == 1
     assert "#1 0.900" in page and "crater A" in page and "untrained" in page
     assert "1 query crop(s) could not be decoded" in page and "broken_crop" in page

@@ -291,14 +291,12 @@ def _write_search_page(args: argparse.Namespace, index: Index, hits: SearchHits)
     from craterlab.workflows.items import load_items
     from craterlab.workflows.search_page import search_page
 
-    encoder = index.encoder_identity
     page = search_page(
         hits,
         load_items(args.queries, skip_bad=args.skip_bad),
         index.items,
         title=f"craterlab search: {Path(args.queries).name} in {Path(args.index).name}",
-        weights=str(encoder.get("weights_status", "unknown")),
-        untrained=bool(encoder.get("untrained")),
+        weights=str(index.encoder_identity.get("weights_status", "unknown")),
     )
     path = Path(f"{args.out}.html")
     path.write_text(page, encoding="utf-8")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from craterlab.data.images import open_rgb
 from craterlab.errors import DataError
-from craterlab.report.marks import UNTRAINED_NOTE, weights_mark
+from craterlab.report.marks import UNTRAINED_NOTE, is_untrained, weights_mark
 from craterlab.report.pages import CSS, THUMB_PX, data_uri, figure_html
 from craterlab.workflows.items import Item
 from craterlab.workflows.results import SearchHits
@@ -48,7 +48,6 @@ def search_page(
     *,
     title: str = "craterlab search",
     weights: str = "unknown",
-    untrained: bool = False,
     max_queries: int = MAX_QUERIES,
 ) -> str:
     """The page as an HTML string: the first ``max_queries`` queries and their ranked hits."""
@@ -81,7 +80,9 @@ def search_page(
         if labelled
         else "The queries carry no crater labels (a folder of crops), so no hit is marked."
     )
-    banner = f'<div class="banner">{html.escape(UNTRAINED_NOTE)}</div>' if untrained else ""
+    banner = (
+        f'<div class="banner">{html.escape(UNTRAINED_NOTE)}</div>' if is_untrained(weights) else ""
+    )
     skipped = (
         f"<p>{len(hits.skipped)} query crop(s) could not be decoded and were skipped: "
         f"{html.escape(', '.join(hits.skipped[:20]))}</p>"
