@@ -40,3 +40,15 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One feature cache per test session, never the repository's outputs/ (session scope, so
     module-scoped fixtures that run the pipeline see it too)."""
     os.environ["CRATERLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "feature-cache")
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path) -> dict[str, object]:
+    """A tracking config for a fresh SQLite MLflow store in the test's tmp dir."""
+    return {
+        "name": "mlflow",
+        "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "experiment": "test",
+        "artifact_location": str(tmp_path / "artifacts"),
+        "timeout_s": 30,
+    }

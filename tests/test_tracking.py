@@ -25,16 +25,6 @@ def test_metric_names_are_mlflow_safe() -> None:
     assert metric_name("single/mAP") == "single/mAP"
 
 
-@pytest.fixture
-def store(tmp_path):
-    return {
-        "name": "mlflow",
-        "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "experiment": "test",
-        "artifact_location": str(tmp_path / "artifacts"),
-    }
-
-
 def test_trackers_are_a_registry_kind() -> None:
     registry = get_registry()
     assert {"mlflow", "none"} <= set(registry.names("tracking"))
@@ -49,43 +39,43 @@ def test_trackers_are_a_registry_kind() -> None:
         make_tracker({"name": "mlflow", "timeout_s": 0})
 
 
-def test_run_records_params_metrics_tags_and_artifacts(store, tmp_path) -> None:
+def test_run_records_params_metrics_tags_and_artifacts(mlflow_store, tmp_path) -> None:
     artifact = tmp_path / "resolved_config.yaml"
     artifact.write_text("k: 8\n")
     config = {"k": 8, "aggregator": {"name": "instance", "k": 8}, "note": "z" * 10_000}
-    with tracked_run(store, {"craterlab.backbone": "dino_s16"}) as tracker:
+    with tracked_run(mlflow_store, {"craterlab.backbone": "dino_s16"}) as tracker:
         tracker.log_params(config)
         tracker.log_metrics({"single/R@1": 0.5, "single/mAP": 0.25})
         tracker.set_tags({"craterlab.weights": "random (requested)"})
         tracker.log_artifact(artifact)
     assert tracker.not_logged == []
-    assert tracker.summary() == f"MLflow run {tracker.run_id} ({store['uri']})"
-    run = MlflowClient(store["uri"]).get_run(tracker.run_id)
+    assert tracker.summary() == f"MLflow run {tracker.run_id} ({mlflow_store['uri']})"
+    run = MlflowClient(mlflow_store["uri"]).get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["aggregator.k"] == "8"
     assert run.data.params["note"].startswith("zzz")
     assert run.data.metrics == {"single/R_at_1": 0.5, "single/mAP": 0.25}
     assert run.data.tags["craterlab.weights"] == "random (requested)"
     assert run.data.tags["craterlab.backbone"] == "dino_s16"
-    names = [a.path for a in MlflowClient(store["uri"]).list_artifacts(tracker.run_id)]
+    names = [a.path for a in MlflowClient(mlflow_store["uri"]).list_artifacts(tracker.run_id)]
     assert names == ["resolved_config.yaml"]
 
 
-def test_nan_metrics_are_logged_not_dropped(store) -> None:
-    with tracked_run(store, {}) as tracker:
+def test_nan_metrics_are_logged_not_dropped(mlflow_store) -> None:
+    with tracked_run(mlflow_store, {}) as tracker:
         tracker.log_metrics({"single/mAP": float("nan"), "single/R@1": 0.5, "none": None})
-    metrics = MlflowClient(store["uri"]).get_run(tracker.run_id).data.metrics
+    metrics = MlflowClient(mlflow_store["uri"]).get_run(tracker.run_id).data.metrics
     assert math.isnan(metrics["single/mAP"]) and metrics["single/R_at_1"] == 0.5
     assert tracker.not_logged == ["metrics without a value (none)"]
 
 
-def test_failed_body_marks_run_failed_and_interruption_killed(store) -> None:
-    with pytest.raises(RuntimeError), tracked_run(store, {}) as tracker:
+def test_failed_body_marks_run_failed_and_interruption_killed(mlflow_store) -> None:
+    with pytest.raises(RuntimeError), tracked_run(mlflow_store, {}) as tracker:
         raise RuntimeError("boom")
-    assert MlflowClient(store["uri"]).get_run(tracker.run_id).info.status == "FAILED"
-    with pytest.raises(KeyboardInterrupt), tracked_run(store, {}) as tracker:
+    assert MlflowClient(mlflow_store["uri"]).get_run(tracker.run_id).info.status == "FAILED"
+    with pytest.raises(KeyboardInterrupt), tracked_run(mlflow_store, {}) as tracker:
         raise KeyboardInterrupt
-    assert MlflowClient(store["uri"]).get_run(tracker.run_id).info.status == "KILLED"
+    assert MlflowClient(mlflow_store["uri"]).get_run(tracker.run_id).info.status == "KILLED"
 
 
 def test_unreachable_server_is_reported_not_fatal(monkeypatch) -> None:
@@ -105,7 +95,7 @@ def test_tracking_none_logs_nothing() -> None:
     assert tracker.run_id is None and tracker.not_logged == [] and tracker.summary() == ""
 
 
-def test_observer_hooks_log_through_the_active_tracker(store, tmp_path) -> None:
+def test_observer_hooks_log_through_the_active_tracker(mlflow_store, tmp_path) -> None:
     class Observer:
         @hookimpl
         def run_started(self, config, tracker):
@@ -121,10 +111,10 @@ def test_observer_hooks_log_through_the_active_tracker(store, tmp_path) -> None:
     pm = make_manager(load_entry_points=False)
     pm.register(Observer())
     results = {"single": {"mAP": 0.25}, "two_stage": {"mAP": 0.5}}
-    with tracked_run(store, {}) as tracker:
+    with tracked_run(mlflow_store, {}) as tracker:
         pm.hook.run_started(config={"k": 8}, run_dir="d", tracker=tracker)
         pm.hook.run_finished(config={"k": 8}, run_dir="d", results=results, tracker=tracker)
-    client = MlflowClient(store["uri"])
+    client = MlflowClient(mlflow_store["uri"])
     run = client.get_run(tracker.run_id)
     assert run.data.metrics["observer/best_mAP"] == 0.5 and run.data.tags["observer.k"] == "8"
     assert [a.path for a in client.list_artifacts(tracker.run_id)] == ["summary.txt"]

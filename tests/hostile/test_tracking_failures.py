@@ -20,27 +20,16 @@ from craterlab.mlflow_tracker import END_TAG, HOST_TAG, PID_TAG, MlflowTracker
 from craterlab.tracking import tracked_run
 
 
-@pytest.fixture
-def store(tmp_path):
-    return {
-        "name": "mlflow",
-        "uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "experiment": "test",
-        "artifact_location": str(tmp_path / "artifacts"),
-        "timeout_s": 30,
-    }
-
-
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
 
 
-def test_next_start_marks_runs_of_dead_processes_killed(store) -> None:
-    with tracked_run(store, {}):  # creates the experiment
+def test_next_start_marks_runs_of_dead_processes_killed(mlflow_store) -> None:
+    with tracked_run(mlflow_store, {}):  # creates the experiment
         pass
-    client = MlflowClient(store["uri"])
+    client = MlflowClient(mlflow_store["uri"])
     experiment = client.get_experiment_by_name("test").experiment_id
     host = socket.gethostname()
 
@@ -51,7 +40,7 @@ def test_next_start_marks_runs_of_dead_processes_killed(store) -> None:
     alive = running({PID_TAG: str(os.getppid()), HOST_TAG: host})
     elsewhere = running({PID_TAG: str(dead_pid()), HOST_TAG: "another-host"})
     untagged = running({})
-    with tracked_run(store, {}) as tracker:
+    with tracked_run(mlflow_store, {}) as tracker:
         pass
     status = {r: client.get_run(r).info.status for r in (orphan, alive, elsewhere, untagged)}
     assert status == {
@@ -75,12 +64,12 @@ def run_script(code: str, tmp_path) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-def test_sigterm_closes_the_run_killed(store, tmp_path) -> None:
+def test_sigterm_closes_the_run_killed(mlflow_store, tmp_path) -> None:
     result = run_script(
         f"""
         import os, signal, time
         from craterlab.tracking import tracked_run
-        with tracked_run({store!r}, {{"role": "job"}}) as tracker:
+        with tracked_run({mlflow_store!r}, {{"role": "job"}}) as tracker:
             print(tracker.run_id, flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(60)
@@ -89,19 +78,20 @@ def test_sigterm_closes_the_run_killed(store, tmp_path) -> None:
     )
     assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
     run_id = result.stdout.split()[0]
-    assert MlflowClient(store["uri"]).get_run(run_id).info.status == "KILLED"
+    assert MlflowClient(mlflow_store["uri"]).get_run(run_id).info.status == "KILLED"
 
 
-def test_interrupted_sweep_closes_parent_and_child_killed(store, tmp_path) -> None:
+def test_interrupted_sweep_closes_parent_and_child_killed(mlflow_store, tmp_path) -> None:
     result = run_script(
         f"""
         import os
         from omegaconf import OmegaConf
         from craterlab.tracking import SweepCallback, tracked_run
-        config = OmegaConf.create({{"tracking": {store!r}, "hydra": {{"sweep": {{"dir": "s/1"}}}}}})
+        sweep = {{"sweep": {{"dir": "s/1"}}}}
+        config = OmegaConf.create({{"tracking": {mlflow_store!r}, "hydra": sweep}})
         SweepCallback().on_multirun_start(config)
         print(os.environ["CRATERLAB_PARENT_RUN_ID"], flush=True)
-        with tracked_run({store!r}, {{}}) as tracker:
+        with tracked_run({mlflow_store!r}, {{}}) as tracker:
             print(tracker.run_id, flush=True)
             raise KeyboardInterrupt
         """,
@@ -109,7 +99,7 @@ def test_interrupted_sweep_closes_parent_and_child_killed(store, tmp_path) -> No
     )
     assert result.returncode != 0 and "KeyboardInterrupt" in result.stderr
     parent, child = re.findall(r"^[0-9a-f]{32}$", result.stdout, re.MULTILINE)[:2]  # run ids
-    client = MlflowClient(store["uri"])
+    client = MlflowClient(mlflow_store["uri"])
     assert client.get_run(parent).info.status == "KILLED"
     assert client.get_run(child).info.status == "KILLED"
     assert client.get_run(child).data.tags["mlflow.parentRunId"] == parent
@@ -141,7 +131,7 @@ def test_read_only_store_folder_fails_at_start(tmp_path) -> None:
     assert f"the MLflow store {folder} is not writable" in tracker.not_logged[0]
 
 
-def test_a_store_that_does_not_answer_costs_one_timeout(store, monkeypatch) -> None:
+def test_a_store_that_does_not_answer_costs_one_timeout(mlflow_store, monkeypatch) -> None:
     release = threading.Event()
     answered = []
 
@@ -150,10 +140,11 @@ def test_a_store_that_does_not_answer_costs_one_timeout(store, monkeypatch) -> N
         answered.append(True)
         raise RuntimeError("too late")
 
-    with tracked_run(store, {}):  # the store exists (a new one gets longer, for migrations)
+    with tracked_run(mlflow_store, {}):  # the store exists (a new one gets longer, for migrations)
         pass
     monkeypatch.setattr(mlflow_tracker, "connect", stalled_connect)
-    tracker = MlflowTracker(uri=store["uri"], artifact_location=store["artifact_location"])
+    uri, artifacts = mlflow_store["uri"], mlflow_store["artifact_location"]
+    tracker = MlflowTracker(uri=uri, artifact_location=artifacts)
     tracker.timeout_s = 0.5
     try:
         with tracked_run(tracker, {}):
