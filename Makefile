@@ -1,11 +1,11 @@
-# craterlab: `make run` runs the default experiment, `make test` runs lint + tests.
+# craterlab: `make run` runs the default experiment, `make test` runs lint + docs build + tests.
 # Both set up .venv from scratch first (torch pinned to the build this machine has on disk).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup run test test-slow bench lint format clean
+.PHONY: setup run test test-slow bench lint docs format clean
 
 setup: $(VENV)/.installed
 
@@ -22,7 +22,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
+test: lint docs
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-slow: setup
@@ -33,4 +36,4 @@ format: setup
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf outputs
+	rm -rf outputs site

@@ -1,4 +1,4 @@
-"""How cost grows with gallery size, for the README's "Scale on paper" section.
+"""How cost grows with gallery size, for docs/performance.md, "Scale on paper".
 
     python benchmarks/bench_scale_paper.py --sizes 5000 50000            # about 10 min, 2 cores
     python benchmarks/bench_scale_paper.py --sizes 5000 50000 500000     # needs ~8 GB free RAM

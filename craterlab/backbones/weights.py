@@ -206,7 +206,7 @@ def conversion_hint(path: str) -> str:
     target = str(Path(path).with_suffix(".safetensors"))
     return (
         "If you trust the file (you trained it, or it comes from its authors), re-save its "
-        "tensors as safetensors once and use that file instead (README, "
+        "tensors as safetensors once and use that file instead (docs/data-and-weights.md, "
         f"'{SAFETENSORS_SECTION}'):\n"
         f'  python -c "import torch, safetensors.torch as st; '
         f"c = torch.load({path!r}, map_location='cpu', weights_only=False); "

@@ -66,8 +66,8 @@ class ManifestDataset(FileDataset):
         if not path:
             raise DataError(
                 "dataset=manifest needs dataset.path=FILE.csv: a CSV with columns "
-                "image_id,path,crater_id,role[,relevant_ids,view_type] (see the README, "
-                "'Your own crops', and examples/manifest/)."
+                "image_id,path,crater_id,role[,relevant_ids,view_type] (see "
+                "docs/data-and-weights.md, 'Your own crops', and examples/manifest/)."
             )
         csv_path = Path(path).expanduser()
         if not csv_path.is_file():

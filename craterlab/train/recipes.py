@@ -1,7 +1,7 @@
 """The from-scratch fine-tuning recipe measured in ``benchmarks/bench_finetune.py``.
 
 One definition serves the benchmark and the slow test that asserts fine-tuning learns, so the
-README's table and the test always describe the same training. Why each setting: the
+docs/fine-tuning.md's table and the test always describe the same training. Why each setting: the
 benchmark's module docstring (600 identities, GeM because a random ViT's CLS hardly depends on
 the image, a BN neck so that triplet and ArcFace cannot collapse, lr 3e-4 with a 10% warmup,
 crops mild enough for 64 px images).

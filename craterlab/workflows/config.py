@@ -47,7 +47,7 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         raise ConfigError(
             f"The overrides {' '.join(overrides)!r} do not compose: {first}. Use the same "
             "group=option and group.key=value overrides as an experiment (python -m craterlab "
-            "--help, or the README's 'Config groups')."
+            "--help, or docs/configuration.md, 'Config groups and their options')."
         ) from None
 
 
