@@ -15,7 +15,6 @@ from pathlib import Path
 
 from craterlab.errors import CraterlabError
 from craterlab.report.figures import write_figures
-from craterlab.report.paper import incomplete_tables
 from craterlab.report.runs import RunRecord, load_mlflow, load_sweep_dir, varying_fields
 from craterlab.report.tables import build_table, layout_for, to_markdown, write_table
 
@@ -38,11 +37,6 @@ def write_report(
     """Write the table (Markdown + CSV) and figures; returns the files and the Markdown."""
     table = table or table_name(records)
     built = build_table(records, layout_for(table, records))
-    if table in incomplete_tables():
-        built.notes.append(
-            f"The paper's numbers for {table} are incomplete: its full text was not available "
-            "when craterlab/report/paper_numbers.yaml was written (see its header)."
-        )
     paths = write_table(built, Path(out_dir))
     paths += write_figures(records, Path(out_dir))
     return paths, to_markdown(built)

@@ -94,9 +94,12 @@ def run_view(config: Mapping[str, str]) -> dict[str, str]:
     if quantizer == "pq":
         quantizer = f"pq{get('quantizer.m')}"
     train = get("train.name")
+    pooling = get("pooling.name")
+    if pooling == "instance":  # instance tokens pooled into one vector (conf/pooling)
+        pooling = f"instance_{get('pooling.reduce')}"
     return {
         "backbone": backbone,
-        "pooling": get("pooling.name"),
+        "pooling": pooling,
         "tokens": tokens,
         "selector": selector,
         "aggregator": aggregator,
@@ -109,6 +112,8 @@ def run_view(config: Mapping[str, str]) -> dict[str, str]:
         "augment": get("train.augment") if train != "none" else "-",
         "dataset": get("dataset.name"),
         "depth": get("depth"),
+        "pooling_seeds": get("pooling.seeds"),
+        "pooling_assign": get("pooling.assign"),
     }
 
 
