@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fnmatch
 import json
 import logging
@@ -105,6 +106,23 @@ def _write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def reserve(path: Path) -> None:
+    """Allocate every block of ``path`` now (raises OSError ENOSPC when the disk is full), so
+    that writes through a memory map can never hit a full disk (a SIGBUS, not an error)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    return  # a filesystem without fallocate: the free-space check must do
+                raise
+    finally:
+        os.close(fd)
 
 
 def _dir_bytes(path: Path) -> int:
@@ -244,12 +262,40 @@ class EntryWriter:
         }
         if features.attn is not None:
             specs["attn"] = (np.float32, (n, *features.attn.shape[1:]))
-        for name, (dtype, shape) in specs.items():
-            self.arrays[name] = np.lib.format.open_memmap(
-                self.dir / f"{name}.npy", "w+", dtype=dtype, shape=shape
-            )
+        needed = sum(
+            int(np.prod(shape)) * np.dtype(dtype).itemsize for dtype, shape in specs.values()
+        )
+        free = shutil.disk_usage(self.dir).free
+        if free < needed:
+            self._out_of_space(needed, free)
+        try:
+            for name, (dtype, shape) in specs.items():
+                self.arrays[name] = np.lib.format.open_memmap(
+                    self.dir / f"{name}.npy", "w+", dtype=dtype, shape=shape
+                )
+                reserve(self.dir / f"{name}.npy")
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._out_of_space(needed, shutil.disk_usage(self.dir).free)
         self.meta["grid"] = list(features.grid)
         _write_json_atomic(self.dir / "meta.json", self.meta)
+
+    def _out_of_space(self, needed: int, free: int) -> None:
+        """Remove this partial entry (nothing else changes) and say what space is missing.
+
+        The arrays are memory-mapped: writing into a sparse file on a full disk would kill the
+        process with a bus error, so the space is reserved (fallocate) before any row is
+        written."""
+        self.arrays.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        raise CraterlabError(
+            f"Not enough disk space for the feature cache entry {self.final_dir.name}: it "
+            f"needs {human_bytes(needed)} in {self.dir.parent}, {human_bytes(free)} are "
+            "free. Nothing was written (the cache is as it was). Free some space, point the "
+            "cache at another disk (cache.dir=/path or CRATERLAB_CACHE=/path), or run without "
+            "it (cache.enabled=false)."
+        )
 
     def write(self, features: Features) -> None:
         """Append a batch (CPU tensors) at the current position; call ``commit`` to persist."""

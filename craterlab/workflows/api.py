@@ -25,11 +25,13 @@ Layout of a saved index directory::
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,16 @@ from craterlab.workflows.config import (
 from craterlab.workflows.encoder import Encoder
 from craterlab.workflows.items import Item, ItemSet, check_decodable, check_unique, load_items
 from craterlab.workflows.results import SearchHits
+from craterlab.workflows.storage import (
+    check_index_target,
+    check_space,
+    clear_partial,
+    index_lock,
+    index_path,
+    is_space_error,
+    recover_interrupted,
+    space_error,
+)
 
 log = logging.getLogger("craterlab")
 
@@ -81,6 +93,8 @@ class Index:
         self.skipped: list[str] = []
         """Items left out by the last build/add because they could not be decoded."""
         self._encoder: Encoder | None = None
+        self._loaded_from: Path | None = None
+        self._revision: str | None = None
 
     # ------------------------------------------------------------------ build
 
@@ -137,32 +151,82 @@ class Index:
 
     # ------------------------------------------------------------------ persistence
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the index to ``directory`` (replaced atomically if it exists)."""
-        final = Path(directory)
-        tmp = final.with_name(final.name + ".partial")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.gallery.save(tmp / "gallery")
-        meta = {
-            "format": WORKFLOW_FORMAT,
-            "craterlab_version": self.version,
-            "overrides": self.overrides,
-            "config": self.config,
-            "encoder": self.encoder_identity,
-            "n": len(self.items),
-            "items": [it.to_json() for it in self.items],
-        }
-        (tmp / "workflow.json").write_text(json.dumps(meta, indent=1, default=str))
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write the index to ``directory``, swapped in atomically (:mod:`.storage`).
+
+        An existing index there is replaced only with ``overwrite=True`` or when it is the
+        index this object was loaded from (an update); any other non-empty folder or a file is
+        refused. Saving over the folder it was loaded from fails when another process updated
+        it meanwhile (use :meth:`updating`, which locks, to update safely).
+        """
+        final = index_path(directory)
+        recover_interrupted(final)
+        own = final == self._loaded_from
+        check_index_target(final, overwrite=overwrite or own)
+        if own and self._revision is not None and _revision(final) != self._revision:
+            raise DataError(
+                f"Index {final} changed on disk after it was loaded (another update "
+                "landed); saving would lose that update. Load it again and repeat the "
+                "change, or update it with `python -m craterlab index add|remove` / "
+                "Index.updating(dir), which take a lock."
+            )
+        check_space(final.parent, self._bytes_needed(), f"index {final.name}")
+        tmp = clear_partial(final)
+        try:
+            tmp.mkdir(parents=True)
+            self.gallery.save(tmp / "gallery")
+            meta = {
+                "format": WORKFLOW_FORMAT,
+                "craterlab_version": self.version,
+                "overrides": self.overrides,
+                "config": self.config,
+                "encoder": self.encoder_identity,
+                "n": len(self.items),
+                "items": [it.to_json() for it in self.items],
+            }
+            staged = tmp / "workflow.json.tmp"
+            staged.write_text(json.dumps(meta, indent=1, default=str))
+            os.replace(staged, tmp / "workflow.json")  # last, whole: marks .partial complete
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if is_space_error(exc):
+                needed = self._bytes_needed()
+                raise space_error(final.parent, needed, f"index {final.name}") from None
+            raise DataError(
+                f"Could not write index {final} ({exc.strerror or exc}: {exc.filename}). "
+                "Nothing was changed; check that the folder is writable."
+            ) from None
         if final.exists():
             old = final.with_name(final.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
+            if old.exists():
+                shutil.rmtree(old)  # a save's own leftover (recover_interrupted checked it)
             final.rename(old)
             tmp.rename(final)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+        self._loaded_from, self._revision = final, _revision(final)
         return final
+
+    def _bytes_needed(self) -> int:
+        """About what a save writes: vectors twice (ids + stage 1), the token store, items."""
+        store = self.gallery.store
+        payload = 0 if store is None else sum(v.nbytes for v in store.payload.values())
+        return 2 * self.gallery.vectors.nbytes + payload + 400 * len(self.items) + 65536
+
+    @classmethod
+    @contextlib.contextmanager
+    def updating(cls, directory: str | os.PathLike[str], **load_args: Any) -> Iterator[Index]:
+        """Lock the index at ``directory``, load it, let the caller change it, save it.
+
+        ``with Index.updating("idx") as index: index.add("new-crops/")``. A second update at
+        the same time waits for the lock and then sees the first one's items.
+        """
+        path = index_path(directory)
+        with index_lock(path):
+            index = cls.load(path, **load_args)
+            yield index
+            index.save(path)
 
     @classmethod
     def load(
@@ -173,7 +237,8 @@ class Index:
         ``mmap=True`` maps the token store from disk instead of reading it into memory (a
         million-item gallery on one machine); ``verify=False`` skips the file checksums.
         """
-        path = Path(directory)
+        path = index_path(directory)
+        recover_interrupted(path)
         meta_file = path / "workflow.json"
         if not path.is_dir():
             raise DataError(
@@ -182,8 +247,9 @@ class Index:
             )
         if not meta_file.is_file():
             raise DataError(
-                f"{path} is not a craterlab index (no workflow.json) or it was not written to the "
-                f"end. Rebuild it with `python -m craterlab index SOURCE --out {path}`."
+                f"{path} is not a craterlab index (it has no workflow.json). Pass the folder "
+                "that `python -m craterlab index SOURCE --out DIR` wrote, or build an index "
+                "into a new folder (index never writes into a folder holding other files)."
             )
         try:
             meta = json.loads(meta_file.read_text())
@@ -214,7 +280,9 @@ class Index:
                 f"{len(items)} items of workflow.json (a partial copy or an interrupted "
                 "update). Rebuild it."
             )
-        return cls(gallery, items, meta["config"], meta["overrides"], meta["encoder"], version)
+        out = cls(gallery, items, meta["config"], meta["overrides"], meta["encoder"], version)
+        out._loaded_from, out._revision = path, _revision(path)
+        return out
 
     # ------------------------------------------------------------------ encoding
 
@@ -420,6 +488,14 @@ class Index:
         if self.encoder_identity.get("untrained"):
             lines.append("WARNING: untrained (random) backbone weights: scores are not meaningful.")
         return "\n".join(lines)
+
+
+def _revision(path: Path) -> str | None:
+    """A fingerprint of a saved index's workflow.json (changes with every save)."""
+    try:
+        return hashlib.sha256((path / "workflow.json").read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def restore_quantizer(quantizer: Any, store: Any) -> None:

@@ -14,8 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from craterlab.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from craterlab.errors import ConfigError
 from craterlab.hookspecs import Register, hookimpl
+from craterlab.workflows.options import finite, fraction, positive_int
+from craterlab.workflows.options import geometry as check_geometry
 
 if TYPE_CHECKING:
     from craterlab.workflows.api import Index
@@ -51,7 +54,29 @@ def _geometry_options(p: argparse.ArgumentParser) -> None:
 def _geometry(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from craterlab.workflows.geometry import GeometryFilter
 
+    check_geometry(args.max_distance, args.max_offset, args.max_ratio)
+
     return GeometryFilter(args.max_distance, args.max_offset, args.max_ratio)
+
+
+def _pixels(text: str) -> int | None:
+    if text.strip().lower() in ("none", "null"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive pixel count or 'none'")
+    return value
+
+
+def _overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing output files (inputs are never replaced)",
+    )
 
 
 def _quiet_logs() -> None:
@@ -102,6 +127,14 @@ def ingest_command(argv: list[str]) -> int:
         action="store_true",
         help="skip undecodable crops (counted) instead of stopping",
     )
+    p.add_argument(
+        "--max-image-pixels",
+        type=_pixels,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"largest tile accepted, in pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,}, PIL's "
+        "decompression-bomb guard; 'none' for no limit)",
+    )
+    _overwrite_option(p)
     args = p.parse_args(argv)
     _quiet_logs()
     from craterlab.workflows.ingest import ingest_catalog, ingest_folder
@@ -118,9 +151,13 @@ def ingest_command(argv: list[str]) -> int:
             crop_size=args.crop_size,
             origin=tuple(args.origin),
             skip_invalid=args.skip_invalid,
+            overwrite=args.overwrite,
+            max_image_pixels=args.max_image_pixels,
         )
     elif args.folder:
-        summary = ingest_folder(args.folder, args.out, skip_bad=args.skip_bad)
+        summary = ingest_folder(
+            args.folder, args.out, skip_bad=args.skip_bad, overwrite=args.overwrite
+        )
     else:
         raise ConfigError("ingest needs a folder of crops, or --image TILE --catalog CSV.")
     print(summary)
@@ -154,10 +191,20 @@ def index_command(argv: list[str]) -> int:
     p.add_argument("--nprobe", type=int, help="IVF lists probed per query")
     p.add_argument("--ef-search", type=int, help="HNSW search breadth")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable crops (counted)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing index at --out (never a folder that is not an index)",
+    )
     args = p.parse_args(args_)
+    positive_int("--nprobe", args.nprobe)
+    positive_int("--ef-search", args.ef_search)
     _quiet_logs()
     from craterlab.workflows.api import Index
+    from craterlab.workflows.storage import check_index_target, index_lock, index_path
 
+    out = index_path(args.out)
+    check_index_target(out, overwrite=args.overwrite)  # before the encoding, not after
     index = Index.build(
         args.source,
         overrides,
@@ -166,7 +213,8 @@ def index_command(argv: list[str]) -> int:
         ef_search=args.ef_search,
         skip_bad=args.skip_bad,
     )
-    path = index.save(args.out)
+    with index_lock(out):
+        path = index.save(out, overwrite=args.overwrite)
     print(index.describe())
     if index.skipped:
         print(f"skipped {len(index.skipped)} undecodable crop(s): {', '.join(index.skipped[:5])}")
@@ -186,9 +234,8 @@ def _index_add(argv: list[str]) -> int:
     _quiet_logs()
     from craterlab.workflows.api import Index
 
-    index = Index.load(args.index)
-    added = index.add(args.source, skip_bad=args.skip_bad)
-    index.save(args.index)
+    with Index.updating(args.index) as index:
+        added = index.add(args.source, skip_bad=args.skip_bad)
     print(f"added {added} item(s); the index holds {len(index)}")
     if index.skipped:
         print(f"skipped {len(index.skipped)} undecodable crop(s)")
@@ -206,17 +253,38 @@ def _index_remove(argv: list[str]) -> int:
     args = p.parse_args(argv)
     ids = list(args.ids)
     if args.ids_file:
-        ids += [ln.strip() for ln in Path(args.ids_file).read_text().splitlines() if ln.strip()]
+        ids += _read_ids_file(Path(args.ids_file))
     if not ids:
         raise ConfigError("index remove needs ids: index remove DIR ID [ID ...] or --ids-file.")
     _quiet_logs()
     from craterlab.workflows.api import Index
 
-    index = Index.load(args.index)
-    how = index.remove(ids)
-    index.save(args.index)
+    with Index.updating(args.index) as index:
+        how = index.remove(ids)
     print(f"removed {len(set(ids))} item(s) (stage 1: {how}); the index holds {len(index)}")
     return 0
+
+
+def _read_ids_file(path: Path) -> list[str]:
+    """The ids of an ``--ids-file``: one per line, UTF-8 text."""
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"--ids-file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--ids-file {path} is a folder; pass a text file.") from None
+    except OSError as exc:
+        raise ConfigError(f"--ids-file {path} cannot be read ({exc.strerror}).") from None
+    try:
+        if b"\0" in text:
+            raise UnicodeDecodeError("utf-8", text, text.index(b"\0"), text.index(b"\0") + 1, "NUL")
+        lines = text.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"--ids-file {path} is not a UTF-8 text file (binary data); pass a text file with "
+            "one item id per line (python -m craterlab index info DIR --ids lists them)."
+        ) from None
+    return [ln.strip() for ln in lines if ln.strip()]
 
 
 def _index_info(argv: list[str]) -> int:
@@ -255,7 +323,18 @@ def search_command(argv: list[str]) -> int:
         action="store_true",
         help="also write PREFIX.html: each query beside its hits (first 50 queries)",
     )
+    _overwrite_option(p)
     args = p.parse_args(args_)
+    positive_int("--top", args.top)
+    positive_int("--shortlist", args.shortlist)
+    from craterlab.workflows.outputs import check_outputs
+
+    check_outputs(
+        [f"{args.out}.csv", f"{args.out}.json"] + ([f"{args.out}.html"] if args.html else []),
+        overwrite=args.overwrite,
+        inputs=[args.queries],
+        input_dirs=[args.index],
+    )
     _quiet_logs()
     from craterlab.workflows.api import Index
 
@@ -319,7 +398,23 @@ def dedup_command(argv: list[str]) -> int:
     )
     p.add_argument("--out", default="dedup", help="output folder (default dedup/)")
     _geometry_options(p)
+    _overwrite_option(p)
     args = p.parse_args(argv)
+    finite("--threshold", args.threshold)
+    fraction("--min-precision", args.min_precision)
+    positive_int("--neighbors", args.neighbors)
+    from craterlab.workflows.outputs import check_outputs
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"dedup --out {out} is a file; --out names a folder for its outputs.")
+    names = ["pairs.csv", "groups.csv"] + (["calibration.png"] if args.labels else [])
+    check_outputs(
+        [out / n for n in names],
+        overwrite=args.overwrite,
+        inputs=[args.labels] if args.labels else [],
+        input_dirs=[args.index],
+    )
     _quiet_logs()
     from craterlab.workflows.api import Index
     from craterlab.workflows.dedup import dedup
@@ -333,7 +428,6 @@ def dedup_command(argv: list[str]) -> int:
         neighbors=args.neighbors,
         geometry=_geometry(args),
     )
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if result.calibration is not None:
         c = result.calibration.chosen
@@ -361,7 +455,13 @@ def match_command(argv: list[str]) -> int:
     p.add_argument("--min-score", type=float, help="drop matches below this score")
     p.add_argument("--out", default="matches.csv", help="output CSV (default matches.csv)")
     _geometry_options(p)
+    _overwrite_option(p)
     args = p.parse_args(argv)
+    finite("--min-score", args.min_score)
+    positive_int("--neighbors", args.neighbors)
+    from craterlab.workflows.outputs import check_outputs
+
+    check_outputs([args.out], overwrite=args.overwrite, input_dirs=[args.index_a, args.index_b])
     _quiet_logs()
     from craterlab.workflows.api import Index
     from craterlab.workflows.match import match

@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,12 @@ import numpy as np
 from PIL import Image
 
 from craterlab.data.base import listing
-from craterlab.errors import DataError
+from craterlab.data.images import DEFAULT_MAX_IMAGE_PIXELS, allow_pixels, file_problem
+from craterlab.errors import ConfigError, DataError
 from craterlab.workflows.items import check_decodable, check_unique, folder_items
+from craterlab.workflows.options import MIN_CROP_PIXELS, positive_int
+from craterlab.workflows.options import factors as check_factors
+from craterlab.workflows.outputs import check_outputs
 
 MANIFEST_FIELDS = (
     "image_id",
@@ -73,10 +78,15 @@ def ingest_folder(
     out: str | os.PathLike[str],
     *,
     skip_bad: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> IngestSummary:
-    """A manifest listing every crop of ``folder`` as a gallery item (paths stay in place)."""
+    """A manifest listing every crop of ``folder`` as a gallery item (paths stay in place).
+
+    An existing manifest at ``out`` is replaced only with ``overwrite`` (never a crop)."""
     items = folder_items(Path(folder))
+    out_path = _manifest_path(out, create=False)
+    check_outputs([out_path], overwrite=overwrite, inputs=[it.path for it in items])
     check_unique(items, str(folder))
     items, bad = check_decodable(items, skip_bad, progress)
     out_path = _manifest_path(out)
@@ -100,14 +110,24 @@ def ingest_folder(
     return IngestSummary(out_path, len(rows), len(rows), skipped_invalid=bad)
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
+def read_image(
+    path: str | os.PathLike[str], max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """A mosaic tile as an 8-bit grey (H, W) array; 16-bit and float data (GeoTIFF) are
-    stretched linearly between their 0.5 and 99.5 percentiles."""
+    stretched linearly between their 0.5 and 99.5 percentiles. A tile over ``max_pixels``
+    (the one image-size limit of every reader; None: no limit) is refused from its header,
+    whichever library decodes it."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"Image {p} does not exist. Pass the mosaic tile the catalog refers to.")
+    problem = file_problem(p)
+    if problem:
+        raise DataError(f"Image {p} {problem}. Pass the mosaic tile the catalog refers to.")
+    _check_tile_size(p, max_pixels)
+    allow_pixels(max_pixels)
     try:
-        with Image.open(p) as im:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(p)
+        with im:
             im.load()
             arr = np.asarray(im.convert("L") if im.mode in ("RGB", "RGBA", "P", "LA") else im)
     except Exception as exc:  # PIL raises many types for unsupported or corrupt files
@@ -123,6 +143,42 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
     lo, hi = np.percentile(finite, [0.5, 99.5])
     scaled = (np.nan_to_num(a, nan=lo) - lo) / max(hi - lo, 1e-12)
     return (np.clip(scaled, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _tile_size(p: Path) -> tuple[int, int] | None:
+    """(width, height) from the header (PIL, else tifffile), or None when neither reads it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS, saved = None, Image.MAX_IMAGE_PIXELS
+            try:
+                with Image.open(p) as im:
+                    return im.size
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+    except Exception:
+        pass
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(p) as tif:
+            shape = tif.series[0].shape
+            axes = tif.series[0].axes
+        return int(shape[axes.index("X")]), int(shape[axes.index("Y")])
+    except Exception:
+        return None
+
+
+def _check_tile_size(p: Path, max_pixels: int | None) -> None:
+    size = _tile_size(p) if max_pixels is not None else None
+    if size is not None and size[0] * size[1] > max_pixels:  # type: ignore[operator]
+        w, h = size
+        raise DataError(
+            f"Image {p} has {w} x {h} = {w * h:,} pixels, more than the image-size limit "
+            f"{max_pixels:,} (a guard against decompression bombs and runaway memory; the tile "
+            f"needs about {w * h / 2**20:,.0f} MiB as 8-bit grey). If it is a genuine mosaic, "
+            f"allow it with --max-image-pixels {w * h} (or --max-image-pixels none)."
+        )
 
 
 def _read_with_tifffile(p: Path, exc: Exception) -> np.ndarray:
@@ -153,10 +209,19 @@ class CatalogRow:
 
 
 def read_catalog(
-    path: str | os.PathLike[str], width: int, height: int, *, skip_invalid: bool = False
+    path: str | os.PathLike[str],
+    width: int,
+    height: int,
+    *,
+    skip_invalid: bool = False,
+    sides: tuple[float, float] = (min(FACTORS), max(FACTORS)),
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[list[CatalogRow], list[str]]:
     """Catalog rows inside a ``width`` x ``height`` image; problems are errors, or counted
-    skips with ``skip_invalid``."""
+    skips with ``skip_invalid``. ``sides``: the smallest and largest crop factor, so that a
+    diameter whose crop would be under :data:`MIN_CROP_PIXELS` or over the image-size limit
+    is a problem row (not a 1-pixel crop or an exabyte allocation)."""
+    limit = max_pixels
     p = Path(path)
     if not p.is_file():
         raise DataError(f"Catalog {p} does not exist. Pass a CSV with columns x,y,diameter[,id].")
@@ -189,6 +254,17 @@ def read_catalog(
             continue
         if not (math.isfinite(d) and d > 0):
             problems.append(f"line {line} (id {cid}): diameter {d} must be > 0")
+        elif round(sides[0] * d) < MIN_CROP_PIXELS:
+            problems.append(
+                f"line {line} (id {cid}): diameter {d:g} px gives a {round(sides[0] * d)}-pixel "
+                f"crop; craters under {MIN_CROP_PIXELS / sides[0]:g} px are too small to cut"
+            )
+        elif limit is not None and round(sides[1] * d) ** 2 > limit:
+            problems.append(
+                f"line {line} (id {cid}): diameter {d:g} px gives a crop of "
+                f"{round(sides[1] * d) ** 2:,} pixels, over the image-size limit {limit:,} "
+                "(--max-image-pixels raises it); is the diameter in pixels?"
+            )
         elif not (0 <= x < width and 0 <= y < height):
             problems.append(
                 f"line {line} (id {cid}): centre ({x:g}, {y:g}) is outside the "
@@ -219,22 +295,49 @@ def ingest_catalog(
     crop_size: int | None = None,
     origin: tuple[float, float] = (0.0, 0.0),
     skip_invalid: bool = False,
+    overwrite: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     progress: bool = True,
 ) -> IngestSummary:
     """Cut every catalogued crater at ``factors`` x its diameter into ``out_dir/crops`` and
     write ``out_dir/manifest.csv`` (see the module docstring). ``crop_size``: resize crops
     to this many pixels (default: keep the native resolution). ``origin``: the tile's
     top-left corner in a shared pixel frame (a mosaic's), added to the manifest's x and y so
-    the geometry filter can compare craters of overlapping tiles."""
+    the geometry filter can compare craters of overlapping tiles. Existing outputs (the
+    manifest, crops of the same names) are replaced only with ``overwrite``; the tile and the
+    catalog never are."""
     from tqdm.auto import tqdm
 
     if border not in ("pad", "skip"):
         raise DataError(f"border must be 'pad' or 'skip', got {border!r}.")
-    tile = read_image(image)
-    h, w = tile.shape
-    rows, problems = read_catalog(catalog, w, h, skip_invalid=skip_invalid)
+    check_factors(factors)
+    positive_int("--crop-size", crop_size, f" (pixels; at least {MIN_CROP_PIXELS} are useful)")
+    if crop_size is not None and crop_size < MIN_CROP_PIXELS:
+        raise ConfigError(
+            f"--crop-size {crop_size} is not valid: crops of fewer than {MIN_CROP_PIXELS} "
+            "pixels hold nothing a backbone can use; pass a size >= "
+            f"{MIN_CROP_PIXELS} (backbones resize to 224), or leave it out."
+        )
+    if len(origin) != 2 or not all(isinstance(v, int | float) and math.isfinite(v) for v in origin):
+        raise ConfigError(
+            f"--origin {tuple(origin)} is not valid: it must be two finite numbers, the tile's "
+            "top-left corner (x y) in the shared pixel frame."
+        )
     out = Path(out_dir)
+    check_outputs([out / "manifest.csv"], overwrite=overwrite, inputs=[image, catalog])
+    tile = read_image(image, max_image_pixels)
+    h, w = tile.shape
+    rows, problems = read_catalog(
+        catalog,
+        w,
+        h,
+        skip_invalid=skip_invalid,
+        sides=(min(factors), max(factors)),
+        max_pixels=max_image_pixels,
+    )
     crops_dir = out / "crops"
+    planned = [crops_dir / f"{_safe(f'{r.id}_{f}x')}.png" for r in rows for f in factors]
+    check_outputs(planned, overwrite=overwrite, inputs=[image, catalog], option="--out")
     crops_dir.mkdir(parents=True, exist_ok=True)
     fill = int(np.median(tile))
     summary = IngestSummary(out / "manifest.csv", skipped_invalid=problems)
@@ -314,11 +417,12 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def _manifest_path(out: str | os.PathLike[str]) -> Path:
+def _manifest_path(out: str | os.PathLike[str], create: bool = True) -> Path:
     p = Path(out)
     if p.suffix.lower() != ".csv":
         p = p / "manifest.csv"
-    p.parent.mkdir(parents=True, exist_ok=True)
+    if create:
+        p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
 

@@ -1,0 +1,204 @@
+"""Where a workflow index lives on disk, and the rules that keep users' files safe.
+
+- A folder is replaced only when it is a craterlab index (``workflow.json`` + ``gallery/`` and
+  nothing else) and the caller allowed it (``--overwrite``, or saving back the index it
+  loaded), or when it is empty. Anything else (a crops folder, the working directory, a file)
+  is refused, never deleted.
+- A save writes ``DIR.partial`` and swaps it in with two renames (``DIR`` -> ``DIR.old``,
+  ``DIR.partial`` -> ``DIR``). A kill between them leaves the two siblings; the next load or
+  save restores the complete one (:func:`recover_interrupted`).
+- Updates (``index add`` / ``remove``) hold an exclusive lock on ``DIR.lock`` from load to save,
+  as the feature cache locks its entries, so two updates at once both land.
+- The space a save needs is checked first, and a write that still fails for space (disk full,
+  quota) removes what it wrote and names the path, the size needed and the free space.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from craterlab.errors import ConfigError, DataError
+
+log = logging.getLogger("craterlab")
+
+INDEX_ENTRIES = frozenset({"workflow.json", "gallery"})
+"""What a saved workflow index holds; a folder with anything else is not replaced."""
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def index_path(directory: str | os.PathLike[str]) -> Path:
+    """An absolute, normalised path (``.``/``..`` resolved without following links)."""
+    return Path(os.path.abspath(os.fspath(directory)))
+
+
+def is_index_dir(path: Path) -> bool:
+    """True for a folder that holds a workflow index and nothing else (complete or not)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return "workflow.json" in names and names <= INDEX_ENTRIES | {"workflow.json.tmp"}
+
+
+def _listing(path: Path, limit: int = 5) -> str:
+    names = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_index_target(path: Path, *, overwrite: bool) -> None:
+    """Refuse to write an index over anything but an empty folder or (allowed) an index."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise ConfigError(
+            f"{path} exists and is not a folder (a file or a link); an index is a folder, and "
+            "craterlab never replaces a file it did not make. Choose another --out (a new "
+            "folder name)."
+        )
+    if not path.is_dir() or not any(path.iterdir()):
+        return
+    if not is_index_dir(path):
+        raise ConfigError(
+            f"{path} is a folder that is not a craterlab index (it holds {_listing(path)}); "
+            "writing the index there would delete its contents, so it is refused (also with "
+            "--overwrite). Choose a new folder for --out, e.g. --out "
+            f"{path / 'index'}."
+        )
+    if not overwrite:
+        raise ConfigError(
+            f"{path} already holds a craterlab index. Pass --overwrite to replace it "
+            "(Index.save(dir, overwrite=True)), use `python -m craterlab index add` to add "
+            "crops to it, or choose another --out."
+        )
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _ours(path: Path) -> bool:
+    """A ``.partial``/``.old`` sibling that a save made (an index folder, maybe incomplete)."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    names = {p.name for p in path.iterdir()}
+    return names <= INDEX_ENTRIES | {"workflow.json.tmp"}
+
+
+def _complete(path: Path) -> bool:
+    """A ``.partial`` is complete once its workflow.json (written last, atomically) parses."""
+    try:
+        json.loads((path / "workflow.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (path / "gallery" / "meta.json").is_file()
+
+
+def recover_interrupted(path: Path) -> str | None:
+    """Finish or undo a save that was killed between its renames; returns what was done.
+
+    ``DIR`` missing with a complete ``DIR.partial``: the new version is moved into place.
+    ``DIR`` missing with ``DIR.old``: the previous version is restored. Siblings that are not
+    a save's are never touched; a damaged state is named.
+    """
+    partial, old = _sibling(path, ".partial"), _sibling(path, ".old")
+    if path.exists():
+        if old.exists() and _ours(old):  # killed after the swap, before the cleanup
+            shutil.rmtree(old, ignore_errors=True)
+        return None
+    if partial.exists() and _ours(partial) and _complete(partial):
+        partial.rename(path)
+        if old.exists() and _ours(old):
+            shutil.rmtree(old, ignore_errors=True)
+        done = f"restored index {path} from {partial.name} (a save was interrupted after writing)"
+    elif old.exists() and _ours(old) and (old / "workflow.json").is_file():
+        old.rename(path)
+        if partial.exists() and _ours(partial):
+            shutil.rmtree(partial, ignore_errors=True)
+        done = (
+            f"restored index {path} from {old.name} (a save was interrupted before the new "
+            "version was complete; that update is lost and must be repeated)"
+        )
+    else:
+        return None
+    log.warning("%s", done[0].upper() + done[1:])
+    return done
+
+
+def clear_partial(path: Path) -> Path:
+    """The ``DIR.partial`` to write into, emptied only if a save made it."""
+    partial = _sibling(path, ".partial")
+    if partial.exists() or partial.is_symlink():
+        if not _ours(partial):
+            raise ConfigError(
+                f"{partial} exists and is not a half-written craterlab index (it holds "
+                f"{_listing(partial) if partial.is_dir() else 'a file'}); saving the index "
+                f"{path} would use that name. Move it away or choose another --out."
+            )
+        shutil.rmtree(partial)
+    return partial
+
+
+@contextlib.contextmanager
+def index_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on the index at ``path`` (file ``DIR.lock`` beside it): a second
+    update waits for the first, then loads what the first saved."""
+    import fcntl
+
+    lock = _sibling(path, ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a+")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot create the lock file {lock} for index {path} ({exc.strerror}); the "
+            "index's folder must be writable to update it."
+        ) from None
+    with handle as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Waiting for another update of index %s ...", path)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def space_error(path: Path, needed: int, what: str) -> DataError:
+    return DataError(
+        f"Not enough disk space to write {what} at {path}: it needs about {human(needed)}, "
+        f"{human(free_bytes(path))} are free on that filesystem. Nothing was changed. Free "
+        "some space there (or point the output at another disk) and run it again."
+    )
+
+
+def check_space(path: Path, needed: int, what: str) -> None:
+    """Refuse up front when the filesystem of ``path`` has less than ``needed`` bytes free."""
+    if free_bytes(path) < needed:
+        raise space_error(path, needed, what)
+
+
+def is_space_error(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS
