@@ -365,7 +365,10 @@ def load_entry(path: str | Path, *, verify: bool | None = None) -> Features:
         meta = json.loads((path / "meta.json").read_text())
     except (OSError, ValueError) as exc:
         raise CorruptEntry(f"unreadable manifest or meta ({exc})") from exc
-    files = manifest.get("files", {})
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not set(files) <= {f"{a}.npy" for a in ARRAYS}:
+        names = sorted(files or ())
+        raise CorruptEntry(f"manifest names files other than the entry's arrays: {names}")
     if "cls.npy" not in files or "tokens.npy" not in files:
         raise CorruptEntry("manifest lists no cls/tokens arrays")
     total = sum(f["bytes"] for f in files.values())

@@ -9,6 +9,7 @@ marks them.
 from __future__ import annotations
 
 import csv
+import html
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -339,7 +340,7 @@ def to_markdown(table: Table) -> str:
         for suffix in ("paper", "diff")
     }
     cols = [c for c in columns(table) if c not in empty]
-    lines = [f"### {table.title}", "", "| " + " | ".join(cols) + " |"]
+    lines = [f"### {md_cell(table.title)}", "", "| " + " | ".join(map(md_cell, cols)) + " |"]
     lines.append("|" + "|".join("---" for _ in cols) + "|")
     for row in table.rows:
         cells = []
@@ -350,12 +351,19 @@ def to_markdown(table: Table) -> str:
             elif col.endswith(" diff") and base in table.metrics:
                 cells.append(_diff(row[col], base))
             else:
-                cells.append("—" if row.get(col) is None else str(row[col]))
+                cells.append("—" if row.get(col) is None else md_cell(row[col]))
         lines.append("| " + " | ".join(cells) + " |")
     if table.notes:
         lines.append("")
-        lines += [f"- {n}" for n in dict.fromkeys(table.notes)]
+        lines += [f"- {html.escape(str(n), quote=False)}" for n in dict.fromkeys(table.notes)]
     return "\n".join(lines) + "\n"
+
+
+def md_cell(value: object) -> str:
+    """Text as one Markdown table cell: HTML escaped (a run's strings, such as its weights,
+    come from its config or a tracking store and may carry markup), ``|`` escaped, one line."""
+    text = html.escape(str(value), quote=False)
+    return " ".join(text.replace("|", "\\|").split())
 
 
 def to_csv(table: Table) -> str:

@@ -44,6 +44,7 @@ from craterlab.retrieval.matchers import LateInteraction
 from craterlab.retrieval.stages import ExhaustiveStage, SingleStage, TwoStage
 from craterlab.retrieval.stores import CodeStore, read_meta_file
 from craterlab.retrieval.vector_index import Stage1Settings, VectorIndex
+from craterlab.safepaths import contained
 from craterlab.types import Matcher, Ranking, RetrievalInputs, Tokens, TokenStore
 
 FORMAT_VERSION = 2
@@ -371,13 +372,50 @@ def _read_meta(path: Path) -> dict[str, Any]:
     for key in ("n", "dim", "has_store", "counts", "files"):
         if key not in meta:
             raise DataError(f"Gallery index metadata {file} lacks {key!r}. Rebuild the index.")
+    problems = []
+    for key in ("n", "dim"):
+        if not _count(meta[key]) or (key == "dim" and meta[key] == 0):
+            problems.append(f"{key}={meta[key]!r} (a count)")
+    if not isinstance(meta["has_store"], bool):
+        problems.append(f"has_store={meta['has_store']!r} (true or false)")
+    counts = meta["counts"]
+    if not isinstance(counts, dict) or not all(
+        _count(counts.get(k)) for k in ("ids", "vectors", "stage1")
+    ):
+        problems.append(f"counts={counts!r} (ids, vectors, stage1: counts)")
+    if not isinstance(meta.get("index", "Flat"), str):
+        problems.append(f"index={meta.get('index')!r} (a FAISS factory string)")
+    for key in ("nprobe", "ef_search"):
+        value = meta.get(key)
+        if value is not None and (not _count(value) or value == 0):
+            problems.append(f"{key}={value!r} (a whole number >= 1, or null)")
+    if problems:
+        raise DataError(
+            f"Gallery index metadata {file} has invalid values: {'; '.join(problems)}. The file "
+            "was damaged or edited by hand. Rebuild the index (or restore the value)."
+        )
     return meta
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_files(path: Path, files: dict[str, dict[str, Any]], verify: bool) -> None:
     """Each manifest file exists with its recorded size (and sha256 when ``verify``)."""
+    if not isinstance(files, dict):
+        raise DataError(f"Gallery index {path}: meta.json's 'files' is not a mapping. Rebuild it.")
     for rel, info in files.items():
-        file = path / rel
+        file = contained(path, rel, f"Gallery index metadata {path / 'meta.json'}")
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("bytes"), int)
+            and isinstance(info.get("sha256"), str)
+        ):
+            raise DataError(
+                f"Gallery index metadata {path / 'meta.json'} has a damaged entry for {rel!r} "
+                "(it needs 'bytes' and 'sha256'). Rebuild the index."
+            )
         if not file.is_file():
             raise DataError(
                 f"Gallery index file {file} is missing (the index's manifest lists it). "

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from craterlab.errors import DataError
+from craterlab.safepaths import safe_name
 from craterlab.types import Tokens
 
 
@@ -39,6 +40,8 @@ class CodeStore:
 
     format: ClassVar[str] = ""
     formats: ClassVar[dict[str, type[CodeStore]]] = {}
+    required: ClassVar[dict[str, tuple[str, ...]]] = {"payload": ("codes",)}
+    """Arrays (by group) that ``decode_rows`` reads; a saved store without one is damaged."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -171,6 +174,7 @@ class CodeStore:
                 f"Token store {path} has unknown format {meta.get('format')!r}; known formats: "
                 f"{', '.join(CodeStore.formats)}. Is it from a newer craterlab?"
             )
+        _check_store_meta(path, meta, cls)
         payload: dict[str, torch.Tensor] = {}
         overhead: dict[str, torch.Tensor] = {}
         mask = None
@@ -189,6 +193,52 @@ class CodeStore:
         CodeStore.__init__(store, payload, meta["k"], meta["dim"], mask, overhead)
         store.restore_settings(meta)
         return store
+
+
+STORE_DTYPES = ("float32", "float16", "bfloat16", "int8", "uint8", "int16", "int32", "int64")
+
+
+def _check_store_meta(path: Path, meta: dict[str, Any], cls: type[CodeStore]) -> None:
+    """Every array name is a plain file name, every shape a list of counts, every dtype known,
+    and the arrays the format decodes from are there; else the store is named as damaged."""
+    file = path / "meta.json"
+    problems: list[str] = []
+    for key in ("n", "k", "dim"):
+        v = meta.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (key != "n" and v == 0):
+            problems.append(f"{key}={v!r} (a count)")
+    arrays = meta.get("arrays")
+    if not isinstance(arrays, dict):
+        problems.append(f"arrays={arrays!r} (a mapping of name to group, dtype, shape)")
+        arrays = {}
+    for name, info in arrays.items():
+        safe_name(name, f"Token store metadata {file}")
+        ok = (
+            isinstance(info, dict)
+            and info.get("group") in ("payload", "overhead", "mask")
+            and info.get("dtype") in STORE_DTYPES
+            and isinstance(info.get("shape"), list)
+            and all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"]
+            )
+        )
+        if not ok:
+            problems.append(f"array {name!r}: {info!r} (group, a known dtype, a shape of counts)")
+    for group, names in cls.required.items():
+        for name in names:
+            if not (
+                name in arrays
+                and isinstance(arrays[name], dict)
+                and arrays[name].get("group") == group
+            ):
+                problems.append(
+                    f"the {group} array {name!r} that a {cls.format} store needs is missing"
+                )
+    if problems:
+        raise DataError(
+            f"Token store {path} has damaged metadata ({file}): {'; '.join(problems)}. The file "
+            "was damaged or edited by hand. Re-save the index from its source."
+        )
 
 
 def read_meta_file(path: Path, what: str, *, missing: str, damaged: str) -> dict[str, Any]:
@@ -257,6 +307,7 @@ class Int8Store(CodeStore):
     """
 
     format = "int8"
+    required: ClassVar[dict[str, tuple[str, ...]]] = {"payload": ("codes", "scales")}
 
     def __init__(self, *args: Any, direct: bool = True, threads: int = 2, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -284,6 +335,10 @@ class PQStore(CodeStore):
     codebook (m, 256, D/m) kept in ``overhead``."""
 
     format = "pq"
+    required: ClassVar[dict[str, tuple[str, ...]]] = {
+        "payload": ("codes",),
+        "overhead": ("codebook",),
+    }
 
     def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         codes = rows["codes"].long()  # (n, K, m)

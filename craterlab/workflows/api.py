@@ -55,10 +55,12 @@ from craterlab.workflows.results import SearchHits
 from craterlab.workflows.storage import (
     check_index_target,
     check_space,
+    check_workflow_meta,
     clear_partial,
     index_lock,
     index_path,
     is_space_error,
+    local_cache,
     recover_interrupted,
     space_error,
 )
@@ -94,6 +96,8 @@ class Index:
         """Items left out by the last build/add because they could not be decoded."""
         self._encoder: Encoder | None = None
         self._loaded_from: Path | None = None
+        self.built_with_cache: Any = None
+        """The builder's cache settings (information only: the local cache is used)."""
         self._revision: str | None = None
 
     # ------------------------------------------------------------------ build
@@ -252,12 +256,15 @@ class Index:
                 "into a new folder (index never writes into a folder holding other files)."
             )
         try:
-            meta = json.loads(meta_file.read_text())
-        except json.JSONDecodeError as exc:
+            meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        except (ValueError, OSError) as exc:
             raise DataError(
                 f"Index {path} has a damaged workflow.json ({exc}); it was truncated or edited. "
-                f"Rebuild it with `python -m craterlab index SOURCE --out {path}`."
+                "Rebuild it with `python -m craterlab index SOURCE --out NEWDIR` (or "
+                "--overwrite), or restore the file."
             ) from None
+        if not isinstance(meta, dict):
+            check_workflow_meta(path, meta)
         version = str(meta.get("craterlab_version"))
         if version != craterlab.__version__ or meta.get("format") != WORKFLOW_FORMAT:
             raise DataError(
@@ -265,8 +272,10 @@ class Index:
                 f"{meta.get('format')}); this is craterlab {craterlab.__version__} (format "
                 f"{WORKFLOW_FORMAT}), whose encoders may compute different features. Rebuild "
                 "it with this version (`python -m craterlab index SOURCE --out DIR "
-                f"{' '.join(meta.get('overrides') or [])}`), or use craterlab {version}."
+                f"{' '.join(map(str, meta.get('overrides') or []))}`), or use craterlab "
+                f"{version}."
             )
+        check_workflow_meta(path, meta)
         items = [Item.from_json(d) for d in meta["items"]]
         if len(items) != meta.get("n"):
             raise DataError(
@@ -280,7 +289,9 @@ class Index:
                 f"{len(items)} items of workflow.json (a partial copy or an interrupted "
                 "update). Rebuild it."
             )
-        out = cls(gallery, items, meta["config"], meta["overrides"], meta["encoder"], version)
+        config = {**meta["config"], "cache": local_cache(meta["config"].get("cache"))}
+        out = cls(gallery, items, config, meta["overrides"], meta["encoder"], version)
+        out.built_with_cache = meta["config"].get("cache")
         out._loaded_from, out._revision = path, _revision(path)
         return out
 

@@ -202,3 +202,77 @@ def check_space(path: Path, needed: int, what: str) -> None:
 
 def is_space_error(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS
+
+
+COMPONENT_GROUPS = ("backbone", "pooling", "selector", "aggregator", "quantizer", "matcher")
+
+
+def check_workflow_meta(path: Path, meta: object) -> dict:
+    """``workflow.json``'s content, after checking every field an index reads from it (types,
+    not only presence); a damaged or hand-edited file is one error listing what is wrong."""
+    file = path / "workflow.json"
+    if not isinstance(meta, dict):
+        raise DataError(
+            f"Index {path} has a damaged workflow.json (a JSON {type(meta).__name__}, not an "
+            "object). Rebuild the index."
+        )
+    problems: list[str] = []
+    overrides = meta.get("overrides")
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        problems.append("overrides must be a list of strings")
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        problems.append("config must be an object")
+    else:
+        for group in COMPONENT_GROUPS:
+            part = config.get(group)
+            if not isinstance(part, dict) or not isinstance(part.get("name"), str):
+                problems.append(f"config.{group} must be an object with a name")
+        stage1 = config.get("stage1")
+        if not isinstance(stage1, dict) or not isinstance(stage1.get("index"), str):
+            problems.append("config.stage1 must be an object with an index string")
+        for key in ("k", "seed"):
+            if not isinstance(config.get(key), int) or isinstance(config.get(key), bool):
+                problems.append(f"config.{key} must be a whole number")
+        if "cache" in config and not isinstance(config["cache"], dict):
+            problems.append("config.cache must be an object")
+    if not isinstance(meta.get("encoder"), dict):
+        problems.append("encoder must be an object")
+    items = meta.get("items")
+    if not isinstance(items, list):
+        problems.append("items must be a list")
+    else:
+        for i, it in enumerate(items):
+            if not (
+                isinstance(it, dict)
+                and all(isinstance(it.get(k), str) for k in ("id", "path", "crater"))
+                and all(
+                    isinstance(it.get(k, 0.0), int | float) and not isinstance(it.get(k), bool)
+                    for k in ("x", "y", "diameter")
+                )
+            ):
+                problems.append(
+                    f"items[{i}] must be an object with id, path, crater (strings) and numeric "
+                    "x, y, diameter"
+                )
+                break
+    if not isinstance(meta.get("n"), int) or isinstance(meta.get("n"), bool):
+        problems.append("n must be a whole number")
+    if problems:
+        raise DataError(
+            f"Index {path} has a damaged workflow.json ({file}): {'; '.join(problems)}. It was "
+            "truncated or edited by hand. Rebuild the index (python -m craterlab index SOURCE "
+            "--out NEWDIR), or restore the file."
+        )
+    return meta
+
+
+def local_cache(recorded: object) -> dict:
+    """The feature cache of the machine that uses an index: ``CRATERLAB_CACHE`` (else
+    ``outputs/cache``). The builder's recorded ``cache.dir`` is information, never a place to
+    write (it may not exist here, or belong to someone else)."""
+    enabled = recorded.get("enabled", True) if isinstance(recorded, dict) else True
+    return {
+        "enabled": enabled is not False,
+        "dir": os.environ.get("CRATERLAB_CACHE", "outputs/cache"),
+    }
