@@ -108,7 +108,11 @@ def ingest_command(argv: list[str]) -> int:
         default=[2, 3],
         help="crop sides in diameters (default 2 3)",
     )
-    p.add_argument("--crop-size", type=int, help="resize crops to N pixels (default: native)")
+    p.add_argument(
+        "--crop-size",
+        type=int,
+        help="resize crops to N pixels (default: native; 224 from a georeferenced mosaic)",
+    )
     p.add_argument(
         "--origin",
         type=float,
@@ -135,6 +139,7 @@ def ingest_command(argv: list[str]) -> int:
         "decompression-bomb guard; 'none' for no limit)",
     )
     _overwrite_option(p)
+    _mosaic_options(p)
     args = p.parse_args(argv)
     _quiet_logs()
     from craterlab.workflows.ingest import ingest_catalog, ingest_folder
@@ -142,6 +147,11 @@ def ingest_command(argv: list[str]) -> int:
     if args.image or args.catalog:
         if not (args.image and args.catalog) or args.folder:
             raise ConfigError("ingest takes either a folder of crops, or --image with --catalog.")
+        from craterlab.workflows.mosaic import wants_mosaic
+
+        if wants_mosaic(args.image, args.catalog, _mosaic_kwargs(args)):
+            print(_ingest_mosaic(args))
+            return 0
         summary = ingest_catalog(
             args.image,
             args.catalog,
@@ -162,6 +172,56 @@ def ingest_command(argv: list[str]) -> int:
         raise ConfigError("ingest needs a folder of crops, or --image TILE --catalog CSV.")
     print(summary)
     return 0
+
+
+def _mosaic_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "georeferenced mosaics and lat/lon catalogs (docs/planetary.md; pip install "
+        "'craterlab[geo]')"
+    )
+    g.add_argument("--crs", help="CRS of a mosaic without one (IAU_2015:49910, WKT, .prj file)")
+    g.add_argument("--body", help="the body (Mars, Moon, Mercury, ...): checks the CRS")
+    g.add_argument("--columns", help="catalog column names: lat=...,lon=...,diameter_km=...,id=...")
+    g.add_argument("--min-diameter-px", type=float, help="skip craters smaller (mosaic px)")
+    g.add_argument("--min-diameter-km", type=float, help="skip craters smaller (km)")
+    g.add_argument(
+        "--max-upscale",
+        type=float,
+        default=4.0,
+        help="skip craters whose smallest crop would be upscaled more (default 4; 0: no limit)",
+    )
+
+
+def _mosaic_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    return {
+        "crs": args.crs,
+        "body": args.body,
+        "columns": args.columns,
+        "min_diameter_px": args.min_diameter_px,
+        "min_diameter_km": args.min_diameter_km,
+        "max_upscale": args.max_upscale or None,
+    }
+
+
+def _ingest_mosaic(args: argparse.Namespace) -> object:
+    from craterlab.workflows.mosaic import ingest_mosaic
+
+    if tuple(args.origin) != (0.0, 0.0):
+        raise ConfigError(
+            "--origin places a plain tile in a shared pixel frame; crops from a georeferenced "
+            "mosaic are placed by lat/lon (and x, y are pixels of the mosaic). Drop --origin."
+        )
+    return ingest_mosaic(
+        args.image,
+        args.catalog,
+        args.out,
+        factors=args.factors,
+        crop_size=args.crop_size or 224,
+        border=args.border,
+        skip_invalid=args.skip_invalid,
+        overwrite=args.overwrite,
+        **_mosaic_kwargs(args),  # type: ignore[arg-type]
+    )
 
 
 # --------------------------------------------------------------------------- index
@@ -324,13 +384,16 @@ def search_command(argv: list[str]) -> int:
         help="also write PREFIX.html: each query beside its hits (first 50 queries)",
     )
     _overwrite_option(p)
+    _layer_option(p)
     args = p.parse_args(args_)
     positive_int("--top", args.top)
     positive_int("--shortlist", args.shortlist)
     from craterlab.workflows.outputs import check_outputs
 
     check_outputs(
-        [f"{args.out}.csv", f"{args.out}.json"] + ([f"{args.out}.html"] if args.html else []),
+        [f"{args.out}.csv", f"{args.out}.json"]
+        + ([f"{args.out}.html"] if args.html else [])
+        + _layer_files(args.out, args.geojson),
         overwrite=args.overwrite,
         inputs=[args.queries],
         input_dirs=[args.index],
@@ -361,6 +424,11 @@ def search_command(argv: list[str]) -> int:
     written = [csv_path, json_path]
     if args.html:
         written.append(_write_search_page(args, index, hits))
+    from craterlab.workflows.items import load_items
+    from craterlab.workflows.maps import search_layer
+
+    queries = load_items(args.queries, skip_bad=args.skip_bad)
+    _layers(search_layer(hits, queries, index.items, args.out, args.geojson), written)
     print(f"results: {', '.join(str(w) for w in written)}")
     return 0
 
@@ -382,6 +450,28 @@ def _write_search_page(args: argparse.Namespace, index: Index, hits: SearchHits)
     return path
 
 
+def _layer_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--geojson",
+        action="store_true",
+        help="also write the map layer as GeoJSON (a GeoPackage is written whenever the crops "
+        "carry lat/lon)",
+    )
+
+
+def _layer_files(stem: str | Path, geojson: bool) -> list[str]:
+    """The map layer files a command may write beside its CSV (checked like its outputs)."""
+    return [f"{stem}.gpkg"] + ([f"{stem}.geojson"] if geojson else [])
+
+
+def _layers(result: list[Path] | str, written: list[Path]) -> None:
+    """Add written layer files to ``written``, or print why there is no layer."""
+    if isinstance(result, str):
+        print(result)
+    else:
+        written.extend(result)
+
+
 # --------------------------------------------------------------------------- dedup / match
 
 
@@ -399,6 +489,7 @@ def dedup_command(argv: list[str]) -> int:
     p.add_argument("--out", default="dedup", help="output folder (default dedup/)")
     _geometry_options(p)
     _overwrite_option(p)
+    _layer_option(p)
     args = p.parse_args(argv)
     finite("--threshold", args.threshold)
     fraction("--min-precision", args.min_precision)
@@ -410,7 +501,7 @@ def dedup_command(argv: list[str]) -> int:
         raise ConfigError(f"dedup --out {out} is a file; --out names a folder for its outputs.")
     names = ["pairs.csv", "groups.csv"] + (["calibration.png"] if args.labels else [])
     check_outputs(
-        [out / n for n in names],
+        [out / n for n in names] + _layer_files(out / "groups", args.geojson),
         overwrite=args.overwrite,
         inputs=[args.labels] if args.labels else [],
         input_dirs=[args.index],
@@ -443,7 +534,11 @@ def dedup_command(argv: list[str]) -> int:
         f"{len(result.pairs)} pair(s) at score >= {result.threshold:.4f} among "
         f"{result.candidates} candidate pairs; {len(result.groups)} group(s)"
     )
-    print(f"outputs: {pairs}, {groups}")
+    from craterlab.workflows.maps import dedup_layer
+
+    written = [pairs, groups]
+    _layers(dedup_layer(result, index.items, out / "groups", args.geojson), written)
+    print(f"outputs: {', '.join(str(w) for w in written)}")
     return 0
 
 
@@ -456,12 +551,18 @@ def match_command(argv: list[str]) -> int:
     p.add_argument("--out", default="matches.csv", help="output CSV (default matches.csv)")
     _geometry_options(p)
     _overwrite_option(p)
+    _layer_option(p)
     args = p.parse_args(argv)
     finite("--min-score", args.min_score)
     positive_int("--neighbors", args.neighbors)
     from craterlab.workflows.outputs import check_outputs
 
-    check_outputs([args.out], overwrite=args.overwrite, input_dirs=[args.index_a, args.index_b])
+    stem = Path(args.out).with_suffix("") if args.out.lower().endswith(".csv") else args.out
+    check_outputs(
+        [args.out, *_layer_files(stem, args.geojson)],
+        overwrite=args.overwrite,
+        input_dirs=[args.index_a, args.index_b],
+    )
     _quiet_logs()
     from craterlab.workflows.api import Index
     from craterlab.workflows.match import match
@@ -471,9 +572,14 @@ def match_command(argv: list[str]) -> int:
         a, b, neighbors=args.neighbors, geometry=_geometry(args), min_score=args.min_score
     )
     path = result.to_csv(args.out)
+    from craterlab.workflows.maps import match_layer
+
+    written = [path]
+    stem = path.with_suffix("") if path.suffix.lower() == ".csv" else path
+    _layers(match_layer(result, a.items, b.items, stem, args.geojson), written)
     print(
         f"{len(result.matches)} mutual match(es) between {result.craters_a} craters of A and "
-        f"{result.craters_b} of B -> {path}"
+        f"{result.craters_b} of B -> {', '.join(str(w) for w in written)}"
     )
     return 0
 

@@ -4,8 +4,9 @@ A manifest is read by :class:`craterlab.data.manifest.ManifestDataset` (the expe
 reader, with its validation); every row is an item whatever its role. Besides the manifest's
 columns, the optional ``x, y, diameter`` columns that ``craterlab ingest`` writes give each
 item a position and size in pixels of its source image (for the geometry filter of dedup and
-match). :class:`ItemSet` presents the items to the feature extractor as a dataset whose
-``gallery`` split holds them all.
+match); ``lat, lon, diameter_km, crs`` (ingest from a georeferenced mosaic) place its crater on
+the map, for the layers of search, dedup and match. :class:`ItemSet` presents the items to the
+feature extractor as a dataset whose ``gallery`` split holds them all.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from craterlab.types import ImageRecord
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 GEOMETRY_COLUMNS = ("x", "y", "diameter")
+PLACE_COLUMNS = ("lat", "lon", "diameter_km", "crs")
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,19 @@ class Item:
     x: float = math.nan
     y: float = math.nan
     diameter: float = math.nan
+    lat: float = math.nan
+    lon: float = math.nan
+    diameter_km: float = math.nan
+    crs: str = ""
 
     @property
     def has_geometry(self) -> bool:
         return not any(math.isnan(v) for v in (self.x, self.y, self.diameter))
+
+    @property
+    def has_lonlat(self) -> bool:
+        """Whether the crop's crater has a map position (lat, lon and their CRS)."""
+        return bool(self.crs) and not (math.isnan(self.lat) or math.isnan(self.lon))
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"id": self.id, "path": self.path, "crater": self.crater}
@@ -50,6 +61,8 @@ class Item:
             out["view_type"] = self.view_type
         if self.has_geometry:
             out.update(x=self.x, y=self.y, diameter=self.diameter)
+        if self.has_lonlat:
+            out.update(lat=self.lat, lon=self.lon, diameter_km=self.diameter_km, crs=self.crs)
         return out
 
     @classmethod
@@ -63,6 +76,10 @@ class Item:
             float(d.get("x", nan)),  # type: ignore[arg-type]
             float(d.get("y", nan)),  # type: ignore[arg-type]
             float(d.get("diameter", nan)),  # type: ignore[arg-type]
+            float(d.get("lat", nan)),  # type: ignore[arg-type]
+            float(d.get("lon", nan)),  # type: ignore[arg-type]
+            float(d.get("diameter_km", nan)),  # type: ignore[arg-type]
+            str(d.get("crs", "")),
         )
 
 
@@ -118,6 +135,7 @@ def manifest_items(path: Path, skip_bad: bool = False) -> list[Item]:
 
     dataset = ManifestDataset(str(path), skip_bad=skip_bad)
     geometry = manifest_geometry(path)
+    places = manifest_places(path)
     items = []
     for role in ("gallery", "query", "train"):
         for r in dataset.records(role):
@@ -126,6 +144,9 @@ def manifest_items(path: Path, skip_bad: bool = False) -> list[Item]:
             if r.image_id in geometry:
                 x, y, d = geometry[r.image_id]
                 item = replace(item, x=x, y=y, diameter=d)
+            if r.image_id in places:
+                lat, lon, dkm, crs = places[r.image_id]
+                item = replace(item, lat=lat, lon=lon, diameter_km=dkm, crs=crs)
             items.append(item)
     return items
 
@@ -154,6 +175,39 @@ def manifest_geometry(path: Path) -> dict[str, tuple[float, float, float]]:
         raise DataError(
             f"Manifest {path} has non-numeric geometry values:" + listing(bad) + "\nFix them "
             "(pixels, numbers) or leave all three cells of a row empty."
+        )
+    return out
+
+
+def manifest_places(path: Path) -> dict[str, tuple[float, float, float, str]]:
+    """image_id -> (lat, lon, diameter_km, crs) from the map columns that ingest writes from a
+    georeferenced mosaic (else {}); rows with empty cells have no map position."""
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        header = [h.strip() for h in reader.fieldnames or []]
+        if not all(c in header for c in PLACE_COLUMNS):
+            return {}
+        out: dict[str, tuple[float, float, float, str]] = {}
+        bad = []
+        for line, row in enumerate(reader, start=2):
+            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+            values = [row.get(c, "") for c in PLACE_COLUMNS]
+            if not all(values[:2]) or not values[3]:
+                continue
+            try:
+                lat, lon = float(values[0]), float(values[1])
+                dkm = float(values[2]) if values[2] else math.nan
+            except ValueError:
+                bad.append(f"line {line}: lat,lon,diameter_km = {','.join(values[:3])}")
+                continue
+            if abs(lat) > 90 or not -180 <= lon <= 360:
+                bad.append(f"line {line}: lat {lat:g}, lon {lon:g} out of range")
+                continue
+            out[row["image_id"]] = (lat, lon, dkm, values[3])
+    if bad:
+        raise DataError(
+            f"Manifest {path} has unusable map positions:" + listing(bad) + "\nFix them (lat "
+            "-90..90, lon -180..360 east, degrees) or empty the row's lat, lon and crs cells."
         )
     return out
 
