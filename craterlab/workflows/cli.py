@@ -235,11 +235,14 @@ def index_command(argv: list[str]) -> int:
         return _index_remove(argv[1:])
     if argv[:1] == ["info"]:
         return _index_info(argv[1:])
+    if argv[:1] == ["log"]:
+        return _index_log(argv[1:])
     args_, overrides = _split(argv)
     p = _Parser(
         prog="python -m craterlab index",
         description="Encode crops (a folder or manifest) and save a searchable index. "
-        "Also: index add DIR SOURCE, index remove DIR ID..., index info DIR.",
+        "Also: index add DIR SOURCE, index remove DIR ID..., index info DIR, "
+        "index log DIR (as an MLflow model).",
     )
     p.add_argument("source", help="a folder of crops or a manifest CSV")
     p.add_argument("--out", required=True, help="index directory to write")
@@ -358,6 +361,40 @@ def _index_info(argv: list[str]) -> int:
     print(index.describe())
     if args.ids:
         print("\n".join(it.id for it in index.items))
+    return 0
+
+
+def _index_log(argv: list[str]) -> int:
+    p = _Parser(
+        prog="python -m craterlab index log",
+        description="Log a saved index as an MLflow pyfunc model (serve it with "
+        "`mlflow models serve -m runs:/RUN_ID/index --env-manager local`).",
+    )
+    p.add_argument("index", help="index directory")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else outputs/mlflow.db)",
+    )
+    p.add_argument(
+        "--experiment", default="craterlab-indexes", help="experiment (default craterlab-indexes)"
+    )
+    p.add_argument("--run-name", help="name of the run (default: index DIRNAME)")
+    p.add_argument("--register", metavar="NAME", help="also register it in the model registry")
+    args = p.parse_args(argv)
+    _quiet_logs()
+    from craterlab.workflows.mlflow_model import log_index
+
+    run_id, model_uri = log_index(
+        args.index,
+        tracking_uri=args.tracking_uri,
+        experiment=args.experiment,
+        run_name=args.run_name,
+        registered_name=args.register,
+    )
+    print(f"logged {args.index} as MLflow model {model_uri} (run {run_id})")
+    if args.register:
+        print(f"registered as models:/{args.register}/latest")
+    print(f"serve it: mlflow models serve -m {model_uri} --env-manager local -p 5001")
     return 0
 
 
@@ -586,7 +623,10 @@ def match_command(argv: list[str]) -> int:
 
 COMMANDS = {
     "ingest": (ingest_command, "crops, or a tile + crater catalog -> a manifest"),
-    "index": (index_command, "encode crops into a searchable index (also add, remove, info)"),
+    "index": (
+        index_command,
+        "encode crops into a searchable index (also add, remove, info, log)",
+    ),
     "search": (search_command, "search query crops in an index (CSV + JSON)"),
     "dedup": (dedup_command, "duplicate craters in an index (pairs, groups, calibration)"),
     "match": (match_command, "mutual best matches between two indexes"),
