@@ -27,7 +27,6 @@ from craterlab.workflows.mlflow_model import (
     ARTIFACT,
     OUTPUT_COLUMNS,
     IndexModel,
-    log_index,
     requirements,
     signature,
 )
@@ -86,7 +85,9 @@ def test_predict_equals_index_search_for_paths_and_image_bytes(saved) -> None:
     first = by_path[by_path["rank"] == 1]
     assert list(first["gallery_id"]) == list(first["query"])
     crater = {it.id: it.crater for it in Index.load(directory).items}
-    assert all(crater[g] == c for g, c in zip(by_path["gallery_id"], by_path["crater"]))
+    assert all(
+        crater[g] == c for g, c in zip(by_path["gallery_id"], by_path["crater"], strict=True)
+    )
 
 
 def test_predict_refuses_rows_without_an_image(saved) -> None:
