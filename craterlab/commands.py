@@ -48,7 +48,7 @@ def cache_command(argv: list[str]) -> int:
 
 
 def dataset_command(argv: list[str]) -> int:
-    """Export, inspect or fetch datasets: ``dataset export|info|fetch ...``."""
+    """Export, inspect, fetch or build datasets: ``dataset export|info|fetch|build ...``."""
     from craterlab.data.cli import main
 
     return main(argv)
@@ -58,4 +58,8 @@ def dataset_command(argv: list[str]) -> int:
 def register_commands(register: Register) -> None:
     register("plugins", plugins_command, "installed plugins, their components and commands")
     register("cache", cache_command, "inspect or clear the feature cache (info, clear)")
-    register("dataset", dataset_command, "export, inspect or fetch a dataset (export, info, fetch)")
+    register(
+        "dataset",
+        dataset_command,
+        "export, inspect, fetch or build a dataset (export, info, fetch, build)",
+    )

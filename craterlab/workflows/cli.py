@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from craterlab.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from craterlab.errors import ConfigError
+from craterlab.geo.options import add_mosaic_options, mosaic_kwargs
 from craterlab.hookspecs import Register, hookimpl
 from craterlab.workflows.options import finite, fraction, positive_int
 from craterlab.workflows.options import geometry as check_geometry
@@ -139,7 +140,7 @@ def ingest_command(argv: list[str]) -> int:
         "decompression-bomb guard; 'none' for no limit)",
     )
     _overwrite_option(p)
-    _mosaic_options(p)
+    add_mosaic_options(p)
     args = p.parse_args(argv)
     _quiet_logs()
     from craterlab.workflows.ingest import ingest_catalog, ingest_folder
@@ -149,7 +150,7 @@ def ingest_command(argv: list[str]) -> int:
             raise ConfigError("ingest takes either a folder of crops, or --image with --catalog.")
         from craterlab.workflows.mosaic import wants_mosaic
 
-        if wants_mosaic(args.image, args.catalog, _mosaic_kwargs(args)):
+        if wants_mosaic(args.image, args.catalog, mosaic_kwargs(args)):
             print(_ingest_mosaic(args))
             return 0
         summary = ingest_catalog(
@@ -174,35 +175,6 @@ def ingest_command(argv: list[str]) -> int:
     return 0
 
 
-def _mosaic_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group(
-        "georeferenced mosaics and lat/lon catalogs (docs/planetary.md; pip install "
-        "'craterlab[geo]')"
-    )
-    g.add_argument("--crs", help="CRS of a mosaic without one (IAU_2015:49910, WKT, .prj file)")
-    g.add_argument("--body", help="the body (Mars, Moon, Mercury, ...): checks the CRS")
-    g.add_argument("--columns", help="catalog column names: lat=...,lon=...,diameter_km=...,id=...")
-    g.add_argument("--min-diameter-px", type=float, help="skip craters smaller (mosaic px)")
-    g.add_argument("--min-diameter-km", type=float, help="skip craters smaller (km)")
-    g.add_argument(
-        "--max-upscale",
-        type=float,
-        default=4.0,
-        help="skip craters whose smallest crop would be upscaled more (default 4; 0: no limit)",
-    )
-
-
-def _mosaic_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        "crs": args.crs,
-        "body": args.body,
-        "columns": args.columns,
-        "min_diameter_px": args.min_diameter_px,
-        "min_diameter_km": args.min_diameter_km,
-        "max_upscale": args.max_upscale or None,
-    }
-
-
 def _ingest_mosaic(args: argparse.Namespace) -> object:
     from craterlab.workflows.mosaic import ingest_mosaic
 
@@ -220,7 +192,7 @@ def _ingest_mosaic(args: argparse.Namespace) -> object:
         border=args.border,
         skip_invalid=args.skip_invalid,
         overwrite=args.overwrite,
-        **_mosaic_kwargs(args),  # type: ignore[arg-type]
+        **mosaic_kwargs(args),  # type: ignore[arg-type]
     )
 
 
