@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from craterlab.geo import require
 from craterlab.geo.bodies import Body, body_crs, body_of, geographic, parse_crs
 
 STATS_PX = 1024  # longest side of the decimated read that fixes the 8-bit stretch
+GRID_NODES = 17  # exact projection at 17 x 17 nodes of a crop, bilinear between them
 
 
 @dataclass
@@ -74,7 +76,9 @@ class Mosaic:
                 "ISIS .cub, PDS .img, a .vrt of tiles, ...)."
             )
         try:
-            self._src = rasterio.open(self.path)
+            with warnings.catch_warnings():  # no CRS is handled here, with its own message
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                self._src = rasterio.open(self.path)
         except rasterio.errors.RasterioIOError as exc:
             raise DataError(
                 f"Mosaic {self.path} cannot be read by GDAL ({exc}). Check that the file is "
@@ -170,15 +174,15 @@ class Mosaic:
         x, y = self._to_raster.transform(lon, lat)
         col, row = ~self.transform @ (np.asarray(x), np.asarray(y))
         col, row = np.asarray(col, dtype=np.float64), np.asarray(row, dtype=np.float64)
-        if self.is_geographic:  # a lon/lat raster may be laid out 0..360 or -180..180
+        if self.is_geographic:  # a lon/lat raster may be laid out 0..360 or -180..180:
+            # take the turn of the globe that lands on (or nearest to) the raster
+            def away(c: np.ndarray) -> np.ndarray:
+                return np.maximum(0.0, np.maximum(-c, c - self.width))
+
             for shift in (360.0, -360.0):
-                out = (col < 0) | (col >= self.width)
-                if not out.any():
-                    break
                 c2, _ = ~self.transform @ (np.asarray(x) + shift, np.asarray(y))
                 c2 = np.asarray(c2, dtype=np.float64)
-                better = out & (c2 >= 0) & (c2 < self.width)
-                col = np.where(better, c2, col)
+                col = np.where(away(c2) < away(col), c2, col)
         return col, row
 
     def to_lonlat(self, col: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -210,12 +214,25 @@ class Mosaic:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Pixel positions (col, row), each (out_px, out_px), of a north-up square of
         ``side_m`` metres centred ``offset_m`` (east, north) from lon/lat."""
-        u = ((np.arange(out_px) + 0.5) / out_px - 0.5) * side_m
+        nodes = min(out_px, GRID_NODES)
+        t = np.linspace(0.5, out_px - 0.5, nodes)  # output pixel centres carrying a node
+        u = (t / out_px - 0.5) * side_m
         east, north = np.meshgrid(u + offset_m[0], -u + offset_m[1])
         dist = np.hypot(east, north)
         az = np.degrees(np.arctan2(east, north))
         lons, lats, _ = self.geod.fwd(np.full(dist.shape, lon), np.full(dist.shape, lat), az, dist)
-        return self.to_pixel(np.asarray(lons), np.asarray(lats))
+        col, row = self.to_pixel(np.asarray(lons), np.asarray(lats))
+        if nodes == out_px:
+            return col, row
+        # the mapping is smooth over a crop: nodes placed exactly, bilinear between them
+        from scipy.ndimage import map_coordinates
+
+        idx = np.arange(out_px) * (nodes - 1) / (out_px - 1)
+        ii, jj = np.meshgrid(idx, idx, indexing="ij")
+        return (
+            map_coordinates(col, [ii, jj], order=1, mode="nearest"),
+            map_coordinates(row, [ii, jj], order=1, mode="nearest"),
+        )
 
     def grid_px(
         self,

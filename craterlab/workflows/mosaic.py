@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,7 +215,9 @@ def wants_mosaic(
     except ImportError:
         return False
     try:
-        with rasterio.open(image) as src:
-            return src.crs is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            with rasterio.open(image) as src:
+                return src.crs is not None
     except Exception:  # not a raster GDAL reads: the pixel path reads it with Pillow
         return False
