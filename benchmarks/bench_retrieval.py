@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 
 from craterlab.devices import cpu_has_amx_bf16
-from craterlab.retrieval import device_engine
+from craterlab.retrieval import gather_engine
 from craterlab.retrieval.matchers import LateInteraction
 from craterlab.retrieval.quantizers import Bf16Quantizer, Fp32Quantizer, Int8Quantizer
 from craterlab.retrieval.stores import CodeStore
@@ -229,7 +229,7 @@ def main() -> None:
     # Rerank
     nr = min(a.rerank_queries, nq)
     qr = qry[:nr]
-    plain = device_engine.tokens_gather(gal)
+    plain = gather_engine.tokens_gather(gal)
     cpu = torch.device("cpu")
     summary = []
     for s in (100, 500):
@@ -239,7 +239,7 @@ def main() -> None:
         t_naive = timed(lambda c=cand, m=nn: naive_rerank(qr[:m], gal, c[:m]), 1)
         add(f"rerank S={s} naive loop", nn, t_naive, fl, peak["fp32"])
         variants: dict[str, Callable[[], object]] = {
-            "plain": lambda c=cand: device_engine.rerank(qr, c, plain, cpu),
+            "plain": lambda c=cand: gather_engine.rerank(qr, c, plain, cpu),
         }
         for name, (m, store) in setups.items():
             variants[name] = lambda c=cand, m=m, st=store: m.rerank_store(qr, st, c)
@@ -266,7 +266,7 @@ def main() -> None:
     for name, (m, store) in setups.items():
         variants[name] = lambda m=m, st=store: m.score_store(qe, st)
     t = interleaved(variants, max(1, a.repeats // 2))
-    t_plain = timed(lambda: device_engine.score(qry[:ne_plain], ng, plain, cpu), 1)
+    t_plain = timed(lambda: gather_engine.score(qry[:ne_plain], ng, plain, cpu), 1)
     add("exhaustive LI fp32 plain tiled (64 MB tiles)", ne_plain, t_plain, fl, peak["fp32"])
     best = []
     for name in KERNELS:

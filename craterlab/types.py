@@ -227,7 +227,10 @@ class Quantizer(Protocol):
 class RetrievalInputs:
     """What a retrieval stage may use: single vectors, token sets, a matcher, the depth.
 
-    Stages never see the backbone or the images.
+    Stages never see the backbone or the images. ``prepared`` holds gallery-side structures
+    already built over exactly this gallery (a loaded index's stage-1 index, a candidate
+    generator's index), keyed by the settings that built them: a stage reuses the entry of its
+    own settings and adds what it builds, so an index searched many times builds each once.
     """
 
     query_vectors: torch.Tensor
@@ -236,6 +239,7 @@ class RetrievalInputs:
     gallery_store: TokenStore
     matcher: Matcher
     depth: int
+    prepared: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

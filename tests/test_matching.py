@@ -11,7 +11,7 @@ import torch
 
 from craterlab.errors import ConfigError
 from craterlab.plugins import get_registry
-from craterlab.retrieval import cpu_engine, device_engine
+from craterlab.retrieval import cpu_engine, gather_engine
 from craterlab.retrieval.cpu_engine import KERNELS, GalleryCodes, rerank_blocks, run_blocks
 from craterlab.retrieval.late_interaction import late_interaction, late_interaction_pairs
 from craterlab.retrieval.matchers import Cosine, LateInteraction
@@ -110,22 +110,22 @@ def test_bf16_kernel_within_bf16_rounding(workers: int) -> None:
     close(cpu_engine.rerank(KERNELS["bf16"], q, codes, cand, workers, 4096), got, 0.0)
 
 
-def test_device_engine_equals_reference_tiled(qg) -> None:
+def test_gather_engine_equals_reference_tiled(qg) -> None:
     q, g = qg
     ref = li_loops(q, g)
-    gather = device_engine.tokens_gather(g)
+    gather = gather_engine.tokens_gather(g)
     for tile in (64, 1 << 30):
-        close(device_engine.score(q, len(g), gather, torch.device("cpu"), tile), ref, 1e-5)
+        close(gather_engine.score(q, len(g), gather, torch.device("cpu"), tile), ref, 1e-5)
     cand = torch.tensor([[4, -1], [0, 3], [8, 8], [1, 2], [3, 7]])
     want = ref.gather(1, cand.clamp(min=0)).masked_fill(cand < 0, float("-inf"))
-    close(device_engine.rerank(q, cand, gather, torch.device("cpu"), 1), want, 1e-5)
+    close(gather_engine.rerank(q, cand, gather, torch.device("cpu"), 1), want, 1e-5)
 
 
-def test_fp32_kernel_and_device_engine_agree_bitwise_on_unmasked_data() -> None:
+def test_fp32_kernel_and_gather_engine_agree_bitwise_on_unmasked_data() -> None:
     """Both engines compute fp32 matmuls of the same rows: they agree to float rounding."""
     q, g = random_tokens(7, 5, 32, seed=11), random_tokens(70, 6, 32, seed=12)
     fast = LateInteraction("cpu").score(q, g)
-    slow = device_engine.score(q, len(g), device_engine.tokens_gather(g), torch.device("cpu"))
+    slow = gather_engine.score(q, len(g), gather_engine.tokens_gather(g), torch.device("cpu"))
     torch.testing.assert_close(fast, slow, atol=1e-6, rtol=0)
 
 

@@ -2,7 +2,7 @@
 gallery is searched.
 
 - :mod:`.late_interaction`: the math, as pure reference functions (masks included).
-- :mod:`.cpu_engine` / :mod:`.device_engine`: the fast CPU kernels (fp32, bf16, int8) and the
+- :mod:`.cpu_engine` / :mod:`.gather_engine`: the fast CPU kernels (fp32, bf16, int8) and the
   tiled any-device path; :mod:`.matchers` picks one by (store format, device).
 - :mod:`.stores` / :mod:`.quantizers`: token stores as data (bytes, save, load) and the
   quantizers that train and encode them.

@@ -33,15 +33,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 
 from craterlab.errors import ConfigError, DataError
 from craterlab.hashing import sha256_of
+from craterlab.plugins import get_registry
 from craterlab.retrieval.matchers import LateInteraction
-from craterlab.retrieval.stages import ExhaustiveStage, SingleStage, TwoStage
+from craterlab.retrieval.stages import stage1_key
 from craterlab.retrieval.stores import CodeStore, read_meta_file
 from craterlab.retrieval.vector_index import Stage1Settings, VectorIndex
 from craterlab.safepaths import contained
@@ -92,6 +93,8 @@ class GalleryIndex:
         self.stage1 = stage1 or Stage1Settings(index, nprobe, ef_search, device)
         self.metadata = dict(metadata or {})
         self.vindex: VectorIndex | None = None
+        self.prepared: dict[str, Any] = {}
+        """Gallery-side structures the stages built over this gallery (reused by searches)."""
 
     @property
     def params(self) -> dict[str, Any]:
@@ -112,14 +115,16 @@ class GalleryIndex:
         query_vectors: torch.Tensor,
         query_tokens: Tokens | None = None,
         *,
-        mode: Literal["single", "two_stage", "exhaustive"] = "two_stage",
+        mode: str = "two_stage",
         shortlist: int = 100,
         depth: int = 10,
         matcher: Matcher | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> SearchResult:
-        """Top-``depth`` gallery ids per query, by single vectors, two-stage, or exhaustive LI."""
-        if mode not in ("single", "two_stage", "exhaustive"):
-            raise ConfigError(f"Unknown mode {mode!r}; use 'single', 'two_stage' or 'exhaustive'.")
+        """Top-``depth`` gallery ids per query, by the retrieval stage ``mode``: ``single``,
+        ``two_stage``, ``exhaustive`` or any registered stage (a candidate generator such as
+        ``muvera`` or ``token_ivf``), built through the registry from the index's stage-1
+        settings, ``shortlist`` and ``options`` (further keys of the stage's config)."""
         if mode != "single" and (query_tokens is None or self.store is None):
             raise ConfigError(
                 f"mode={mode!r} needs query tokens and a gallery token store; this index has "
@@ -127,30 +132,33 @@ class GalleryIndex:
                 "the index with tokens."
             )
         self._check_queries(query_vectors, query_tokens, mode)
-        s1 = self.stage1
-        stage: SingleStage | ExhaustiveStage
-        if mode == "single":
-            stage = SingleStage(s1.index, s1.nprobe, s1.ef_search, s1.device, timing_queries=0)
-        elif mode == "two_stage":
-            stage = TwoStage(
-                shortlist, s1.index, s1.nprobe, s1.ef_search, s1.device, timing_queries=0
-            )
-        else:
-            stage = ExhaustiveStage(timing_queries=0)
-        if isinstance(stage, SingleStage):
-            stage.prebuilt = self._stage1()
+        stage = get_registry().build("stage", self._stage_config(mode, shortlist, options))
         qt = query_tokens if query_tokens is not None else Tokens(query_vectors.unsqueeze(1))
+        self.prepared[stage1_key(self.stage1)] = self._stage1()
         inputs = RetrievalInputs(
             query_vectors=query_vectors.float(),
             gallery_vectors=self.vectors,
             query_tokens=qt,
             gallery_store=self.store,  # type: ignore[arg-type]  # None only for mode='single'
-            matcher=matcher or LateInteraction(s1.device),
+            matcher=matcher or LateInteraction(self.stage1.device),
             depth=depth,
+            prepared=self.prepared,
         )
         ranking = stage.search(inputs)
         ids = [[self.ids[j] if j >= 0 else "" for j in row] for row in ranking.indices.tolist()]
         return SearchResult(ids, ranking)
+
+    def _stage_config(
+        self, mode: str, shortlist: int, options: Mapping[str, Any] | None
+    ) -> dict[str, Any]:
+        """The stage config of ``mode``: only the keys its component declares (stage-1
+        settings, shortlist, no timing), then ``options``."""
+        component = get_registry().get("stage", mode)
+        accepted = {p.name for p in component.params}
+        offered = {**self.stage1.as_dict(), "shortlist": shortlist, "timing_queries": 0}
+        config = {"name": mode, **{k: v for k, v in offered.items() if k in accepted}}
+        config.update(options or {})
+        return config
 
     def _check_queries(
         self, query_vectors: torch.Tensor, query_tokens: Tokens | None, mode: str
@@ -200,8 +208,9 @@ class GalleryIndex:
             raise DataError(f"{len(ids)} new ids but {len(vectors)} vectors / store rows.")
         if (store is None) != (self.store is None):
             raise DataError("Add token sets exactly when the index holds a token store.")
+        self.prepared.clear()  # generators built over the old rows
         if self.store is not None:
-            self.store = concat_stores(self.store, store)
+            self.store = self.store.concat(store)  # type: ignore[attr-defined]
         self._stage1().add(vectors)
         self.vectors = torch.cat([self.vectors, vectors.detach().float().cpu()]).contiguous()
         self.ids = [*self.ids, *ids]
@@ -220,9 +229,10 @@ class GalleryIndex:
         keep = torch.from_numpy(np.setdiff1d(np.arange(len(self.ids)), rows))
         remaining = self.vectors[keep].contiguous()
         how = self._stage1().remove(rows, remaining)
+        self.prepared.clear()
         self.vectors = remaining
         if self.store is not None:
-            self.store = select_store(self.store, keep)
+            self.store = self.store.take(keep)  # type: ignore[attr-defined]
         kept = set(keep.tolist())
         self.ids = [gid for i, gid in enumerate(self.ids) if i in kept]
         return how
@@ -310,44 +320,6 @@ class GalleryIndex:
         out = cls(ids, vectors, store, stage1=settings, metadata=meta.get("built_by") or {})
         out.vindex = settings.make().load(path / "stage1", n, dim)
         return out
-
-
-def concat_stores(store: Any, extra: Any) -> Any:
-    """A CodeStore holding ``store``'s rows followed by ``extra``'s (same format and shape;
-    per-gallery constants such as the PQ codebook are ``store``'s)."""
-    if type(store) is not type(extra) or (store.k, store.dim) != (extra.k, extra.dim):
-        raise DataError(
-            f"Cannot append a {type(extra).__name__} (K={extra.k}, D={extra.dim}) to a "
-            f"{type(store).__name__} (K={store.k}, D={store.dim}): encode the new items with "
-            "the index's own quantizer."
-        )
-    payload = {k: torch.cat([v, extra.payload[k].to(v.device)]) for k, v in store.payload.items()}
-    mask = None
-    if store.mask is not None or extra.mask is not None:
-        mask = torch.cat([_full_mask(store), _full_mask(extra)])
-    return _with_rows(store, payload, mask)
-
-
-def select_store(store: Any, rows: torch.Tensor) -> Any:
-    """A CodeStore holding only ``rows`` of ``store``, in that order."""
-    payload = {k: v.index_select(0, rows.to(v.device)) for k, v in store.payload.items()}
-    mask = None if store.mask is None else store.mask.index_select(0, rows.to(store.mask.device))
-    return _with_rows(store, payload, mask)
-
-
-def _full_mask(store: Any) -> torch.Tensor:
-    if store.mask is not None:
-        return store.mask
-    return torch.ones(len(store), store.k, dtype=torch.bool)
-
-
-def _with_rows(store: Any, payload: dict[str, torch.Tensor], mask: Any) -> Any:
-    new = object.__new__(type(store))
-    new.__dict__.update(store.__dict__)
-    new.payload = payload
-    new.mask = mask
-    new.n = next(iter(payload.values())).shape[0]
-    return new
 
 
 def _is_store_meta(p: Path) -> bool:

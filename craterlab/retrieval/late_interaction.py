@@ -9,7 +9,7 @@ with no real token scores 0 everywhere; a gallery item with no real token scores
 
 These functions materialize the whole (Nq, Ng, Kq, Kg) similarity tensor: use them for
 small inputs and as the reference the fast engines are tested against
-(:mod:`craterlab.retrieval.cpu_engine`, :mod:`craterlab.retrieval.device_engine`). The two
+(:mod:`craterlab.retrieval.cpu_engine`, :mod:`craterlab.retrieval.gather_engine`). The two
 helpers :func:`masked_max` and :func:`masked_mean` are the building blocks every engine shares.
 """
 

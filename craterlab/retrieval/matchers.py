@@ -1,7 +1,8 @@
 """Matchers: late interaction over token sets, cosine over single vectors.
 
-A matcher scores queries against a token store by choosing a kernel from the store's format
-and the device (:meth:`LateInteraction.plan`); the store only holds data.
+A matcher scores queries against a token store by choosing a kernel from the store's own
+description of its rows (:meth:`~craterlab.retrieval.stores.CodeStore.scoring_operand`) and the
+device (:meth:`LateInteraction.plan`); the store only holds data and decodes its rows.
 
 =========================  ==========  ======================================================
 store                      device      late interaction runs
@@ -10,8 +11,9 @@ fp32, fp16                 CPU         :mod:`.cpu_engine`, ``kernel`` fp32 (defa
 bf16                       CPU         :mod:`.cpu_engine`, ``kernel`` bf16 (default) or fp32
 int8 (``direct``)          CPU         :mod:`.cpu_engine` int8 (per-token scales) or
                                        int8_image (per-image scales, max in int32)
-int8 (not direct), pq      CPU         :mod:`.device_engine`, rows decoded to fp32 on demand
-any                        CUDA        :mod:`.device_engine`, fp16, codes resident on the GPU
+int8 (not direct), pq,     CPU         :mod:`.gather_engine`, rows decoded to fp32 on demand
+residual
+any                        CUDA        :mod:`.gather_engine`, fp16, codes resident on the GPU
 =========================  ==========  ======================================================
 """
 
@@ -25,9 +27,9 @@ import torch
 
 from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError
-from craterlab.retrieval import cpu_engine, device_engine
+from craterlab.retrieval import cpu_engine, gather_engine
 from craterlab.retrieval.cpu_engine import KERNELS, GalleryCodes, Kernel
-from craterlab.retrieval.stores import Bf16Store, CodeStore, Fp32Store, Int8Store
+from craterlab.retrieval.stores import OperandStore, ScoringOperand
 from craterlab.types import Tokens, TokenStore
 
 KernelName = Literal["auto", "fp32", "bf16", "int8"]
@@ -39,11 +41,11 @@ FLOAT_ROWS = (torch.float32, torch.float16, torch.bfloat16)
 @dataclass(frozen=True)
 class Plan:
     """How a (store, device) pair is scored: a CPU-engine ``kernel`` over ``codes`` with
-    ``workers`` threads, or (``kernel`` None) the device engine over ``gather``."""
+    ``workers`` threads, or (``kernel`` None) the gather engine over ``gather``."""
 
     kernel: Kernel | None
     codes: GalleryCodes | None = None
-    gather: device_engine.GatherFn | None = None
+    gather: gather_engine.GatherFn | None = None
     num_gallery: int = 0
     workers: int = 0
 
@@ -93,34 +95,41 @@ class LateInteraction:
                 "or matcher.kernel=auto."
             )
         if isinstance(store, Tokens):
-            return Plan(None, gather=device_engine.tokens_gather(store), num_gallery=len(store))
-        gather = store.gather if isinstance(store, CodeStore) else _decode_gather(store)
+            return Plan(None, gather=gather_engine.tokens_gather(store), num_gallery=len(store))
+        gather = store.gather if isinstance(store, OperandStore) else _decode_gather(store)
         return Plan(None, gather=gather, num_gallery=len(store))
 
     def _cpu_plan(self, store: TokenStore | Tokens) -> Plan | None:
-        bf16 = self.kernel == "bf16" or (self.kernel == "auto" and isinstance(store, Bf16Store))
-        float_kernel = KERNELS["bf16" if bf16 else "fp32"]
-        if isinstance(store, Tokens) and self.kernel != "int8":
+        if isinstance(store, Tokens):
             v = store.vectors
-            if v.device.type == "cpu" and v.dim() == 3 and v.dtype in FLOAT_ROWS:
-                return Plan(float_kernel, GalleryCodes(v, None, store.mask), workers=self.threads)
-            return None
-        if isinstance(store, Fp32Store) and store.device.type == "cpu" and self.kernel != "int8":
-            codes = self._gallery_codes(store, None)
-            return Plan(float_kernel, codes, workers=self.threads)
-        if isinstance(store, Int8Store) and store.device.type == "cpu":
-            wants_int = self.kernel == "int8" or (self.kernel == "auto" and store.direct)
-            if not wants_int:
+            if self.kernel == "int8" or v.device.type != "cpu" or v.dim() != 3:
                 return None
-            kernel = KERNELS["int8_image" if store.per_image_scale else "int8"]
-            codes = self._gallery_codes(store, store.payload["scales"])
-            return Plan(kernel, codes, workers=self.threads or store.threads)
-        return None
+            if v.dtype not in FLOAT_ROWS:
+                return None
+            name = "bf16" if self.kernel == "bf16" else "fp32"
+            return Plan(KERNELS[name], GalleryCodes(v, None, store.mask), workers=self.threads)
+        if not isinstance(store, OperandStore):
+            return None
+        op = store.scoring_operand()
+        if op.rows is None or op.rows.device.type != "cpu":
+            return None
+        if op.kind == "float" and self.kernel != "int8":
+            name = op.auto if self.kernel == "auto" else self.kernel
+        elif op.kind in ("int8", "int8_image") and (
+            self.kernel == "int8" or (self.kernel == "auto" and op.auto != "decode")
+        ):
+            name = op.kind
+        else:
+            return None
+        return Plan(
+            KERNELS[name], self._gallery_codes(store, op), workers=self.threads or op.threads
+        )
 
-    def _gallery_codes(self, store: CodeStore, scales: torch.Tensor | None) -> GalleryCodes:
+    def _gallery_codes(self, store: Any, op: ScoringOperand) -> GalleryCodes:
         codes = self._codes.get(store)
-        if codes is None or codes.rows is not store.payload["codes"]:
-            codes = GalleryCodes(store.payload["codes"], scales, store.mask)
+        if codes is None or codes.rows is not op.rows:
+            assert op.rows is not None
+            codes = GalleryCodes(op.rows, op.scales, op.mask)
             self._codes[store] = codes
         return codes
 
@@ -145,7 +154,7 @@ class LateInteraction:
             cache = min(self.tile_bytes, cpu_engine.CPU_CACHE_BYTES)
             return cpu_engine.score(plan.kernel, queries, plan.codes, plan.workers, cache)
         assert plan.gather is not None
-        return device_engine.score(
+        return gather_engine.score(
             queries, plan.num_gallery, plan.gather, self.device, self.tile_bytes
         )
 
@@ -156,12 +165,12 @@ class LateInteraction:
                 plan.kernel, queries, plan.codes, candidates, plan.workers, block
             )
         assert plan.gather is not None
-        return device_engine.rerank(
+        return gather_engine.rerank(
             queries, candidates, plan.gather, self.device, self.tile_bytes // 2
         )
 
 
-def _decode_gather(store: TokenStore) -> device_engine.GatherFn:
+def _decode_gather(store: TokenStore) -> gather_engine.GatherFn:
     """Gather for a third-party store: its ``decode`` of the requested rows."""
 
     def gather(index: torch.Tensor) -> Tokens:
@@ -171,8 +180,8 @@ def _decode_gather(store: TokenStore) -> device_engine.GatherFn:
 
 
 def _describe(store: TokenStore | Tokens) -> str:
-    if isinstance(store, CodeStore):
-        return f"a {store.format} store"
+    if isinstance(store, OperandStore):
+        return f"a {getattr(store, 'format', type(store).__name__)} store"
     return "plain tokens" if isinstance(store, Tokens) else type(store).__name__
 
 

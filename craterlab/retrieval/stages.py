@@ -30,6 +30,12 @@ from craterlab.types import (
 )
 
 
+def stage1_key(settings: Stage1Settings) -> str:
+    """The ``RetrievalInputs.prepared`` key of a stage-1 index with these settings."""
+    s = settings.as_dict()
+    return "stage1:" + ",".join(f"{k}={s[k]}" for k in sorted(s))
+
+
 def _check_common(timing_queries: int, block: int) -> None:
     if timing_queries < 0:
         raise ValueError(f"timing_queries must be >= 0, got {timing_queries}")
@@ -100,20 +106,23 @@ class SingleStage:
         self.settings.make()  # a bad device fails at build time
         self.block = block
         self.timing_queries = timing_queries
-        self.prebuilt: VectorIndex | None = None
-        """A built stage-1 index over exactly these gallery vectors (a loaded GalleryIndex)."""
 
     @property
     def index_spec(self) -> str:
         return self.settings.index
 
-    def make_index(self, gallery_vectors: torch.Tensor) -> VectorIndex:
-        if self.prebuilt is not None and self.prebuilt.ntotal == len(gallery_vectors):
-            return self.prebuilt
-        return self.settings.make(self.block).build(gallery_vectors)
+    def make_index(self, inputs: RetrievalInputs) -> VectorIndex:
+        """The stage-1 index over the gallery vectors: the one ``inputs.prepared`` holds for
+        these settings (a loaded index's), else built now and added there."""
+        key = stage1_key(self.settings)
+        index = inputs.prepared.get(key)
+        if index is None or index.ntotal != len(inputs.gallery_vectors):
+            index = self.settings.make(self.block).build(inputs.gallery_vectors)
+            inputs.prepared[key] = index
+        return index
 
     def search(self, inputs: RetrievalInputs) -> Ranking:
-        index = self.make_index(inputs.gallery_vectors)
+        index = self.make_index(inputs)
         depth = min(inputs.depth, len(inputs.gallery_vectors))
         scores, ids, lat = index.search(inputs.query_vectors, depth)
         single = single_query_latencies(
@@ -209,7 +218,7 @@ class TwoStage(SingleStage):
         ng = len(inputs.gallery_vectors)
         s = min(self.shortlist, ng)
         depth = min(inputs.depth, ng)
-        index = self.make_index(inputs.gallery_vectors)
+        index = self.make_index(inputs)
         s1_scores, s1_ids, lat1 = index.search(inputs.query_vectors, max(s, depth))
         short = s1_ids[:, :s]
         q = inputs.query_tokens

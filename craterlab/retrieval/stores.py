@@ -1,7 +1,11 @@
 """Token stores: a gallery's encoded token sets, as data (decode, save, load, bytes).
 
-A store never scores anything: matchers read its arrays and pick a kernel by its ``format``
-(:mod:`craterlab.retrieval.matchers`). Where a store's bytes come from:
+A store never scores anything, but it owns its rows and says how they can be scored: ``take``
+and ``concat`` make a store of other rows (an index's ``remove`` / ``add``), and
+``scoring_operand()`` describes what a late-interaction engine may multiply in place (float
+tokens, int8 codes with their scales) or that its rows must be decoded through ``gather``; the
+matcher (:mod:`craterlab.retrieval.matchers`) asks it instead of reading payloads. Where a
+store's bytes come from:
 
 - ``payload``: per-image arrays (row i belongs to gallery image i). ``nbytes`` is exactly their
   serialized size, plus the bit-packed mask of real tokens (ceil(K/8) bytes per image) when the
@@ -18,10 +22,12 @@ reads any format back.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -29,6 +35,37 @@ import torch
 from craterlab.errors import DataError
 from craterlab.safepaths import safe_name
 from craterlab.types import Tokens
+
+OperandKind = Literal["float", "int8", "int8_image", "decode"]
+
+
+@dataclass(frozen=True)
+class ScoringOperand:
+    """How a store's rows can be scored by late interaction.
+
+    ``kind``: ``float`` (``rows`` are float tokens, any float kernel reads them), ``int8`` /
+    ``int8_image`` (``rows`` are int8 codes with ``scales`` per token / per image), or
+    ``decode`` (no operand in place: rows go through the store's ``gather``).
+    ``auto``: the kernel a matcher with ``kernel=auto`` uses (``fp32``, ``bf16``, ``int8``,
+    ``int8_image``, or ``decode``). ``threads``: the store's own worker-thread setting (0: none).
+    """
+
+    kind: OperandKind
+    rows: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    auto: str = "decode"
+    threads: int = 0
+
+
+@runtime_checkable
+class OperandStore(Protocol):
+    """A token store that describes its scoring operand and gathers (decodes) its own rows;
+    a matcher asks it how to score instead of checking its class."""
+
+    def scoring_operand(self) -> ScoringOperand: ...
+
+    def gather(self, index: torch.Tensor) -> Tokens: ...
 
 
 class CodeStore:
@@ -106,17 +143,76 @@ class CodeStore:
     def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def scoring_operand(self) -> ScoringOperand:
+        """What a late-interaction engine may read in place (default: decode through gather)."""
+        return ScoringOperand("decode", mask=self.mask)
+
+    # -- rows: a store makes stores of other rows itself
+    def take(self, rows: torch.Tensor) -> CodeStore:
+        """A store holding only ``rows`` (1-D indices) of this one, in that order; per-gallery
+        constants (a codebook) are shared."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        payload = {k: v.index_select(0, rows.to(v.device)) for k, v in self.payload.items()}
+        mask = None if self.mask is None else self.mask.index_select(0, rows.to(self.mask.device))
+        return self._with_rows(payload, mask)
+
+    def concat(self, other: CodeStore) -> CodeStore:
+        """A store holding this store's rows followed by ``other``'s. ``other`` must have the
+        same format, K, D, settings and per-gallery constants (encoded by the same trained
+        quantizer), else a :class:`DataError`: rows coded against another codebook would
+        decode to other vectors."""
+        problem = self._incompatible(other)
+        if problem:
+            raise DataError(
+                f"Cannot append a {getattr(other, 'format', type(other).__name__)} store "
+                f"(K={getattr(other, 'k', '?')}, D={getattr(other, 'dim', '?')}) to a "
+                f"{self.format} store (K={self.k}, D={self.dim}): {problem}. Encode the new "
+                "items with the index's own (trained) quantizer."
+            )
+        payload = {
+            k: torch.cat([v, other.payload[k].to(v.device)]) for k, v in self.payload.items()
+        }
+        mask = None
+        if self.mask is not None or other.mask is not None:
+            mask = torch.cat([self._full_mask(), other._full_mask().to(self.device)])
+        return self._with_rows(payload, mask)
+
+    def _incompatible(self, other: Any) -> str:
+        if type(other) is not type(self):
+            return "the formats differ"
+        if (self.k, self.dim) != (other.k, other.dim):
+            return "K or D differ"
+        if self.settings() != other.settings():
+            return f"the settings differ ({self.settings()} vs {other.settings()})"
+        if set(self.overhead) != set(other.overhead) or not all(
+            torch.equal(v.cpu(), other.overhead[k].cpu()) for k, v in self.overhead.items()
+        ):
+            return "they were encoded with different codebooks"
+        return ""
+
+    def _full_mask(self) -> torch.Tensor:
+        if self.mask is not None:
+            return self.mask
+        return torch.ones(self.n, self.k, dtype=torch.bool, device=self.device)
+
+    def _with_rows(self, payload: dict[str, torch.Tensor], mask: torch.Tensor | None) -> CodeStore:
+        new = copy.copy(self)  # same format, settings and per-gallery constants
+        new.payload = payload
+        new.mask = mask
+        new.n = next(iter(payload.values())).shape[0]
+        return new
+
     @property
     def device(self) -> torch.device:
         return next(iter(self.payload.values())).device
 
     def to(self, device: torch.device | str) -> CodeStore:
         """The same store with its tensors on ``device`` (a GPU keeps the codes resident)."""
-        new = object.__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new.payload = {k: v.to(device) for k, v in self.payload.items()}
+        new = self._with_rows(
+            {k: v.to(device) for k, v in self.payload.items()},
+            None if self.mask is None else self.mask.to(device),
+        )
         new.overhead = {k: v.to(device) for k, v in self.overhead.items()}
-        new.mask = None if self.mask is None else self.mask.to(device)
         return new
 
     # -- serialization
@@ -279,9 +375,14 @@ class Fp32Store(CodeStore):
     """Tokens as float32: 4 bytes per dimension (``payload['codes']`` (N, K, D))."""
 
     format = "fp32"
+    kernel: ClassVar[str] = "fp32"
+    """The CPU kernel that scores these rows under ``kernel=auto``."""
 
     def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         return rows["codes"]
+
+    def scoring_operand(self) -> ScoringOperand:
+        return ScoringOperand("float", self.payload["codes"], None, self.mask, self.kernel)
 
 
 class Fp16Store(Fp32Store):
@@ -295,6 +396,7 @@ class Bf16Store(Fp32Store):
     the operand of the bf16 kernel (AMX matrix units) with no conversion per block."""
 
     format = "bf16"
+    kernel = "bf16"
 
 
 class Int8Store(CodeStore):
@@ -328,6 +430,12 @@ class Int8Store(CodeStore):
 
     def decode_rows(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
         return rows["codes"].float() * rows["scales"].unsqueeze(-1)
+
+    def scoring_operand(self) -> ScoringOperand:
+        kind = "int8_image" if self.per_image_scale else "int8"
+        auto = kind if self.direct else "decode"
+        scales = self.payload["scales"]
+        return ScoringOperand(kind, self.payload["codes"], scales, self.mask, auto, self.threads)
 
 
 class PQStore(CodeStore):

@@ -1,4 +1,5 @@
-"""Late interaction on any torch device, decoding gallery rows on demand.
+"""The gather engine: late interaction over gallery rows gathered (decoded) on demand, with
+plain torch ops on any device (CPU or CUDA).
 
 This is the engine for CUDA (fp16 matmuls, codes resident on the GPU) and for stores whose
 codes are not a matmul operand (PQ, or INT8 asked to decode): a ``gather`` function turns
