@@ -8,6 +8,9 @@ gallery is searched.
   quantizers that train and encode them.
 - :mod:`.vector_index` (stage 1), :mod:`.stages` (single, exhaustive, two-stage) and
   :mod:`.index` (a saved, checksummed gallery index).
+- :mod:`.generators`: stage-1 candidate generators over token sets (MUVERA :mod:`.fde`,
+  token-level IVF :mod:`.token_ivf`), reranked exactly; :mod:`.residual`: ColBERTv2 residual
+  compression of token stores.
 
 This package registers the built-in matchers, quantizers and stages.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from craterlab.hookspecs import hookimpl
+from craterlab.retrieval.generators import MuveraStage, TokenIvfStage
 from craterlab.retrieval.index import GalleryIndex, SearchResult
 from craterlab.retrieval.matchers import Cosine, LateInteraction
 from craterlab.retrieval.quantizers import (
@@ -27,6 +31,7 @@ from craterlab.retrieval.quantizers import (
     PQQuantizer,
     quantize_int8,
 )
+from craterlab.retrieval.residual import ResidualQuantizer, ResidualStore
 from craterlab.retrieval.stages import ExhaustiveStage, SingleStage, TwoStage
 from craterlab.retrieval.stores import CodeStore, Fp16Store, Fp32Store, Int8Store, PQStore
 from craterlab.retrieval.vector_index import Stage1Settings, VectorIndex
@@ -44,11 +49,15 @@ __all__ = [
     "Int8Quantizer",
     "Int8Store",
     "LateInteraction",
+    "MuveraStage",
     "PQQuantizer",
     "PQStore",
+    "ResidualQuantizer",
+    "ResidualStore",
     "SearchResult",
     "SingleStage",
     "Stage1Settings",
+    "TokenIvfStage",
     "TwoStage",
     "VectorIndex",
     "quantize_int8",
@@ -74,6 +83,11 @@ def register_quantizers(register: Any) -> None:
         "int8", Int8Quantizer, "INT8 symmetric scalar (1 B/dim + 4 B scale per token or image)"
     )
     register("pq", PQQuantizer, "Product quantization via FAISS (m bytes per token)")
+    register(
+        "residual",
+        ResidualQuantizer,
+        "ColBERTv2 residual: centroid id + 1 or 2 bits per dimension, decoded on the fly",
+    )
 
 
 @hookimpl
@@ -81,3 +95,5 @@ def register_stages(register: Any) -> None:
     register("single", SingleStage, "Stage 1 only: single-vector top-L (FAISS factory or torch)")
     register("exhaustive", ExhaustiveStage, "Late interaction over the whole gallery (tiled)")
     register("two_stage", TwoStage, "Stage-1 top-S shortlist, then matcher rerank")
+    register("muvera", MuveraStage, "MUVERA fixed-dimensional encodings (FAISS) top-S, rerank")
+    register("token_ivf", TokenIvfStage, "Token-level IVF union (PLAID pre-score) top-S, rerank")

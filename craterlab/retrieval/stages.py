@@ -36,7 +36,7 @@ def stage1_key(settings: Stage1Settings) -> str:
     return "stage1:" + ",".join(f"{k}={s[k]}" for k in sorted(s))
 
 
-def _check_common(timing_queries: int, block: int) -> None:
+def check_common(timing_queries: int, block: int) -> None:
     if timing_queries < 0:
         raise ValueError(f"timing_queries must be >= 0, got {timing_queries}")
     if block < 1:
@@ -64,21 +64,21 @@ def _matcher_device(matcher: Matcher) -> torch.device:
     return torch.device(device) if device is not None else torch.device("cpu")
 
 
-def _on_matcher_device(store: TokenStore, matcher: Matcher) -> TokenStore:
+def on_matcher_device(store: TokenStore, matcher: Matcher) -> TokenStore:
     """Keep the codes resident on the matcher's GPU (one copy), so tiles need no transfers."""
     if _matcher_device(matcher).type == "cuda" and isinstance(store, CodeStore):
         return store.to(_matcher_device(matcher))
     return store
 
 
-def _sync(matcher: Matcher) -> Callable[[], None] | None:
+def matcher_sync(matcher: Matcher) -> Callable[[], None] | None:
     device = _matcher_device(matcher)
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return None
 
 
-def _store_extra(store: TokenStore) -> dict[str, float]:
+def store_extra(store: TokenStore) -> dict[str, float]:
     out = {"store_bytes": float(store.nbytes)}
     if isinstance(store, CodeStore):
         out["store_overhead_bytes"] = float(store.overhead_bytes)
@@ -101,7 +101,7 @@ class SingleStage:
         block: int = 1000,
         timing_queries: int = 16,
     ) -> None:
-        _check_common(timing_queries, block)
+        check_common(timing_queries, block)
         self.settings = Stage1Settings(index, nprobe, ef_search, device)
         self.settings.make()  # a bad device fails at build time
         self.block = block
@@ -150,13 +150,13 @@ class ExhaustiveStage:
     the reference that two-stage retrieval's ``mAP_recovered`` is measured against."""
 
     def __init__(self, block: int = 1000, timing_queries: int = 4, max_block_mb: int = 256) -> None:
-        _check_common(timing_queries, block)
+        check_common(timing_queries, block)
         self.block = block
         self.timing_queries = timing_queries
         self.max_block_bytes = max_block_mb * 2**20
 
     def search(self, inputs: RetrievalInputs) -> Ranking:
-        store = _on_matcher_device(inputs.gallery_store, inputs.matcher)
+        store = on_matcher_device(inputs.gallery_store, inputs.matcher)
         q = inputs.query_tokens
         nq, ng = len(q), len(store)
         depth = min(inputs.depth, ng)
@@ -169,7 +169,7 @@ class ExhaustiveStage:
             top = score_store(inputs.matcher, q[q0:q1], store).topk(depth, dim=1)
             scores[q0:q1], ids[q0:q1] = top.values, top.indices
 
-        sync = _sync(inputs.matcher)
+        sync = matcher_sync(inputs.matcher)
         lat = timed_blocks(nq, block, search_block, sync)
         single = single_query_latencies(
             lambda i: score_store(inputs.matcher, q[i : i + 1], store).topk(depth, dim=1),
@@ -187,7 +187,7 @@ class ExhaustiveStage:
             indices=ids,
             scores=scores,
             timings_ms=report.timings_ms(),
-            extra=_store_extra(inputs.gallery_store),
+            extra=store_extra(inputs.gallery_store),
             report=report,
         )
 
@@ -214,7 +214,7 @@ class TwoStage(SingleStage):
         self.shortlist = shortlist
 
     def search(self, inputs: RetrievalInputs) -> Ranking:
-        store = _on_matcher_device(inputs.gallery_store, inputs.matcher)
+        store = on_matcher_device(inputs.gallery_store, inputs.matcher)
         ng = len(inputs.gallery_vectors)
         s = min(self.shortlist, ng)
         depth = min(inputs.depth, ng)
@@ -228,7 +228,7 @@ class TwoStage(SingleStage):
         def rerank_block(q0: int, q1: int) -> None:
             rr[q0:q1] = rerank_store(inputs.matcher, q[q0:q1], store, short[q0:q1])
 
-        sync = _sync(inputs.matcher)
+        sync = matcher_sync(inputs.matcher)
         lat2 = timed_blocks(nq, self.block, rerank_block, sync)
         order = rr.argsort(dim=1, descending=True, stable=True)
         ids = short.gather(1, order)
@@ -266,7 +266,7 @@ class TwoStage(SingleStage):
             stage1=self.settings.as_dict(),
         )
         extra = {"index_bytes": float(index.nbytes), "shortlist": float(s)}
-        extra.update(_store_extra(inputs.gallery_store))
+        extra.update(store_extra(inputs.gallery_store))
         return Ranking(
             indices=ids,
             scores=scores,

@@ -104,7 +104,7 @@ class VectorIndex:
             ) from None
         x = np.ascontiguousarray(v.cpu().numpy(), dtype=np.float32)
         if not index.is_trained:
-            nlist = _nlist(index)
+            nlist = ivf_lists(index)
             if nlist is not None and x.shape[0] < nlist:
                 raise ConfigError(
                     f"Index {self.spec!r} has {nlist} IVF lists but the gallery has only "
@@ -275,7 +275,7 @@ def _ivf_of(index: Any) -> Any:
         return None
 
 
-def _nlist(index: Any) -> int | None:
+def ivf_lists(index: Any) -> int | None:
     try:
         return int(faiss.extract_index_ivf(index).nlist)
     except (RuntimeError, AttributeError):

@@ -1,0 +1,207 @@
+"""Token-level inverted file: candidate images from the gallery tokens nearest each query token.
+
+Every real gallery token is assigned to its nearest of ``C`` centroids (k-means over gallery
+tokens, or the centroids of a residual-compressed store, whose ids are exactly these
+assignments, as in PLAID). The inverted list of centroid c holds the images owning a token
+assigned to c. A query probes, for each of its real tokens, the ``nprobe`` centroids most
+similar to it; the candidates are the union of the probed lists. They are ordered by
+
+- ``prescore=True``: PLAID's centroid interaction, (1/Kq) sum_i max_j <q_i, c(g_j)>, the late
+  interaction of the query with the image's tokens replaced by their centroids;
+- ``prescore=False``: the number of query tokens whose probed lists hold the image
+  (ColBERTv1-style union, ranked by how many query tokens found it),
+
+and the top S go to the exact late-interaction rerank. Bytes: the lists (int32 image ids per
+(centroid, image) pair) and, unless the store already holds them, the token centroid ids
+(int32 per token) that the pre-score reads; the centroids are per-gallery overhead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import faiss
+import numpy as np
+import torch
+
+from craterlab.errors import ConfigError, DataError
+from craterlab.retrieval.residual import assign
+from craterlab.types import Tokens
+
+
+@dataclass(frozen=True)
+class TokenIvfSettings:
+    """``lists``: centroids (0: the residual store's, else 2**floor(log2(4 sqrt(tokens)))).
+    ``nprobe``: lists probed per query token. ``prescore``: centroid interaction (else hit
+    counts). ``sample``/``iters``/``seed``: k-means training when the lists are trained here."""
+
+    lists: int = 0
+    nprobe: int = 2
+    prescore: bool = True
+    sample: int = 100_000
+    iters: int = 10
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.lists < 0 or self.nprobe < 1 or self.sample < 1 or self.iters < 1:
+            raise ConfigError(
+                "token_ivf needs lists >= 0 (0: automatic), nprobe >= 1, sample >= 1, iters >= 1"
+            )
+
+
+def train_centroids(tokens: np.ndarray, lists: int, iters: int, seed: int) -> np.ndarray:
+    """Spherical k-means centroids of (T, D) tokens; fewer tokens than lists is an error."""
+    if len(tokens) < lists:
+        raise ConfigError(
+            f"The token IVF has {lists} lists but only {len(tokens)} gallery tokens to train "
+            f"them: lists would stay empty or be trained on duplicates. Use lists <= "
+            f"{len(tokens)} (token_ivf lists=0 picks it from the token count)."
+        )
+    km = faiss.Kmeans(tokens.shape[1], lists, niter=iters, seed=seed, spherical=True)
+    km.train(np.ascontiguousarray(tokens, dtype=np.float32))
+    return km.centroids.astype(np.float32)
+
+
+class TokenIvf:
+    """Inverted lists (centroid -> images) over per-token centroid ids ``codes`` (N, K)."""
+
+    def __init__(
+        self,
+        centroids: torch.Tensor,
+        codes: torch.Tensor,
+        mask: torch.Tensor | None,
+        settings: TokenIvfSettings,
+        codes_shared: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.centroids = centroids.float().contiguous()
+        self.codes = codes
+        self.mask = mask
+        self.codes_shared = codes_shared
+        self.persisted = False
+        n, k = codes.shape
+        self.ntotal = n
+        c = codes.reshape(-1).numpy().astype(np.int64)
+        img = np.repeat(np.arange(n, dtype=np.int64), k)
+        if mask is not None:
+            real = mask.reshape(-1).numpy().astype(bool)
+            c, img = c[real], img[real]
+        pairs = np.unique(c * n + img)  # sorted by centroid, then image; duplicates merged
+        self.list_ids = torch.from_numpy((pairs % n).astype(np.int32))
+        counts = np.bincount(pairs // n, minlength=len(centroids))
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @property
+    def nbytes(self) -> int:
+        """Per-gallery-item bytes in total: lists, offsets, and codes when not the store's."""
+        own_codes = 0 if self.codes_shared else self.codes.numel() * 4
+        return int(self.list_ids.numel() * 4 + self.offsets.size * 8 + own_codes)
+
+    @property
+    def overhead_bytes(self) -> int:
+        return int(self.centroids.numel() * 4)
+
+    def identity(self) -> dict[str, object]:
+        return {**asdict(self.settings), "lists": len(self.centroids)}
+
+    def candidates(self, queries: Tokens, s: int) -> torch.Tensor:
+        """(Nq, S) candidate gallery rows per query (best first, -1 where fewer exist)."""
+        q = queries.vectors.float()
+        if q.dim() != 3 or q.shape[-1] != self.centroids.shape[1]:
+            raise DataError(
+                f"Query tokens of shape {tuple(q.shape)} cannot probe a token IVF over "
+                f"{self.centroids.shape[1]}-dimensional gallery tokens: compute them with the "
+                "backbone and aggregator that built the gallery."
+            )
+        sims = q @ self.centroids.T  # (Nq, Kq, C)
+        out = torch.full((len(q), s), -1, dtype=torch.long)
+        nprobe = min(self.settings.nprobe, len(self.centroids))
+        probes = sims.topk(nprobe, dim=-1).indices  # (Nq, Kq, nprobe)
+        for i in range(len(q)):
+            real = slice(None) if queries.mask is None else queries.mask[i].bool()
+            top = self._rank(sims[i][real], probes[i][real], s)
+            out[i, : len(top)] = top
+        return out
+
+    def _lists(self, centroid_ids: np.ndarray) -> np.ndarray:
+        ids = self.list_ids.numpy()
+        parts = [ids[self.offsets[c] : self.offsets[c + 1]] for c in centroid_ids]
+        return np.concatenate(parts) if parts else np.empty(0, np.int32)
+
+    def _rank(self, sims: torch.Tensor, probes: torch.Tensor, s: int) -> torch.Tensor:
+        """Top-``s`` candidate rows of one query (its real tokens' ``sims`` and ``probes``)."""
+        if self.settings.prescore:
+            cand = np.unique(self._lists(np.unique(probes.numpy())))
+            if len(cand) == 0:
+                return torch.empty(0, dtype=torch.long)
+            score = self.centroid_interaction(sims, torch.from_numpy(cand.astype(np.int64)))
+        else:
+            per_token = [np.unique(self._lists(p.numpy())) for p in probes]
+            hits = np.concatenate(per_token) if per_token else np.empty(0, np.int32)
+            cand, counts = np.unique(hits, return_counts=True)
+            if len(cand) == 0:
+                return torch.empty(0, dtype=torch.long)
+            score = torch.from_numpy(counts.astype(np.float32))
+        k = min(s, len(cand))
+        order = score.topk(k).indices
+        return torch.from_numpy(cand.astype(np.int64))[order]
+
+    def centroid_interaction(
+        self, sims: torch.Tensor, rows: torch.Tensor, chunk: int = 4096
+    ) -> torch.Tensor:
+        """(len(rows),) PLAID pre-scores: (1/Kq) sum_i max_j sims[i, code(rows, j)]."""
+        st = sims.T.contiguous()  # (C, Kq)
+        out = torch.empty(len(rows))
+        for a in range(0, len(rows), chunk):
+            r = rows[a : a + chunk]
+            codes = self.codes.index_select(0, r).long()  # (n, K)
+            per_tok = st[codes.reshape(-1)].view(len(r), codes.shape[1], -1)  # (n, K, Kq)
+            if self.mask is not None:
+                m = self.mask.index_select(0, r).bool()
+                per_tok = per_tok.masked_fill(~m.unsqueeze(-1), float("-inf"))
+            out[a : a + len(r)] = per_tok.max(dim=1).values.mean(dim=1)
+        return out
+
+
+def build_token_ivf(
+    gallery: object, tokens_of: object, settings: TokenIvfSettings, n: int, k: int
+) -> TokenIvf:
+    """A token IVF over a gallery store: its own centroid ids when it is residual-coded
+    (``lists`` 0 or equal to the store's), else k-means on a sample of decoded tokens and an
+    assignment of every token (both chunked over rows of the store)."""
+    settings.check()
+    centroids = getattr(gallery, "centroids", None)
+    codes = getattr(gallery, "codes", None)
+    mask = getattr(gallery, "mask", None)
+    if (
+        isinstance(centroids, torch.Tensor)
+        and isinstance(codes, torch.Tensor)
+        and settings.lists in (0, len(centroids))
+    ):
+        return TokenIvf(centroids.cpu(), codes.cpu(), mask, settings, codes_shared=True)
+    decode = tokens_of  # callable: rows -> Tokens
+    rng = np.random.default_rng(settings.seed)
+    per_row = max(1, min(k, settings.sample // max(1, n) + 1))
+    rows = np.sort(rng.choice(n, min(n, max(1, settings.sample // per_row)), replace=False))
+    sample = _real(decode(torch.from_numpy(rows)))  # type: ignore[operator]
+    if len(sample) > settings.sample:
+        sample = sample[rng.choice(len(sample), settings.sample, replace=False)]
+    lists = settings.lists or 2 ** int(np.floor(np.log2(4 * np.sqrt(n * k))))
+    cent = train_centroids(sample, lists, settings.iters, settings.seed)
+    codes_out = torch.empty(n, k, dtype=torch.int32)
+    masks = []
+    for a in range(0, n, 8192):
+        t = decode(torch.arange(a, min(n, a + 8192)))  # type: ignore[operator]
+        flat = t.vectors.float().reshape(-1, t.vectors.shape[-1]).numpy()
+        codes_out[a : a + len(t)] = torch.from_numpy(assign(flat, cent)).view(len(t), -1)
+        masks.append(None if t.mask is None else t.mask.bool())
+    full_mask = None if all(m is None for m in masks) else torch.cat(masks)
+    return TokenIvf(torch.from_numpy(cent), codes_out, full_mask, settings)
+
+
+def _real(tokens: Tokens) -> np.ndarray:
+    x = tokens.vectors.float()
+    flat = x.reshape(-1, x.shape[-1])
+    if tokens.mask is not None:
+        flat = flat[tokens.mask.reshape(-1).bool()]
+    return flat.numpy()

@@ -1,0 +1,324 @@
+"""Multi-vector candidate generators (MUVERA FDE, token IVF) and the residual codec, against
+brute-force computations of the same definitions and exhaustive late interaction."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from craterlab.errors import ConfigError, DataError
+from craterlab.plugins import get_registry
+from craterlab.retrieval.fde import FdeEncoder, FdeSettings
+from craterlab.retrieval.late_interaction import late_interaction
+from craterlab.retrieval.residual import ResidualQuantizer, pack_bits, unpack_bits
+from craterlab.retrieval.stores import CodeStore
+from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings
+from craterlab.types import RetrievalInputs, Tokens
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def clustered(n: int, k: int = 6, d: int = 16, words: int = 24, seed: int = 0) -> Tokens:
+    """Token sets drawn around shared 'visual words' (so centroids and partitions mean
+    something), with a third of the images padded to K-2 real tokens."""
+    g = torch.Generator().manual_seed(seed)
+    centers = unit(torch.randn(words, d, generator=g))
+    pick = torch.randint(0, words, (n, k), generator=g)
+    v = unit(centers[pick] + 0.25 * torch.randn(n, k, d, generator=g))
+    mask = torch.ones(n, k, dtype=torch.bool)
+    mask[::3, k - 2 :] = False
+    return Tokens(v, mask)
+
+
+def noisy_queries(gallery: Tokens, rows: list[int], seed: int = 1) -> Tokens:
+    g = torch.Generator().manual_seed(seed)
+    v = gallery.vectors[rows]
+    return Tokens(unit(v + 0.2 * torch.randn(v.shape, generator=g)), gallery.mask[rows])
+
+
+def pooled(t: Tokens) -> torch.Tensor:
+    m = t.mask.unsqueeze(-1).float()
+    return unit((t.vectors * m).sum(1))
+
+
+# --------------------------------------------------------------------------- FDE
+
+
+def brute_fde(enc: FdeEncoder, tokens: torch.Tensor, mask: torch.Tensor, kind: str) -> np.ndarray:
+    """The FDE of one token set, token by token, from the encoder's random draws."""
+    s = enc.settings
+    nb, real = 2**s.simhash_bits, [t for t, m in zip(tokens, mask, strict=True) if m]
+    blocks = []
+    for r in range(s.repetitions):
+        proj = [t @ enc.projection[r] if enc.projection is not None else t.clone() for t in real]
+        bits = [
+            [float(t @ enc.hyperplanes[r][:, j]) > 0 for j in range(s.simhash_bits)] for t in real
+        ]
+        part = [sum(int(b) << j for j, b in enumerate(bb)) for bb in bits]
+        for p in range(nb):
+            members = [proj[i] for i in range(len(real)) if part[i] == p]
+            if members:
+                agg = torch.stack(members).sum(0)
+                blocks.append(agg / len(members) if kind == "document" else agg)
+            elif kind == "document" and s.fill_empty and real:
+                want = [bool(p >> j & 1) for j in range(s.simhash_bits)]
+                ham = [sum(a != b for a, b in zip(bb, want, strict=True)) for bb in bits]
+                blocks.append(proj[int(np.argmin(ham))])
+            else:
+                blocks.append(torch.zeros(enc.block_dim))
+    raw = torch.cat(blocks).numpy()
+    if not s.final_dim:
+        return raw
+    out = np.zeros(s.final_dim, dtype=np.float64)
+    for i, v in enumerate(raw):
+        out[int(enc.sketch_index[i])] += float(enc.sketch_sign[i]) * float(v)
+    return out
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        FdeSettings(simhash_bits=2, repetitions=3, projection_dim=4, seed=3),
+        FdeSettings(simhash_bits=3, repetitions=2, projection_dim=0, fill_empty=False),
+        FdeSettings(simhash_bits=2, repetitions=2, projection_dim=5, final_dim=7, seed=1),
+    ],
+)
+def test_fde_equals_a_token_by_token_computation(settings: FdeSettings) -> None:
+    t = clustered(5, k=6, d=8)
+    enc = FdeEncoder(8, settings)
+    for kind in ("query", "document"):
+        fast = enc.encode(t, kind).numpy()
+        for i in range(len(t)):
+            want = brute_fde(enc, t.vectors[i], t.mask[i], kind)
+            np.testing.assert_allclose(fast[i], want, atol=1e-5)
+    q, d = enc.encode(t, "query"), enc.encode(t, "document")
+    ip = float(q[0] @ d[1])
+    want = float(
+        brute_fde(enc, t.vectors[0], t.mask[0], "query")
+        @ brute_fde(enc, t.vectors[1], t.mask[1], "document")
+    )
+    assert ip == pytest.approx(want, abs=1e-4)
+
+
+def test_fde_with_one_partition_is_the_query_sum_against_the_document_mean() -> None:
+    t = clustered(4, k=5, d=8)
+    enc = FdeEncoder(8, FdeSettings(simhash_bits=0, repetitions=1, projection_dim=0))
+    ip = enc.encode(t, "query") @ enc.encode(t, "document").T
+    m = t.mask.unsqueeze(-1).float()
+    want = (t.vectors * m).sum(1) @ ((t.vectors * m).sum(1) / m.sum(1)).T
+    torch.testing.assert_close(ip, want, atol=1e-5, rtol=0)
+
+
+def test_fde_refuses_tokens_of_another_dimension() -> None:
+    enc = FdeEncoder(8)
+    with pytest.raises(DataError, match="8-dimensional"):
+        enc.encode(clustered(2, d=16), "query")
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def stage_inputs(
+    store_cfg: dict, n: int = 90, seed: int = 0
+) -> tuple[RetrievalInputs, Tokens, Tokens]:
+    g = clustered(n, seed=seed)
+    q = noisy_queries(g, [0, 5, 17, n // 3, n - 1])
+    quantizer = get_registry().build("quantizer", store_cfg, seed=0)
+    quantizer.fit(g)
+    store = quantizer.encode(g)
+    matcher = get_registry().build("matcher", {"name": "late_interaction", "device": "cpu"})
+    return RetrievalInputs(pooled(q), pooled(g), q, store, matcher, 10), g, q
+
+
+STAGES = [
+    {"name": "muvera", "simhash_bits": 2, "repetitions": 4, "projection_dim": 8},
+    {"name": "muvera", "index": "HNSW16", "ef_search": 200, "final_dim": 64},
+    {"name": "token_ivf", "lists": 16, "nprobe": 16},
+    {"name": "token_ivf", "lists": 16, "nprobe": 16, "prescore": False},
+]
+
+
+@pytest.mark.parametrize("cfg", STAGES, ids=lambda c: "-".join(map(str, c.values())))
+def test_a_full_shortlist_reranks_to_exhaustive_late_interaction(cfg: dict) -> None:
+    inp, g, q = stage_inputs({"name": "fp32"})
+    stage = get_registry().build("stage", {**cfg, "shortlist": 90, "timing_queries": 2})
+    r = stage.search(inp)
+    ref = late_interaction(q, g).topk(10, dim=1)
+    torch.testing.assert_close(r.scores, ref.values, atol=1e-5, rtol=0)
+    assert r.report.recovers_reference and r.extra["generator_bytes"] > 0
+    assert r.report.bytes_per_image == pytest.approx(
+        r.extra["generator_bytes"] / 90 + inp.gallery_store.bytes_per_image()
+    )
+
+
+def test_muvera_flat_candidates_are_the_top_fde_inner_products() -> None:
+    inp, g, q = stage_inputs({"name": "fp32"})
+    stage = get_registry().build("stage", {"name": "muvera", "shortlist": 12, "timing_queries": 0})
+    r = stage.search(inp)
+    enc = inp.prepared["generator:muvera"].encoder
+    ip = enc.encode(q, "query") @ enc.encode(g, "document").T
+    want = ip.topk(12, dim=1).indices
+    for got, ref in zip(r.shortlist, want, strict=True):
+        assert set(got.tolist()) == set(ref.tolist())
+
+
+def brute_ivf(codes: torch.Tensor, mask: torch.Tensor, cent: torch.Tensor, q: Tokens, nprobe: int):
+    """Per query: the candidate set and each candidate's centroid-interaction score."""
+    out = []
+    for i in range(len(q)):
+        real = q.vectors[i][q.mask[i]]
+        sims = real @ cent.T
+        probed = set(sims.topk(nprobe, dim=1).indices.reshape(-1).tolist())
+        cands = {
+            img
+            for img, j in itertools.product(range(len(codes)), range(codes.shape[1]))
+            if mask[img, j] and int(codes[img, j]) in probed
+        }
+        scores = {
+            img: float(
+                np.mean(
+                    [
+                        max(
+                            float(sims[a, int(codes[img, j])])
+                            for j in range(codes.shape[1])
+                            if mask[img, j]
+                        )
+                        for a in range(len(real))
+                    ]
+                )
+            )
+            for img in cands
+        }
+        out.append(scores)
+    return out
+
+
+def test_token_ivf_candidates_and_prescores_equal_brute_force() -> None:
+    g = clustered(40)
+    q = noisy_queries(g, [1, 7, 22])
+    cent = unit(torch.randn(10, 16, generator=torch.Generator().manual_seed(5)))
+    codes = (g.vectors @ cent.T).argmax(-1).to(torch.int32)
+    ivf = TokenIvf(cent, codes, g.mask, TokenIvfSettings(nprobe=2))
+    want = brute_ivf(codes, g.mask, cent, q, 2)
+    got = ivf.candidates(q, 40)
+    for row, scores in zip(got, want, strict=True):
+        cands = [c for c in row.tolist() if c >= 0]
+        assert set(cands) == set(scores)
+        ordered = [scores[c] for c in cands]
+        assert ordered == sorted(ordered, reverse=True)
+    real = q.vectors[0][q.mask[0]]
+    rows = torch.tensor(sorted(want[0]))
+    pre = ivf.centroid_interaction(real @ cent.T, rows)
+    np.testing.assert_allclose(pre.numpy(), [want[0][int(r)] for r in rows], atol=1e-6)
+
+
+def test_token_ivf_uses_a_residual_stores_centroids() -> None:
+    inp, g, q = stage_inputs({"name": "residual", "nbits": 2, "centroids": 16})
+    stage = get_registry().build(
+        "stage", {"name": "token_ivf", "shortlist": 30, "timing_queries": 0}
+    )
+    stage.search(inp)
+    ivf = inp.prepared["generator:token_ivf"]
+    assert ivf.codes_shared and torch.equal(ivf.codes, inp.gallery_store.codes)
+    assert ivf.identity()["lists"] == 16
+
+
+# --------------------------------------------------------------------------- residual codec
+
+
+def test_pack_bits_round_trip() -> None:
+    for nbits in (1, 2):
+        b = torch.randint(0, 2**nbits, (3, 4, 16))
+        packed = pack_bits(b, nbits)
+        assert packed.shape == (3, 4, 16 * nbits // 8) and packed.dtype == torch.uint8
+        assert torch.equal(unpack_bits(packed, nbits), b)
+
+
+def test_residual_decode_error_is_bounded_by_the_buckets_and_shrinks_with_bits() -> None:
+    g = clustered(200, d=16)
+    err = {}
+    for nbits in (1, 2):
+        rq = ResidualQuantizer(nbits=nbits, centroids=24, seed=0)
+        rq.fit(g)
+        store = rq.encode(g)
+        assert store.bytes_per_image() == pytest.approx(6 * (4 + 16 * nbits / 8) + 1)
+        dec = store.decode()
+        real = g.mask
+        cent = rq.centroids[store.codes.long()]
+        resid = (g.vectors - cent)[real]
+        approx = unit(cent[real] + rq.weights[torch.bucketize(resid, rq.cutoffs)])
+        torch.testing.assert_close(dec.vectors[real], approx)  # decode = its definition
+        # each coordinate is off by at most its bucket's width (outer buckets: to the data)
+        edges = torch.cat([resid.min().view(1), rq.cutoffs, resid.max().view(1)])
+        width = (edges[1:] - edges[:-1]).max()
+        quant = rq.weights[torch.bucketize(resid, rq.cutoffs)]
+        assert float((quant - resid).abs().max()) <= float(width) + 1e-6
+        err[nbits] = float((dec.vectors[real] - g.vectors[real]).norm(dim=-1).mean())
+        centroid_only = float((unit(cent[real]) - g.vectors[real]).norm(dim=-1).mean())
+        assert err[nbits] < centroid_only
+    assert err[2] < err[1]
+
+
+def test_residual_rankings_follow_exhaustive_late_interaction(tmp_path) -> None:  # noqa: ANN001
+    inp, g, q = stage_inputs({"name": "residual", "nbits": 2, "centroids": 24}, n=150)
+    r = get_registry().build("stage", {"name": "exhaustive", "timing_queries": 0}).search(inp)
+    ref = late_interaction(q, g).topk(10, dim=1).indices
+    overlap = np.mean(
+        [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(r.indices, ref, strict=True)]
+    )
+    assert overlap >= 0.6 and torch.equal(r.indices[:, 0], ref[:, 0])
+    # |LI(q, decoded) - LI(q, g)| <= the largest token decode error (unit query tokens)
+    dec = inp.gallery_store.decode()
+    bound = float((dec.vectors - g.vectors)[g.mask].norm(dim=-1).max())
+    diff = (late_interaction(q, dec) - late_interaction(q, g)).abs().max()
+    assert float(diff) <= bound + 1e-5
+    inp.gallery_store.save(tmp_path / "s")
+    back = CodeStore.load(tmp_path / "s")
+    torch.testing.assert_close(back.decode().vectors, inp.gallery_store.decode().vectors)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_a_residual_codec_trained_on_other_features_is_named() -> None:
+    rq = ResidualQuantizer(nbits=2, centroids=24)
+    rq.fit(clustered(100, seed=0))
+    other = Tokens(unit(torch.randn(20, 6, 16)))
+    with pytest.raises(DataError, match="trained on other features"):
+        rq.encode(other)
+    with pytest.raises(DataError, match="16-dimensional"):
+        rq.encode(clustered(5, d=8))
+
+
+def test_lists_trained_on_fewer_points_are_named() -> None:
+    with pytest.raises(ConfigError, match="only 52 training tokens"):
+        ResidualQuantizer(centroids=64).fit(clustered(10, k=6))
+    inp, _, _ = stage_inputs({"name": "fp32"}, n=30)
+    with pytest.raises(ConfigError, match="lists"):
+        get_registry().build("stage", {"name": "token_ivf", "lists": 500}).search(inp)
+    with pytest.raises(ConfigError, match="IVF lists"):
+        get_registry().build("stage", {"name": "muvera", "index": "IVF64,Flat"}).search(inp)
+
+
+def test_token_sets_of_varying_k_are_named() -> None:
+    inp, g, q = stage_inputs({"name": "fp32"}, n=30)
+    inp.query_tokens = Tokens([torch.randn(3, 16), torch.randn(5, 16)])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="varying K"):
+        get_registry().build("stage", {"name": "muvera"}).search(inp)
+
+
+def test_a_kept_generator_searched_with_other_settings() -> None:
+    inp, g, q = stage_inputs({"name": "fp32"}, n=30)
+    reg = get_registry()
+    reg.build("stage", {"name": "muvera", "repetitions": 2, "timing_queries": 0}).search(inp)
+    first = inp.prepared["generator:muvera"]
+    reg.build("stage", {"name": "muvera", "repetitions": 3, "timing_queries": 0}).search(inp)
+    assert inp.prepared["generator:muvera"] is not first  # rebuilt, never reused
+    inp.prepared["generator:muvera"].persisted = True  # as loaded with a saved index
+    with pytest.raises(ConfigError, match="built with"):
+        reg.build("stage", {"name": "muvera", "repetitions": 4}).search(inp)
