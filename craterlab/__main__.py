@@ -148,6 +148,29 @@ def check_component_keys(overrides: list[str]) -> list[str]:
     return [f"+{a}" if a in added else a for a in overrides]
 
 
+def check_plugin_options(overrides: list[str]) -> None:
+    """Refuse ``group=option`` where a plugin registers the component but shipped no config
+    for it (Hydra would only say "Could not find 'group/option'"); the error names the plugin."""
+    wanted = []
+    for arg in overrides:
+        head, sep, _ = arg.partition("=")
+        group = head.lstrip("+~")
+        if sep and group in GROUP_KINDS and "." not in group:
+            wanted += [(group, str(v)) for v in override_values(arg) or []]
+    if not wanted:
+        return
+    known = config_groups()
+    unknown = [(g, v) for g, v in wanted if v not in known.get(g, [])]
+    if not unknown:
+        return
+    from craterlab.plugins import missing_configs
+
+    missing = {(m.kind, m.name): m for m in missing_configs()}
+    for key in unknown:
+        if key in missing:
+            raise CraterlabError(missing[key].message())
+
+
 def run_hydra() -> None:
     import hydra
     from omegaconf import DictConfig
@@ -186,6 +209,7 @@ def main() -> None:
             if position == 0 and word in commands:
                 sys.exit(commands[word].handler(argv[1:]))
             raise command_error(word, list(commands))
+        check_plugin_options(argv)
         sys.argv[1:] = check_component_keys(argv)
         run_hydra()
     except CraterlabError as exc:  # raised by a command, or while loading plugins

@@ -440,3 +440,81 @@ def plugin_config_dirs(pm: pluggy.PluginManager | None = None) -> list[Path]:
         if conf.is_dir():
             dirs.append(conf)
     return dirs
+
+
+# ------------------------------------------------------------------ options without a config
+
+OPTION_NAME = re.compile(r"^name:\s*['\"]?([\w.-]+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class MissingConfig:
+    """A third-party component of a config group that no ``<group>/<option>.yaml`` selects."""
+
+    plugin: str
+    distribution: str
+    kind: str
+    name: str
+    conf: Path
+    """Where the plugin's ``conf/`` folder should be: beside its module."""
+
+    def message(self) -> str:
+        """One paragraph: which plugin, what is missing, why ``kind=name`` fails, the fix."""
+        package = f" (package {self.distribution})" if self.distribution else ""
+        option = f"{self.kind}/{self.name}.yaml"
+        if self.conf.is_dir():
+            what = f"its conf/ folder {self.conf} has no {option}"
+            fix = f"add conf/{option} (name: {self.name} and its parameters) to the package"
+        else:
+            what = (
+                f"its conf/ folder was not shipped with the package (nothing at {self.conf}), "
+                "so the wheel was built without its package data"
+            )
+            fix = (
+                "give the plugin's pyproject.toml a [build-system] (hatchling ships conf/ "
+                "inside the package folder; see 'A plugin package' in docs/plugins.md)"
+            )
+        return (
+            f"Plugin {self.plugin!r}{package} registers {self.kind} {self.name!r}, but {what}: "
+            f"`{self.kind}={self.name}` has no config option to select. Fix: {fix}, then "
+            "rebuild and reinstall it (pip install --force-reinstall PATH_OR_WHEEL)."
+        )
+
+
+def group_options(group: str, dirs: Iterable[Path]) -> set[str]:
+    """Names an option file of ``group`` selects: file stems and their ``name:`` values."""
+    found: set[str] = set()
+    for root in dirs:
+        for path in Path(root, group).glob("*.yaml"):
+            found.add(path.stem)
+            match = OPTION_NAME.search(path.read_text(encoding="utf-8", errors="replace"))
+            if match:
+                found.add(match.group(1))
+    return found
+
+
+def missing_configs(
+    pm: PluginManager | None = None, registry: Registry | None = None
+) -> list[MissingConfig]:
+    """Third-party components of a config group (``pooling``, ``selector``, ...) without a
+    config option: usually a plugin installed from a wheel that left its ``conf/`` out."""
+    from craterlab.registry import GROUP_KINDS
+
+    pm = pm or get_manager()
+    registry = registry or (get_registry() if pm is _manager else fill_registry(pm))
+    dirs = [config_dir(), *plugin_config_dirs(pm)]
+    options: dict[str, set[str]] = {}
+    out = []
+    for component in registry:
+        if component.plugin in DEFAULT_PLUGINS or component.kind not in GROUP_KINDS:
+            continue
+        if component.kind not in options:
+            options[component.kind] = group_options(component.kind, dirs)
+        if component.name in options[component.kind]:
+            continue
+        plugin = pm.get_plugin(component.plugin)
+        module_file = getattr(plugin, "__file__", None) or ""
+        conf = Path(module_file).resolve().parent / "conf" if module_file else Path("conf")
+        dist = pm.sources.get(component.plugin, ("", ""))[1] if hasattr(pm, "sources") else ""
+        out.append(MissingConfig(component.plugin, dist, component.kind, component.name, conf))
+    return out
