@@ -54,12 +54,13 @@ class Components:
 
 @dataclass
 class Representation:
-    """Single vectors and token sets of both splits, and the gallery's quantized token store."""
+    """Single vectors and token sets of both splits, and the gallery's quantized token store
+    (tokens and store are None when the run has no token method: selector=none)."""
 
     gallery_vectors: torch.Tensor
     query_vectors: torch.Tensor
-    gallery_tokens: Tokens
-    query_tokens: Tokens
+    gallery_tokens: Tokens | None
+    query_tokens: Tokens | None
     store: Any
     storage: dict[str, float]
     seconds: float
@@ -95,16 +96,31 @@ def build_components(cfg: DictConfig, registry: Registry, seed: int) -> Componen
     }
     if not stages:
         raise ConfigError("retrieval.stages is empty: choose retrieval=all, single, ... ")
+    tokenizer = selector if aggregator is None else aggregator
+    if tokenizer is None:
+        _check_vector_only(cfg)
     return Components(
         dataset=dataset,
         pooling=pooling,
-        tokenizer=selector if aggregator is None else aggregator,
+        tokenizer=tokenizer,
         token_method=str(cfg.selector.name if aggregator is None else cfg.aggregator.name),
         matcher=matcher,
         quantizer=quantizer,
         stages=stages,
         backbone=registry.build("backbone", cfg.backbone, seed=seed),
     )
+
+
+def _check_vector_only(cfg: DictConfig) -> None:
+    """selector=none and aggregator=none give no tokens: only single-vector stages can run."""
+    stages = cfg.retrieval.get("stages") or {}
+    need = [label for label, st in stages.items() if str(st.get("name")) != "single"]
+    if need:
+        raise ConfigError(
+            f"selector=none with aggregator=none computes no tokens, but retrieval mode(s) "
+            f"{', '.join(need)} match tokens. Use retrieval=single for single-vector tables, "
+            "or choose a token method (selector=attention, aggregator=instance, ...)."
+        )
 
 
 def encode(
@@ -174,11 +190,21 @@ def represent(
     t0 = time.perf_counter()
     g_vectors = apply_batched(components.pooling, gallery, device, TOKEN_BATCH)
     q_vectors = apply_batched(components.pooling, query, device, TOKEN_BATCH)
+    for split, vecs in (("gallery", g_vectors), ("query", q_vectors)):
+        check_vectors(vecs, split, f"pooling ({pooling_name})")
+    if components.tokenizer is None:  # no token method: single vectors only
+        storage = {
+            "tokens_per_image": 0.0,
+            "token_bytes_per_image": 0.0,
+            "token_store_bytes": 0.0,
+            "vector_bytes_per_image": float(g_vectors.shape[1] * g_vectors.element_size()),
+        }
+        seconds = time.perf_counter() - t0
+        return Representation(g_vectors, q_vectors, None, None, None, storage, seconds)
     g_tokens = apply_batched(components.tokenizer, gallery, device, TOKEN_BATCH)
     q_tokens = apply_batched(components.tokenizer, query, device, TOKEN_BATCH)
     seconds = time.perf_counter() - t0
-    for split, vecs, toks in (("gallery", g_vectors, g_tokens), ("query", q_vectors, q_tokens)):
-        check_vectors(vecs, split, f"pooling ({pooling_name})")
+    for split, toks in (("gallery", g_tokens), ("query", q_tokens)):
         check_tokens(toks, split, f"tokens ({components.token_method})")
     components.quantizer.fit(g_tokens)
     store = components.quantizer.encode(g_tokens)
@@ -202,7 +228,7 @@ def search_and_evaluate(
     inputs = RetrievalInputs(
         query_vectors=rep.query_vectors,
         gallery_vectors=rep.gallery_vectors,
-        query_tokens=rep.query_tokens,
+        query_tokens=rep.query_tokens,  # type: ignore[arg-type]  # None only for single stages
         gallery_store=rep.store,
         matcher=components.matcher,
         depth=resolve_depth(depth, len(gallery_ids)),

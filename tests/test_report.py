@@ -91,7 +91,7 @@ def test_best_pooling_layout_keeps_the_best_run_per_backbone():
         record("b", single={"mAP": 0.5, "R@1": 0.3}, cfg=config(pooling__name="gem")),
         record("c", single={"mAP": 0.4, "R@1": 0.2}, cfg=config(pooling__name="mean")),
     ]
-    table = build_table(runs, LAYOUTS["table2_backbones"])
+    table = build_table(runs, LAYOUTS["table2"])
     assert len(table.rows) == 1
     assert table.rows[0]["pooling"] == "gem" and table.rows[0]["mAP"] == 0.5
 
@@ -127,7 +127,7 @@ def test_generic_layout_uses_what_the_sweep_varied_and_notes_other_datasets():
     table = build_table(runs, layout_for(None, runs))
     assert table.label_fields == ["k"] and [r["k"] for r in table.rows] == ["4", "8"]
     assert any("not CraterBench-R" in n for n in table.notes)
-    assert sweep_name(runs, "fig3_k_sweep") == "fig3_k_sweep: k (2 runs)"
+    assert sweep_name(runs, "fig3") == "fig3: k (2 runs)"
 
 
 def test_finetune_table_puts_frozen_and_fine_tuned_runs_side_by_side():

@@ -26,7 +26,7 @@ def table_name(records: Sequence[RunRecord]) -> str | None:
 
 
 def sweep_name(records: Sequence[RunRecord], table: str | None = None) -> str:
-    """A name that says what the sweep varied: 'table4_two_stage: backbone x shortlist (8 runs)'."""
+    """A name that says what the sweep varied: 'table4: backbone x shortlist (8 runs)'."""
     varied = " x ".join(varying_fields(records)) or "one configuration"
     return f"{table + ': ' if table else ''}{varied} ({len(records)} runs)"
 
@@ -36,7 +36,7 @@ def write_report(
 ) -> tuple[list[Path], str]:
     """Write the table (Markdown + CSV) and figures; returns the files and the Markdown."""
     table = table or table_name(records)
-    built = build_table(records, layout_for(table, records))
+    built = build_table(records, layout_for(table, records), table)
     paths = write_table(built, Path(out_dir))
     paths += write_figures(records, Path(out_dir))
     return paths, to_markdown(built)

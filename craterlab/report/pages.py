@@ -260,7 +260,7 @@ def build_run_page(
         )
 
     match_html = ""
-    if chosen:
+    if chosen and query_tokens is not None and gallery_tokens is not None:
 
         def top1_correct(q: int) -> bool:
             hits = _hits(after_ranking, q, 1, gallery_ids, frozenset(queries[q].relevant_ids))

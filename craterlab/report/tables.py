@@ -13,7 +13,7 @@ import html
 import io
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from craterlab.report.marks import UNTRAINED_NOTE, is_untrained, weights_mark
@@ -83,7 +83,8 @@ class Layout:
     rows: tuple[str, ...] = ()  # view fields naming a row; () = what the sweep varied
     modes: tuple[str, ...] = ()  # () = every mode the runs have
     metrics: tuple[str, ...] = ("R@1", "R@10", "mAP")
-    best_over: tuple[str, ...] = ()  # keep the run with the best mAP over these fields
+    best_over: tuple[str, ...] = ()  # keep the run with the best `best_by` over these fields
+    best_by: str = "mAP"  # the paper's "best pooling" of Tables 2 / 5 is the best R@1
     # Side by side instead of one row per mode: (mode, column label template over the run's
     # view), e.g. ("single", "{pooling}") puts each pooling's single-vector metrics in its
     # own columns. Runs whose labels agree share a row; modes not listed are left out.
@@ -91,46 +92,70 @@ class Layout:
 
 
 LI = ("exhaustive",)
+SV = ("single",)
+RANKS = ("R@1", "R@5", "R@10", "mAP")
+TABLE2 = Layout("", ("backbone",), SV, RANKS, best_over=("pooling",), best_by="R@1")
+ASSIGNMENT = Layout("", ("k", "tokens", "assign"), LI, ("R@1", "mAP"), best_over=("seeds",))
+# Keyed by the presets' report.table (conf/experiment/*.yaml), named as the paper numbers them.
 LAYOUTS: dict[str, Layout] = {
-    "table2_backbones": Layout(
-        "Table 2 / 5: frozen backbones, single vector, best pooling",
-        ("backbone",),
-        ("single",),
-        best_over=("pooling",),
-    ),
-    "fig2_parameters": Layout(
+    "table2": replace(TABLE2, title="Table 2: frozen backbones, single vector, best pooling"),
+    "table5": replace(TABLE2, title="Table 5: all 30 frozen backbones, best pooling"),
+    "fig2": Layout(
         "Fig 2: mAP against backbone parameters (best pooling)",
         ("backbone",),
-        ("single",),
+        SV,
         ("mAP",),
         best_over=("pooling",),
+        best_by="R@1",
     ),
-    "table6_pooling": Layout("Table 6: pooling per ViT", ("backbone", "pooling"), ("single",)),
+    "table6": Layout("Table 6: pooling per ViT", ("backbone", "pooling"), SV, ("R@1", "mAP")),
+    "table7": Layout("Table 7: CNN backbones, GAP and GeM", ("backbone", "pooling"), SV, RANKS),
     "headline_k16": Layout("Headline: K=16, raw selection vs instance tokens", ("tokens",), LI),
-    "fig3_k_sweep": Layout("Fig 3: mAP against K", ("backbone", "tokens", "k"), LI, ("mAP",)),
-    "table3_aggregation": Layout(
-        "Table 3 / Fig 4: aggregation at matched bytes",
-        ("tokens", "k"),
-        LI,
-        ("R@1", "R@10", "mAP", "bytes_per_image"),
+    "fig3": Layout("Fig 3: mAP against K", ("backbone", "tokens", "k"), LI, ("mAP",)),
+    "table3": Layout(
+        "Table 3: aggregation baselines at matched bytes",
+        ("backbone", "tokens", "pooling", "k"),
+        ("single", "exhaustive"),
+        ("R@1", "mAP", "bytes_per_image"),
     ),
-    "table4_two_stage": Layout(
+    "fig4": Layout(
+        "Fig 4: mAP against bytes per image",
+        ("backbone", "tokens", "k"),
+        ("single", "exhaustive"),
+        ("mAP", "bytes_per_image"),
+    ),
+    "table4": Layout(
         "Table 4: two-stage retrieval against full late interaction",
         ("backbone", "shortlist"),
-        ("exhaustive", "two_stage"),
-        ("mAP", "R@S", "mAP_recovered", "latency_rerank_p50_ms", "ms_per_query"),
+        ("single", "two_stage", "exhaustive"),
+        ("R@1", "mAP", "R@S", "ms_per_query", "mAP_recovered"),
     ),
-    "table8_selection": Layout("Table 8: token selection strategies", ("selector", "k"), LI),
-    "table9_seeds": Layout("Table 9: instance-token seeds", ("backbone", "seeds", "k"), LI),
-    "table10_assignment": Layout("Table 10: instance-token assignment", ("assign", "k"), LI),
-    "table11_k": Layout(
-        "Table 11: token budget K", ("tokens", "k"), LI, ("R@1", "R@10", "mAP", "bytes_per_image")
+    "table8": Layout(
+        "Table 8: token selection at K=64", ("backbone", "selector"), LI, ("R@1", "mAP")
     ),
-    "table12_quantization": Layout(
-        "Table 12: token quantization",
-        ("quantizer",),
-        ("exhaustive", "two_stage"),
-        ("R@1", "mAP", "bytes_per_image"),
+    "table9": replace(ASSIGNMENT, title="Table 9: assignment, ViT-S/16 DINO (best seed per K)"),
+    "table10": replace(
+        ASSIGNMENT, title="Table 10: assignment, ViT-S/16 MarsDINO (best seed per K)"
+    ),
+    "table11": Layout(
+        "Table 11: seeds, attention vs FPS (best assignment)",
+        ("backbone", "seeds", "k"),
+        LI,
+        ("R@1", "mAP"),
+        best_over=("assign",),
+    ),
+    "table12": Layout(
+        "Table 12: token quantization, K=32",
+        ("backbone", "quantizer"),
+        LI,
+        ("mAP", "bytes_per_image"),
+    ),
+    "table13": Layout(
+        "Table 13: late interaction vs pooled instance tokens (best assignment)",
+        ("backbone", "k", "pooling"),
+        ("exhaustive", "single"),
+        ("mAP",),
+        best_over=("assign",),
     ),
     "finetune": Layout(
         "Fine-tuning baselines against the frozen backbone: CLS, GeM and late interaction",
@@ -162,11 +187,17 @@ def layout_for(name: str | None, records: Sequence[RunRecord]) -> Layout:
     return Layout(f"Sweep results{f' ({name})' if name else ''}", metrics=DEFAULT_METRICS)
 
 
-def build_table(records: Sequence[RunRecord], layout: Layout) -> Table:
-    """Rows of ``records`` in ``layout``, each metric beside the paper's value."""
+def _paper_view(view: Mapping[str, str], layout: Layout) -> dict[str, str]:
+    """A best-of row's view as the paper keys it: a best-over assignment is ``best``."""
+    return {**view, **{f: "best" for f in layout.best_over if f == "assign"}}
+
+
+def build_table(records: Sequence[RunRecord], layout: Layout, name: str | None = None) -> Table:
+    """Rows of ``records`` in ``layout``, each metric beside the paper's value (``name``: the
+    paper table the layout reproduces, whose cells are preferred)."""
     labels = list(layout.rows) or varying_fields(records) or ["backbone"]
     if layout.columns:
-        return _side_by_side(records, layout, labels)
+        return _side_by_side(records, layout, labels, name)
     candidates = []
     for record in records:
         view = record.view()
@@ -180,8 +211,8 @@ def build_table(records: Sequence[RunRecord], layout: Layout) -> Table:
         best: dict[tuple, tuple] = {}
         for cand in candidates:
             key = tuple(cand[1][f] for f in label_fields)
-            score = cand[2].get("mAP", -math.inf)
-            if key not in best or score > best[key][2].get("mAP", -math.inf):
+            score = cand[2].get(layout.best_by, -math.inf)
+            if key not in best or score > best[key][2].get(layout.best_by, -math.inf):
                 best[key] = cand
         candidates = list(best.values())
         label_fields = label_fields + [f for f in layout.best_over if f not in label_fields]
@@ -193,7 +224,7 @@ def build_table(records: Sequence[RunRecord], layout: Layout) -> Table:
         row["run"] = record.name
         for metric in layout.metrics:
             ours = metrics.get(metric)
-            paper: PaperValue | None = lookup(view, metric)
+            paper: PaperValue | None = lookup(_paper_view(view, layout), metric, table=name)
             row[metric] = ours
             row[f"{metric} paper"] = paper.text() if paper else None
             row[f"{metric} diff"] = (
@@ -211,7 +242,9 @@ def build_table(records: Sequence[RunRecord], layout: Layout) -> Table:
     return table
 
 
-def _side_by_side(records: Sequence[RunRecord], layout: Layout, labels: list[str]) -> Table:
+def _side_by_side(
+    records: Sequence[RunRecord], layout: Layout, labels: list[str], name: str | None = None
+) -> Table:
     """One row per label, each (mode, column label) group of metrics in its own columns.
 
     Runs whose labels agree share a row (e.g. a CLS and a GeM evaluation of one checkpoint);
@@ -247,7 +280,7 @@ def _side_by_side(records: Sequence[RunRecord], layout: Layout, labels: list[str
                 row[column] = ours
                 row.setdefault("_source", {})[column] = record.name
                 row["_depth"] = (metrics.get("depth"), metrics.get("gallery_size"))
-                paper = lookup({**view, "mode": mode}, metric)
+                paper = lookup({**view, "mode": mode}, metric, table=name)
                 row[f"{column} paper"] = paper.text() if paper else None
                 row[f"{column} diff"] = (
                     paper.difference(ours) if paper is not None and ours is not None else None

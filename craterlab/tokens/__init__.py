@@ -43,6 +43,9 @@ def register_selectors(register: Register) -> None:
         "cls_distance", selection.ClsDistanceSelector, "top-K patch tokens least similar to CLS"
     )
     register("all", selection.AllSelector, "every patch token (K = number of patches)")
+    register(
+        "none", selection.no_selector, "no tokens: single-vector retrieval only (retrieval=single)"
+    )
 
 
 @hookimpl

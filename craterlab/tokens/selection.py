@@ -161,3 +161,9 @@ class AllSelector:
 
     def __call__(self, features: Features) -> Tokens:
         return Tokens(l2norm(as_float(features.tokens)))
+
+
+def no_selector() -> None:
+    """No token method (selector=none, aggregator=none): the run computes single vectors
+    only, so backbones without attention (CNNs) run the single-vector tables."""
+    return None
