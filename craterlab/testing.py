@@ -15,7 +15,7 @@ the one its ``conf/`` option composes to, with ``k=4``) and checks what its kind
 kind          output checked                                                         L2 norm
 ============  =====================================================================  ========
 pooling       (N, D') float tensor, finite                                           rows
-selector      Tokens (N, K, D): each token is one of the image's patch tokens         tokens
+selector      Tokens (N, K, D), each one of the image's patches; None ('none')        tokens
 aggregator    Tokens (N, K, D'), finite; a factory may return None ('none')           tokens
 matcher       score (Nq, Ng); rerank == score gathered; padding tokens are ignored    -
 quantizer     store: len, nbytes == bytes_per_image x N, decode shape and fidelity    -
@@ -355,7 +355,9 @@ def _check_token_method(build: Callable[[], Any], kind: str, label: str) -> None
     features = random_features(n=N_IMAGES, grid=GRID, dim=DIM, seed=2)
     component = seeded(lambda: _fitted(build, gallery))
     if component is None:
-        assert kind == "aggregator", f"{label}: only an aggregator may build to None"
+        assert kind in ("aggregator", "selector"), (
+            f"{label}: only an aggregator or a selector ('none': no tokens) may build to None"
+        )
         return
 
     def vectors(out: Any) -> torch.Tensor:
