@@ -95,6 +95,21 @@ def dataset_command(argv: list[str]) -> int:
     return main(argv)
 
 
+def report_command(argv: list[str]) -> int:
+    """Tables (ours beside the paper's) and figures of a sweep: ``report SOURCE [--out DIR]``."""
+    from craterlab.report.cli import main
+
+    return main(argv)
+
+
+def plan_command(argv: list[str]) -> int:
+    """``plan --bytes-per-image B --ms-per-query T``: Pareto front of measured runs and the
+    best configuration within the budget (:mod:`craterlab.sweeps.plan`)."""
+    from craterlab.sweeps.plan import main
+
+    return main(argv)
+
+
 @hookimpl
 def register_commands(register: Register) -> None:
     register(
@@ -108,3 +123,5 @@ def register_commands(register: Register) -> None:
         dataset_command,
         "export, inspect, fetch or build a dataset (export, info, fetch, build)",
     )
+    register("report", report_command, "tables beside the paper's numbers, and figures, of a sweep")
+    register("plan", plan_command, "Pareto front of tracked runs; best config within a budget")

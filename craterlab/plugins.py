@@ -47,7 +47,6 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "craterlab.train",
     "craterlab.commands",
     "craterlab.workflows.cli",
-    "craterlab.report",
     "craterlab.tracking",
 )
 

@@ -18,6 +18,12 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from craterlab.backbones.lineage import (
+    is_untrained,
+    lineage_of,
+    lineage_params,
+    record_checkpoints,
+)
 from craterlab.checks import check_run_settings
 from craterlab.devices import resolve_device
 from craterlab.pipeline import (
@@ -30,21 +36,25 @@ from craterlab.pipeline import (
 from craterlab.plugins import get_manager, get_registry
 from craterlab.registry import Registry
 from craterlab.report.outputs import write_run_outputs
-from craterlab.report.sweep import child_run_name
 from craterlab.report.tables import format_run_table
+from craterlab.results import (
+    BACKBONE_TAG,
+    DATASET_TAG,
+    PRECISION_TAG,
+    RUN_DIR_TAG,
+    TOKENS_TAG,
+    UNTRAINED_TAG,
+    WEIGHTS_TAG,
+    flatten_metrics,
+)
 from craterlab.retrieval.index import GalleryIndex
 from craterlab.retrieval.vector_index import Stage1Settings
+from craterlab.sweeps.report import child_run_name
 from craterlab.sweeps.resume import identity_tags, previous_run, record_skip
 from craterlab.sweeps.shards import run_extract_shard, shard_of
-from craterlab.tracking import Tracker, tracked_run
+from craterlab.tracking.base import Tracker, tracked_run
 from craterlab.train.config import validate_train_config
 from craterlab.train.finetune import best_checkpoint, finetune, finetune_dir
-from craterlab.train.lineage import (
-    is_untrained,
-    lineage_of,
-    lineage_params,
-    record_checkpoints,
-)
 from craterlab.types import Backbone, CraterDataset, Ranking, StageReport
 
 log = logging.getLogger("craterlab")
@@ -83,16 +93,16 @@ def run(cfg: DictConfig) -> RunResult:
         return RunResult({}, {}, run_extract_shard(cfg, device), "n/a", run_dir)
     if (done := previous_run(config)) is not None:  # resume: this job already finished
         record_skip(run_dir, done)
-        return RunResult(*done.split(), done.tags.get("craterlab.weights", "unknown"), run_dir)
+        return RunResult(*done.split(), done.tags.get(WEIGHTS_TAG, "unknown"), run_dir)
 
     parts = build_components(cfg, registry, seed)
     validate_train_config(cfg.train)
     backbone_name = str(cfg.backbone.get("model") or cfg.backbone.name)
     tags = {
-        "craterlab.dataset": str(cfg.dataset.name),
-        "craterlab.backbone": backbone_name,
-        "craterlab.tokens": parts.token_method,
-        "craterlab.run_dir": str(run_dir),
+        DATASET_TAG: str(cfg.dataset.name),
+        BACKBONE_TAG: backbone_name,
+        TOKENS_TAG: parts.token_method,
+        RUN_DIR_TAG: str(run_dir),
         **identity_tags(config),  # how a relaunched sweep recognizes this job (resume)
     }
     tracking = dict(config.get("tracking") or {})
@@ -109,7 +119,7 @@ def run(cfg: DictConfig) -> RunResult:
         weights = _record_weights(backbone, tracker)
         backbone = backbone.to(device)
         # The forward precision actually used on this device (precision=auto resolved).
-        tracker.set_tags({"craterlab.precision": str(backbone.identity().get("precision", "?"))})
+        tracker.set_tags({PRECISION_TAG: str(backbone.identity().get("precision", "?"))})
 
         features, timings = encode(backbone, parts.dataset, cfg, device)
         rep = represent(parts, features, device, str(cfg.pooling.name))
@@ -128,10 +138,7 @@ def run(cfg: DictConfig) -> RunResult:
             }
             _save_index(parts.dataset, rep, run_dir, evaluation.reports, built_by)
 
-        flat = {f"{mode}/{k}": v for mode, m in results.items() for k, v in m.items()}
-        flat.update({f"storage/{k}": v for k, v in rep.storage.items()})
-        flat.update({f"time/{k}": v for k, v in timings.items()})
-        tracker.log_metrics(flat)
+        tracker.log_metrics(flatten_metrics(results, rep.storage, timings))
         _save_rankings(evaluation.rankings, parts.dataset, run_dir, tracker)
         write_run_outputs(
             cfg, run_dir, tracker, results, rep.storage, timings, weights, backbone=backbone,
@@ -150,10 +157,10 @@ def _record_weights(backbone: Backbone, tracker: Tracker) -> str:
     loudly when they are untrained. Returns the weights status."""
     weights = str(getattr(backbone, "weights_status", "unknown"))
     lineage = lineage_of(backbone)  # origin and every fine-tuning step of these weights
-    tracker.set_tags({"craterlab.weights": weights})
+    tracker.set_tags({WEIGHTS_TAG: weights})
     tracker.log_params(lineage_params(lineage, weights))
     if weights.startswith("random") or is_untrained(lineage):
-        tracker.set_tags({"craterlab.untrained_weights": "true"})
+        tracker.set_tags({UNTRAINED_TAG: "true"})
         log.warning("Backbone weights: %s. These numbers are NOT a pretrained model's.", weights)
     else:
         log.info("Backbone weights: %s", weights)

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 
 from craterlab import train
+from craterlab.backbones.lineage import read_lineage
 from craterlab.errors import ConfigError, DataError
 from craterlab.metrics import evaluate, rank_scores
 from craterlab.registry import Registry
@@ -34,7 +35,6 @@ from craterlab.train.finetune import (
     split_validation,
     training_neck,
 )
-from craterlab.train.lineage import read_lineage
 from craterlab.train.sampling import pk_batches
 from craterlab.types import Features, ImageRecord
 

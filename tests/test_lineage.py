@@ -21,10 +21,10 @@ from conftest import CONF, TINY
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
+from craterlab.backbones.lineage import read_lineage, resolve_run_weights
 from craterlab.errors import CraterlabError
 from craterlab.hashing import file_sha256
 from craterlab.run import run
-from craterlab.train.lineage import read_lineage, resolve_run_weights
 
 TINY_VIT = [
     "backbone.model=test_vit",

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from craterlab.errors import CraterlabError
+from craterlab.report.build import sweep_name
 from craterlab.report.cli import main as report_main
-from craterlab.report.cli import sweep_name
 from craterlab.report.figures import write_figures
 from craterlab.report.runs import RunRecord, load_sweep_dir, run_view, unflatten_metrics
 from craterlab.report.tables import (
@@ -231,7 +231,7 @@ def test_report_command_on_a_multirun_dir(tmp_path: Path, capsys):
 def test_child_runs_are_named_by_what_the_sweep_varies(monkeypatch):
     from omegaconf import OmegaConf
 
-    from craterlab.report.sweep import announce_sweep, child_run_name, sweep_varied_keys
+    from craterlab.sweeps.report import announce_sweep, child_run_name, sweep_varied_keys
 
     config = OmegaConf.create(
         {

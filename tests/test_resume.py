@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from craterlab.mlflow_tracker import MlflowTracker, is_locked_error, retry_locked
 from craterlab.sweeps.resume import (
     IDENTITY_TAG,
     FinishedRun,
@@ -19,6 +18,7 @@ from craterlab.sweeps.resume import (
     record_skip,
     strip_keys,
 )
+from craterlab.tracking.mlflow import MlflowTracker, is_locked_error, retry_locked
 
 CONFIG = {
     "k": 32,

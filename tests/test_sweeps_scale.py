@@ -135,7 +135,7 @@ def test_submitit_local_runs_each_job_in_its_own_process(tmp_path) -> None:
 
 
 def log_many(uri: str, artifacts: str, worker: int, runs: int, queue) -> None:
-    from craterlab.mlflow_tracker import MlflowTracker
+    from craterlab.tracking.mlflow import MlflowTracker
 
     lost = []
     for i in range(runs):
@@ -150,7 +150,7 @@ def log_many(uri: str, artifacts: str, worker: int, runs: int, queue) -> None:
 
 
 def test_four_writers_on_one_sqlite_store_lose_nothing(tmp_path) -> None:
-    from craterlab.mlflow_tracker import MlflowTracker
+    from craterlab.tracking.mlflow import MlflowTracker
 
     uri, artifacts = f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "artifacts")
     seed = MlflowTracker(uri=uri, artifact_location=artifacts)

@@ -9,9 +9,11 @@ from mlflow.tracking import MlflowClient
 
 from craterlab.errors import ConfigError, UnknownComponentError
 from craterlab.hookspecs import hookimpl
-from craterlab.mlflow_tracker import MlflowTracker
 from craterlab.plugins import get_registry, make_manager
-from craterlab.tracking import Tracker, flatten, make_tracker, metric_name, tracked_run
+from craterlab.results import flatten_config as flatten
+from craterlab.results import metric_name
+from craterlab.tracking import Tracker, make_tracker, tracked_run
+from craterlab.tracking.mlflow import MlflowTracker
 
 
 def test_flatten_nests_and_shortens_long_values() -> None:

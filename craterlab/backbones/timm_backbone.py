@@ -22,12 +22,12 @@ import torch
 from PIL import Image
 
 from craterlab.backbones import weights as W
+from craterlab.backbones.lineage import describe_checkpoint, is_run_reference, resolve_run_weights
 from craterlab.backbones.options import TimmOptions
 from craterlab.data.images import to_rgb8
 from craterlab.devices import autocast, resolve_precision
 from craterlab.errors import CraterlabError
 from craterlab.hashing import file_sha256
-from craterlab.train.lineage import describe_checkpoint, is_run_reference, resolve_run_weights
 from craterlab.types import Features
 
 log = logging.getLogger(__name__)

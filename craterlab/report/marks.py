@@ -10,12 +10,6 @@ def weights_label(weights: str) -> str:
     return weights.split(" (")[0].split(":")[0].strip() or "unknown"
 
 
-def is_untrained(weights: str) -> bool:
-    """True when the backbone's weights are untrained (random), however the run got them."""
-    text = weights.strip().lower()
-    return text.startswith("random") or "untrained" in text
-
-
 def weights_mark(weights: str) -> str:
     """'[random weights]', '[pretrained weights]', ... as printed beside results."""
     return f"[{weights_label(weights)} weights]"

@@ -8,7 +8,6 @@ logged as MLflow artifacts, and the parameter count as the metric ``model/parame
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,8 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from craterlab.report.marks import is_untrained
-from craterlab.report.runs import RESULTS_FILE
+from craterlab.report.pages import build_run_page
+from craterlab.results import ResultsRecord, write_results
 
 log = logging.getLogger("craterlab")
 PAGE_FILE = "results.html"
@@ -73,24 +72,19 @@ def write_run_outputs(
     parameters = count_parameters(backbone)
     if parameters is not None:
         tracker.log_metrics({"model/parameters": parameters})
-    summary = {
-        "name": job_name(run_dir),
-        "results": {m: dict(v) for m, v in results.items()},
-        "storage": dict(storage),
-        "timings": dict(timings),
-        "weights": weights,
-        "untrained": is_untrained(weights),
-        "parameters": parameters,
-    }
-    path = Path(run_dir) / RESULTS_FILE
-    path.write_text(json.dumps(summary, indent=1, default=float))
-    tracker.log_artifact(path)
+    record = ResultsRecord(
+        job_name(run_dir),
+        {m: dict(v) for m, v in results.items()},
+        dict(storage),
+        dict(timings),
+        weights,
+        parameters=parameters,
+    )
+    tracker.log_artifact(write_results(run_dir, record))
 
     n_queries = int(OmegaConf.select(cfg, "report.page_queries", default=6) or 0)
     if n_queries <= 0:
         return
-    from craterlab.report.pages import build_run_page
-
     before, after = stage_roles(cfg, list(rankings))
     try:
         html = build_run_page(
@@ -103,7 +97,7 @@ def write_run_outputs(
             query_features=features["query"],
             gallery_features=features["gallery"],
             n_queries=n_queries,
-            title=f"{summary['name'] or Path(run_dir).name}",
+            title=f"{record.name or Path(run_dir).name}",
             weights=weights,
         )
     except Exception as exc:  # the page is a view of finished results; never sink the run

@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from craterlab.report.marks import UNTRAINED_NOTE, is_untrained, weights_mark
+from craterlab.report.marks import UNTRAINED_NOTE, weights_mark
+from craterlab.results import is_untrained
 
 THUMB_PX = 112
 MATCH_PX = 256

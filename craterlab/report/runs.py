@@ -9,7 +9,6 @@ look the same.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -20,12 +19,18 @@ from typing import Any
 import yaml
 
 from craterlab.errors import CraterlabError
-from craterlab.report.marks import is_untrained
-from craterlab.tracking import flatten
+from craterlab.results import (
+    CONFIG_FILE,
+    RESULTS_FILE,
+    ROLE_TAG,
+    UNTRAINED_TAG,
+    WEIGHTS_TAG,
+    flatten_config,
+    is_untrained,
+    read_results,
+    split_metrics,
+)
 
-RESULTS_FILE = "results.json"
-CONFIG_FILE = "resolved_config.yaml"
-NON_MODE_PREFIXES = {"storage", "time", "train", "model", "system"}
 # Fields of RunRecord.view, in the order tables show them.
 VIEW_FIELDS = (
     "backbone",
@@ -144,17 +149,17 @@ def load_run_dir(path: Path) -> RunRecord:
             "made by a version that did not write one). Rerun it, or report on its MLflow "
             "parent run instead."
         )
-    summary = json.loads(results_path.read_text())
+    summary = read_results(path)
     config_path = path / CONFIG_FILE
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     return RunRecord(
-        name=str(summary.get("name") or path.name),
-        config=flatten(config or {}),
-        results={m: {k: float(v) for k, v in r.items()} for m, r in summary["results"].items()},
-        weights=str(summary.get("weights", "unknown")),
-        parameters=summary.get("parameters"),
+        name=summary.name,
+        config=flatten_config(config or {}),
+        results={m: {k: float(v) for k, v in r.items()} for m, r in summary.results.items()},
+        weights=summary.weights,
+        parameters=summary.parameters,
         source=str(path),
-        extra={"storage": summary.get("storage", {})},
+        extra={"storage": summary.storage},
     )
 
 
@@ -181,20 +186,15 @@ def load_sweep_dir(path: Path) -> list[RunRecord]:
 
 def unflatten_metrics(metrics: Mapping[str, float]) -> dict[str, dict[str, float]]:
     """MLflow metrics ('two_stage/R_at_1') -> {'two_stage': {'R@1': ...}} (modes only)."""
-    out: dict[str, dict[str, float]] = {}
-    for key, value in metrics.items():
-        mode, sep, name = key.partition("/")
-        if not sep or mode in NON_MODE_PREFIXES:
-            continue
-        out.setdefault(mode, {})[re.sub(r"_at_", "@", name)] = float(value)
-    return out
+    results, _, _ = split_metrics(metrics)
+    return {mode: {k: float(v) for k, v in m.items()} for mode, m in results.items()}
 
 
 def record_from_mlflow(run: Any) -> RunRecord:
     """A record from an ``mlflow.entities.Run``."""
     tags = run.data.tags
-    weights = tags.get("craterlab.weights", "unknown")
-    if tags.get("craterlab.untrained_weights") == "true" and not is_untrained(weights):
+    weights = tags.get(WEIGHTS_TAG, "unknown")
+    if tags.get(UNTRAINED_TAG) == "true" and not is_untrained(weights):
         weights = f"random ({weights})"
     params = run.data.metrics.get("model/parameters")
     return RunRecord(
@@ -238,7 +238,7 @@ def load_mlflow(source: str, tracking_uri: str) -> tuple[list[RunRecord], str]:
             filter_string="attributes.status = 'FINISHED'",
             max_results=10_000,
         )
-        runs = [r for r in runs if r.data.tags.get("craterlab.role") != "sweep"]
+        runs = [r for r in runs if r.data.tags.get(ROLE_TAG) != "sweep"]
         name = source
     records = [record_from_mlflow(r) for r in runs if unflatten_metrics(r.data.metrics)]
     if not records:

@@ -16,9 +16,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from craterlab.report.marks import UNTRAINED_NOTE, is_untrained, weights_mark
+from craterlab.report.marks import UNTRAINED_NOTE, weights_mark
 from craterlab.report.paper import PaperValue, lookup
 from craterlab.report.runs import RunRecord, varying_fields
+from craterlab.results import is_untrained
 
 # ------------------------------------------------------------------ the run's results table
 

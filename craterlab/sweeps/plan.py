@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from craterlab.errors import CraterlabError
-from craterlab.sweeps.resume import OVERRIDES_TAG
+from craterlab.plugins import config_dir
+from craterlab.results import OVERRIDES_TAG, ROLE_TAG, default_uri
 
 MODES_WITH_SHORTLIST = ("two_stage",)
 RUN_LOCAL_PREFIXES = ("tracking.", "hydra.", "output_dir", "cache.", "resume")
@@ -65,8 +66,6 @@ class Candidate:
 
 def retrieval_option(mode: str) -> bool:
     """Whether ``retrieval=<mode>`` is a config option (conf/retrieval/<mode>.yaml)."""
-    from craterlab.plugins import config_dir
-
     return (Path(config_dir()) / "retrieval" / f"{mode}.yaml").is_file()
 
 
@@ -133,7 +132,7 @@ def load_candidates(uri: str, experiment: str) -> list[Candidate]:
     )
     out = []
     for run in runs:
-        if run.data.tags.get("craterlab.role") != "sweep":
+        if run.data.tags.get(ROLE_TAG) != "sweep":
             out.extend(candidates_of_run(run))
     return out
 
@@ -161,8 +160,6 @@ def format_candidates(candidates: Sequence[Candidate]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from craterlab.mlflow_tracker import default_uri
-
     parser = argparse.ArgumentParser(
         prog="python -m craterlab plan",
         description="Pareto front of measured runs and the best configuration within a budget.",

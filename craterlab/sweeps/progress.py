@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from craterlab.results import read_results
+
 log = logging.getLogger("craterlab")
 
 STATE_DIR = ".craterlab"
@@ -108,16 +110,9 @@ def job_started(sweep_dir: str | Path, num: int, overrides: Sequence[str]) -> No
 def job_metrics(run_dir: str | Path) -> dict[str, float]:
     """A finished job's metrics (``mode/metric``, ``storage/...``) from its results.json."""
     try:
-        data = json.loads((Path(run_dir) / "results.json").read_text())
-    except (OSError, ValueError):
+        return read_results(run_dir).flat_metrics()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
-    flat = {
-        f"{mode}/{name}": value
-        for mode, metrics in (data.get("results") or {}).items()
-        for name, value in metrics.items()
-    }
-    flat.update({f"storage/{k}": v for k, v in (data.get("storage") or {}).items()})
-    return {k: float(v) for k, v in flat.items() if isinstance(v, int | float)}
 
 
 def job_finished(

@@ -16,16 +16,27 @@ import json
 import logging
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
 from craterlab.hashing import stable_hash
+from craterlab.results import (
+    IDENTITY_TAG,
+    OVERRIDES_TAG,
+    RESULTS_FILE,
+    RUN_DIR_TAG,
+    FinishedRun,
+    write_results,
+)
+from craterlab.tracking.base import make_tracker
 
 log = logging.getLogger("craterlab")
 
-IDENTITY_TAG = "craterlab.config_hash"
-OVERRIDES_TAG = "craterlab.overrides"
+__all__ = ["IDENTITY_TAG", "OVERRIDES_TAG", "FinishedRun", "previous_run", "record_skip"]
+
 SKIPPED_FILE = "skipped.json"
 # Dotted keys (a group drops all of its keys) that don't change what a job computes.
 RUN_LOCAL_KEYS = (
@@ -60,8 +71,6 @@ def config_identity(config: Mapping[str, Any]) -> str:
 
 def job_overrides() -> list[str]:
     """The job's command-line overrides (Hydra), [] outside a Hydra job."""
-    from hydra.core.hydra_config import HydraConfig
-
     if not HydraConfig.initialized():
         return []
     return [str(o) for o in HydraConfig.get().overrides.task]
@@ -69,9 +78,6 @@ def job_overrides() -> list[str]:
 
 def in_multirun() -> bool:
     """Whether this process runs a job of a Hydra multirun (``-m``)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
@@ -83,32 +89,6 @@ def identity_tags(config: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-@dataclass
-class FinishedRun:
-    """A finished run found by identity: its id, metrics and tags."""
-
-    run_id: str
-    metrics: dict[str, float]
-    tags: dict[str, str] = field(default_factory=dict)
-
-    def split(self) -> tuple[dict[str, dict[str, float]], dict[str, float], dict[str, float]]:
-        """(results per mode, storage, timings) from the flat metric names a run logs."""
-        results: dict[str, dict[str, float]] = {}
-        storage: dict[str, float] = {}
-        timings: dict[str, float] = {}
-        for key, value in self.metrics.items():
-            head, sep, name = key.partition("/")
-            if not sep:
-                continue
-            if head == "storage":
-                storage[name] = value
-            elif head == "time":
-                timings[name] = value
-            elif head not in ("train", "val", "model", "center"):
-                results.setdefault(head, {})[name.replace("_at_", "@")] = value
-        return results, storage, timings
-
-
 def previous_run(config: Mapping[str, Any]) -> FinishedRun | None:
     """The FINISHED run of this job's identity, when resuming a multirun job; else None.
 
@@ -117,8 +97,6 @@ def previous_run(config: Mapping[str, Any]) -> FinishedRun | None:
     """
     if not config.get("resume", True) or not in_multirun():
         return None
-    from craterlab.tracking import make_tracker
-
     tracker = make_tracker(config.get("tracking"))
     return tracker.find_finished({IDENTITY_TAG: config_identity(config)})
 
@@ -130,23 +108,12 @@ def record_skip(run_dir: Path, found: FinishedRun) -> None:
     (run_dir / SKIPPED_FILE).write_text(
         json.dumps({"run_id": found.run_id, IDENTITY_TAG: found.tags.get(IDENTITY_TAG, "")})
     )
-    source = Path(found.tags.get("craterlab.run_dir", "")) / "results.json"
-    target = run_dir / "results.json"
+    source = Path(found.tags.get(RUN_DIR_TAG, "")) / RESULTS_FILE
+    target = run_dir / RESULTS_FILE
     if source.is_file() and source.resolve() != target.resolve():
         shutil.copyfile(source, target)
     elif not target.is_file():
-        results, storage, timings = found.split()
-        weights = found.tags.get("craterlab.weights", "unknown")
-        record = {
-            "name": ",".join(json.loads(found.tags.get(OVERRIDES_TAG) or "[]")) or found.run_id,
-            "results": results,
-            "storage": storage,
-            "timings": timings,
-            "weights": weights,
-            "untrained": found.tags.get("craterlab.untrained_weights") == "true",
-            "parameters": found.metrics.get("model/parameters"),
-        }
-        target.write_text(json.dumps(record, indent=1))
+        write_results(run_dir, found.record())
     log.info(
         "Resume: skipped, this configuration already finished as run %s (resume=false reruns it)",
         found.run_id,

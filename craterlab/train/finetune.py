@@ -12,7 +12,7 @@ Feedback: a tqdm bar per epoch (loss, images/s); ``on_step`` gets loss and lr ev
 ``val_every`` steps (default: each epoch) with the frozen runs' evaluation
 (:func:`craterlab.metrics.evaluate` on cosine rankings of the same embedding): one image per
 held-out identity queries the others. The best-scoring weights go to ``best.pt``, the final
-ones to ``model.pt``; each gets a lineage sidecar (:mod:`craterlab.train.lineage`).
+ones to ``model.pt``; each gets a lineage sidecar (:mod:`craterlab.backbones.lineage`).
 
 Resumable and repeatable: after every epoch ``out_dir/train_state.pt`` holds the model,
 optimizer, scaler, loss state and epoch. Starting the same run again (same config, backbone,
@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from craterlab.backbones.lineage import finetune_step, lineage_of, read_lineage, write_lineage
 from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError, CraterlabError, DataError
 from craterlab.metrics import evaluate, rank_scores
@@ -46,7 +47,6 @@ from craterlab.registry import Registry
 from craterlab.tokens.pooling import ClsPooling, GeMPooling
 from craterlab.train.augment import make_views
 from craterlab.train.config import TrainConfig, run_key, validate_train_config
-from craterlab.train.lineage import finetune_step, lineage_of, read_lineage, write_lineage
 from craterlab.train.sampling import pk_batches
 from craterlab.types import Backbone, CraterDataset, Features
 

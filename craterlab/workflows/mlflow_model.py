@@ -171,6 +171,6 @@ def log_index(
 
 
 def _default_uri() -> str:
-    from craterlab.mlflow_tracker import default_uri
+    from craterlab.results import default_uri
 
     return os.environ.get("MLFLOW_TRACKING_URI") or default_uri()

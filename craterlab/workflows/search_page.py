@@ -14,8 +14,9 @@ from collections.abc import Sequence
 
 from craterlab.data.images import open_rgb
 from craterlab.errors import DataError
-from craterlab.report.marks import UNTRAINED_NOTE, is_untrained, weights_mark
+from craterlab.report.marks import UNTRAINED_NOTE, weights_mark
 from craterlab.report.pages import CSS, THUMB_PX, data_uri, figure_html
+from craterlab.results import is_untrained
 from craterlab.workflows.items import Item
 from craterlab.workflows.results import SearchHits
 

@@ -15,9 +15,9 @@ import threading
 import pytest
 from mlflow.tracking import MlflowClient
 
-import craterlab.mlflow_tracker as mlflow_tracker
-from craterlab.mlflow_tracker import END_TAG, HOST_TAG, PID_TAG, MlflowTracker
+import craterlab.tracking.mlflow as mlflow_tracker
 from craterlab.tracking import tracked_run
+from craterlab.tracking.mlflow import END_TAG, HOST_TAG, PID_TAG, MlflowTracker
 
 
 def dead_pid() -> int:
@@ -86,7 +86,8 @@ def test_interrupted_sweep_closes_parent_and_child_killed(mlflow_store, tmp_path
         f"""
         import os
         from omegaconf import OmegaConf
-        from craterlab.tracking import SweepCallback, tracked_run
+        from craterlab.sweeps.callback import SweepCallback
+        from craterlab.tracking import tracked_run
         sweep = {{"sweep": {{"dir": "s/1"}}}}
         config = OmegaConf.create({{"tracking": {mlflow_store!r}, "hydra": sweep}})
         SweepCallback().on_multirun_start(config)

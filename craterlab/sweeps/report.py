@@ -1,6 +1,6 @@
 """The end of a multirun: its report in the sweep directory and on the parent MLflow run.
 
-Called by :class:`craterlab.tracking.SweepCallback`. When a sweep starts,
+Called by :class:`craterlab.sweeps.callback.SweepCallback`. When a sweep starts,
 :func:`announce_sweep` tells its jobs which keys vary, so each child run is named by those
 alone (:func:`child_run_name`). When it ends, :func:`finish_sweep` writes
 ``<sweep dir>/report/`` (table and figures), attaches it to the sweep's parent run and names
@@ -15,9 +15,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from craterlab.errors import CraterlabError
-from craterlab.report.cli import sweep_name, table_name, write_report
+from craterlab.report.build import sweep_name, table_name, write_report
 from craterlab.report.runs import load_sweep_dir
+from craterlab.sweeps.progress import swept_keys
 
 log = logging.getLogger("craterlab")
 
@@ -50,10 +53,6 @@ SWEEP_VARIES_ENV = "CRATERLAB_SWEEP_VARIES"
 
 def sweep_varied_keys(config: Any) -> list[str]:
     """Config keys a multirun varies: its sweeper params and its multi-valued overrides."""
-    from omegaconf import OmegaConf
-
-    from craterlab.sweeps.progress import swept_keys
-
     sweeper = OmegaConf.select(config, "hydra.sweeper", default=None) or {}
     overrides = [
         str(o)

@@ -24,10 +24,10 @@ from typing import Any
 
 from craterlab.errors import CraterlabError
 from craterlab.hashing import file_sha256
+from craterlab.results import CHECKPOINT_TAG, default_uri
 
 SIDECAR_SUFFIX = ".lineage.json"
 RUN_PREFIX = "run:"
-CHECKPOINT_TAG = "craterlab.checkpoint"  # craterlab.checkpoint.<which>[.sha256|.artifact]
 CHECKPOINT_ARTIFACT_DIR = "checkpoints"
 
 Lineage = list[dict[str, Any]]
@@ -253,8 +253,6 @@ def resolve_run_weights(weights: str, tracking_uri: str | None = None) -> str:
 
 def _client(tracking_uri: str | None) -> Any:
     from mlflow.tracking import MlflowClient
-
-    from craterlab.mlflow_tracker import default_uri
 
     return MlflowClient(
         tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or default_uri()

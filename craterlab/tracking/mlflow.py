@@ -25,13 +25,20 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from craterlab.tracking import Tracker, flatten, metric_name
+from craterlab.results import (
+    DEFAULT_ARTIFACTS,
+    END_TAG,
+    HOST_TAG,
+    PID_TAG,
+    FinishedRun,
+    default_uri,
+    flatten_config,
+    metric_name,
+)
+from craterlab.tracking.base import Tracker
 
 log = logging.getLogger("craterlab")
 
-DEFAULT_STORE = Path("outputs") / "mlflow.db"
-DEFAULT_ARTIFACTS = Path("outputs") / "mlartifacts"
-PID_TAG, HOST_TAG, END_TAG = "craterlab.pid", "craterlab.host", "craterlab.end_reason"
 NEW_STORE_S = 120.0  # time allowed to create a new SQLite store (schema migrations)
 # A SQLite store serializes writers: under parallel jobs a write can fail with "database is
 # locked" after SQLite's own busy wait. Such a write is retried (backoff with jitter) for up
@@ -39,11 +46,6 @@ NEW_STORE_S = 120.0  # time allowed to create a new SQLite store (schema migrati
 LOCKED_RETRY_S = 120.0
 LOOKUP_S = 60.0  # time allowed to look up a finished run when resuming a sweep
 LOCKED_MESSAGES = ("database is locked", "database table is locked", "database is busy")
-
-
-def default_uri() -> str:
-    """The embedded SQLite store under outputs/ (an absolute path, so cwd doesn't matter)."""
-    return f"sqlite:///{DEFAULT_STORE.resolve()}"
 
 
 class StoreError(Exception):
@@ -279,12 +281,10 @@ class MlflowTracker(Tracker):
                 "; ".join(self.not_logged),
             )
 
-    def find_finished(self, tags: Mapping[str, str]) -> Any:
+    def find_finished(self, tags: Mapping[str, str]) -> FinishedRun | None:
         """The newest FINISHED run of the experiment with all ``tags`` (see :class:`Tracker`);
         a store that can't be asked is reported in the log and counts as "none"."""
         from mlflow.tracking import MlflowClient  # imported before the clock starts: seconds
-
-        from craterlab.sweeps.resume import FinishedRun
 
         def search() -> Any:
             client = MlflowClient(tracking_uri=self.uri)
@@ -327,7 +327,7 @@ class MlflowTracker(Tracker):
     def log_params(self, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
-        params = [Param(k, v) for k, v in flatten(config).items()]
+        params = [Param(k, v) for k, v in flatten_config(config).items()]
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self._guard("params", self._log_batch, params=params[i : i + 100])
 
