@@ -73,6 +73,12 @@ def entry_key(backbone_identity: dict[str, Any], dataset_identity: str, split: s
     return stable_hash(payload, 20)
 
 
+def renders_dir(cache_dir: str | Path, dataset_identity: str) -> Path:
+    """Where a procedural dataset keeps its rendered images next to the feature cache (see
+    :mod:`craterlab.data.render_cache`); never listed or removed as a feature entry."""
+    return Path(cache_dir) / "renders" / slug(dataset_identity, 80)
+
+
 def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-")[:limit] or "x"
 

@@ -3,9 +3,10 @@
 - :func:`resolve_device`: 'auto' means CUDA when present, else CPU.
 - :func:`compute_dtype`: the dtype of retrieval matmuls on a device (fp16 on CUDA, else fp32).
 - :func:`resolve_precision` / :func:`autocast`: the backbone's forward precision. 'auto' is
-  bf16 autocast on CUDA and on CPUs with AMX matrix units (``amx_bf16``), fp32 elsewhere:
-  on a 2-core Sapphire Rapids machine ViT-S/16 at batch 32 runs about 3x faster under bf16
-  autocast than in fp32, while on AVX-512 CPUs without AMX bf16 is no faster than fp32.
+  bf16 autocast on CUDA; on a CPU it is bf16 where the CPU has native bf16 arithmetic AND a
+  short measured probe, cached per machine (:mod:`craterlab.precision_probe`), finds it faster
+  than fp32, else fp32. Measured: ViT-S/16 ran about 3x faster under bf16 on a 2-core Sapphire
+  Rapids (AMX) machine and 1.95x on a 2-core AVX-512 BF16 machine without AMX.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from craterlab.errors import ConfigError
+from craterlab.precision_probe import bf16_pays
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 """A backbone's forward precision as configured ('auto' resolves per device)."""
@@ -79,23 +81,33 @@ def cpu_has_amx_bf16(flags: frozenset[str] | None = None) -> bool:
     return "amx_bf16" in (cpu_flags() if flags is None else flags)
 
 
-def resolve_precision(
-    precision: str, device: torch.device, flags: frozenset[str] | None = None
-) -> str:
-    """The precision a backbone forward actually uses on ``device``: 'fp32', 'bf16' or 'fp16'.
-
-    'auto' is bf16 on CUDA and on CPUs with AMX (``flags`` defaults to this machine's), fp32
-    otherwise; an explicit value is used as given. An unknown value is a :class:`ConfigError`.
-    """
+def check_precision(precision: str) -> None:
+    """Fail with a :class:`ConfigError` naming the valid values for an unknown precision."""
     if precision not in PRECISIONS:
         raise ConfigError(
             f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}. "
             "Use precision=auto (bf16 where the hardware runs it fast, else fp32)."
         )
+
+
+def resolve_precision(
+    precision: str, device: torch.device, flags: frozenset[str] | None = None
+) -> str:
+    """The precision a backbone forward actually uses on ``device``: 'fp32', 'bf16' or 'fp16'.
+
+    'auto' is bf16 on CUDA; on a CPU (``flags`` defaults to this machine's) it is bf16 where
+    the CPU has bf16 arithmetic and the cached probe (:func:`~craterlab.precision_probe.bf16_pays`)
+    measured it faster, fp32 otherwise. An explicit value is used as given. An unknown value is
+    a :class:`ConfigError`.
+    """
+    check_precision(precision)
     if precision != "auto":
         return precision
-    if device.type == "cuda" or (device.type == "cpu" and cpu_has_amx_bf16(flags)):
+    if device.type == "cuda":
         return "bf16"
+    if device.type == "cpu":
+        verdict = bf16_pays(cpu_flags() if flags is None else flags)
+        return verdict.choice if verdict is not None else "fp32"
     return "fp32"
 
 

@@ -40,6 +40,8 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One feature cache per test session, never the repository's outputs/ (session scope, so
     module-scoped fixtures that run the pipeline see it too)."""
     os.environ["CRATERLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "feature-cache")
+    # precision=auto's bf16 probe keeps its verdict per machine; not in the user's home here.
+    os.environ["CRATERLAB_PROBE_CACHE"] = str(tmp_path_factory.getbasetemp() / "probe.json")
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import timm
 import torch
 from omegaconf import OmegaConf
 
-from craterlab import devices
+from craterlab import devices, precision_probe
 from craterlab.backbones import TimmViT, timm_cnn, timm_vit
 from craterlab.devices import autocast, compute_dtype, cpu_flags_from_cpuinfo, resolve_precision
 from craterlab.errors import ConfigError, CraterlabError
@@ -332,17 +332,38 @@ def test_invalid_values_are_config_errors() -> None:
 
 AMX = frozenset({"avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"})
 AVX512_ONLY = frozenset({"avx512f", "avx512_bf16"})  # bf16 instructions, no matrix units
+NO_BF16 = frozenset({"avx512f", "avx2"})
 
 
-def test_auto_precision_is_bf16_only_where_it_is_faster() -> None:
+@pytest.fixture
+def probe_says(monkeypatch):
+    """Make the bf16 probe measure given (fp32 ms, bf16 ms) instead of timing this machine."""
+
+    def set_times(fp32_ms: float, bf16_ms: float) -> None:
+        monkeypatch.setattr(precision_probe, "measure", lambda: (fp32_ms, bf16_ms))
+        precision_probe._cached_probe.cache_clear()
+
+    yield set_times
+    precision_probe._cached_probe.cache_clear()
+
+
+def test_auto_precision_is_bf16_only_where_the_probe_measured_it_faster(
+    probe_says, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("CRATERLAB_PROBE_CACHE", str(tmp_path / "probe.json"))
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    probe_says(20.0, 10.0)  # bf16 2x faster
     assert resolve_precision("auto", cpu, AMX) == "bf16"
-    assert resolve_precision("auto", cpu, AVX512_ONLY) == "fp32"
-    assert resolve_precision("auto", cpu, frozenset()) == "fp32"
+    assert resolve_precision("auto", cpu, AVX512_ONLY) == "bf16"  # no AMX, still measured faster
+    assert resolve_precision("auto", cpu, frozenset()) == "fp32"  # no bf16 arithmetic at all
+    assert resolve_precision("auto", cpu, NO_BF16) == "fp32"
     assert resolve_precision("auto", cuda, frozenset()) == "bf16"
+    probe_says(10.0, 9.5)  # bf16 barely faster: not worth its rounding
+    monkeypatch.setenv("CRATERLAB_PROBE_CACHE", str(tmp_path / "other.json"))
+    assert resolve_precision("auto", cpu, AVX512_ONLY) == "fp32"
     for explicit in ("fp32", "bf16", "fp16"):
         assert resolve_precision(explicit, cpu, AMX) == explicit
-        assert resolve_precision(explicit, cpu, AVX512_ONLY) == explicit
+        assert resolve_precision(explicit, cpu, NO_BF16) == explicit
 
 
 def test_autocast_and_compute_dtype_follow_the_device() -> None:
@@ -362,16 +383,18 @@ def test_cpu_flags_come_from_cpuinfo() -> None:
     assert cpu_flags_from_cpuinfo("model name\t: some cpu\n") == frozenset()
 
 
-def test_identity_names_the_precision_actually_used(monkeypatch) -> None:
+def test_identity_names_the_precision_actually_used(monkeypatch, probe_says, tmp_path) -> None:
     """The feature cache hashes identity(): bf16 and fp32 features never share an entry."""
+    monkeypatch.setenv("CRATERLAB_PROBE_CACHE", str(tmp_path / "probe.json"))
+    probe_says(20.0, 10.0)
     backbone = timm_vit("test_vit", "r160_in1k", weights="random")  # precision=auto
-    monkeypatch.setattr(devices, "cpu_flags", lambda: AMX)
-    on_amx = backbone.identity()
     monkeypatch.setattr(devices, "cpu_flags", lambda: AVX512_ONLY)
-    on_avx512 = backbone.identity()
-    assert on_amx["precision"] == "bf16" and on_avx512["precision"] == "fp32"
+    with_bf16 = backbone.identity()
+    monkeypatch.setattr(devices, "cpu_flags", lambda: NO_BF16)
+    without = backbone.identity()
+    assert with_bf16["precision"] == "bf16" and without["precision"] == "fp32"
     fp32 = timm_vit("test_vit", "r160_in1k", weights="random", precision="fp32")
-    assert fp32.identity() == on_avx512 != on_amx
+    assert fp32.identity() == without != with_bf16
 
 
 @pytest.mark.parametrize("factory", [timm_vit, timm_cnn])

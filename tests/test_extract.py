@@ -99,3 +99,52 @@ def test_cache_keeps_precisions_apart(vit, tmp_path) -> None:
         bf16, data, "query", device="cpu", cache_dir=tmp_path, progress=False
     )
     assert info3.cache_hit and info3.path == info.path and torch.equal(again.cls, low.cls)
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+def test_prefetch_keeps_order_and_overlaps_the_consumer() -> None:
+    import threading
+
+    from craterlab.backbones.extract import prefetch
+
+    producers: set[str] = set()
+
+    def items():
+        for i in range(7):
+            producers.add(threading.current_thread().name)
+            yield i
+
+    assert list(prefetch(items(), depth=2)) == list(range(7))
+    assert producers == {"craterlab-prefetch"}  # produced off the consumer's thread
+
+
+def test_prefetch_raises_the_producers_error_where_it_happened() -> None:
+    from craterlab.backbones.extract import prefetch
+
+    def items():
+        yield 1
+        raise ValueError("image 2 is broken")
+
+    got = []
+    with pytest.raises(ValueError, match="image 2 is broken"):
+        for x in prefetch(items()):
+            got.append(x)
+    assert got == [1]
+
+
+def test_prefetch_stops_its_producer_when_the_consumer_stops() -> None:
+    from craterlab.backbones.extract import prefetch
+
+    produced = []
+
+    def items():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    it = prefetch(items(), depth=2)
+    assert next(it) == 0
+    it.close()  # joins the producer
+    assert len(produced) <= 5

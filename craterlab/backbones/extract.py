@@ -1,7 +1,9 @@
 """Run a backbone over a dataset split, batched, with progress, through the feature cache.
 
 Images are decoded and transformed in DataLoader workers (``num_workers``) and copied to the
-accelerator from pinned memory, so on a GPU the decode/resize overlaps the forward passes.
+accelerator from pinned memory, so on a GPU the decode/resize overlaps the forward passes. With
+``num_workers=0`` a background thread decodes the next batches (:func:`prefetch`) while the
+forward pass runs (torch releases the GIL in its kernels), so decoding overlaps it there too.
 Results are returned on CPU: cls and attn float32, tokens float16 (memory-mapped when they come
 from the cache; consumers cast chunks to float32). With and without the cache the values are
 the same (tokens are rounded to fp16 either way).
@@ -10,16 +12,18 @@ the same (tokens are rounded to fp16 either way).
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from craterlab.cache import FeatureCache, entry_key, entry_name
+from craterlab.cache import FeatureCache, entry_key, entry_name, renders_dir
 from craterlab.checks import check_batch_before_caching
 from craterlab.data.base import listing
 from craterlab.devices import resolve_device
@@ -27,6 +31,9 @@ from craterlab.errors import CraterlabError, DataError
 from craterlab.types import Backbone, CraterDataset, Features, ImageRecord
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_END = object()
 
 
 @dataclass
@@ -124,6 +131,49 @@ def make_loader(
     )
 
 
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``items`` produced by a background thread up to ``depth`` ahead of the consumer.
+
+    The producer's exception is raised in the consumer at the point it happened; when the
+    consumer stops early the producer stops after its current item.
+    """
+    ready: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item: Any, exc: BaseException | None = None) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put((item, exc), timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(_END, exc)
+            return
+        put(_END)
+
+    worker = threading.Thread(target=produce, name="craterlab-prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, exc = ready.get()
+            if item is _END:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join()
+
+
 def _empty(backbone: Backbone) -> Features:
     d = backbone.dim
     attn = torch.zeros(0, 0) if backbone.has_attention else None
@@ -149,7 +199,8 @@ def _batches(
 
     bad: list[BadImage] = []
     with tqdm(total=total, initial=initial, disable=not progress, desc=desc, unit="img") as bar:
-        for images in loader:
+        batches = prefetch(loader) if loader.num_workers == 0 else loader
+        for images in batches:
             if isinstance(images, BadBatch) or bad:
                 bad += images.bad if isinstance(images, BadBatch) else []
                 bar.update(len(images) if isinstance(images, torch.Tensor) else images.size)
@@ -240,6 +291,8 @@ def extract_features(
 
     identity = backbone.identity()
     dataset_identity = dataset.identity()
+    if callable(cache_renders := getattr(dataset, "cache_renders", None)):
+        cache_renders(renders_dir(cache_dir, dataset_identity))  # render each image once
     entry = entry_name(identity, name, dataset_identity, split)
     cache = FeatureCache(cache_dir)
     with cache.lock(entry):

@@ -21,7 +21,8 @@ class WeightsOptions:
     ``weights``: 'pretrained' (timm hub), 'random', a checkpoint path or 'hf-hub:ORG/NAME'.
     ``allow_random_weights``: fall back to a seeded random init, loudly, when the weights are
     unreachable. ``seed``: that init's seed. ``precision``: the forward's precision; 'auto' is
-    bf16 autocast on CUDA and on CPUs with AMX, fp32 elsewhere (see :mod:`craterlab.devices`).
+    bf16 autocast on CUDA and on CPUs where a cached probe measured it faster, fp32 elsewhere
+    (see :mod:`craterlab.devices`).
     ``checkpoint_key``: the state dict to read from a DINO-style checkpoint (teacher/student).
     """
 

@@ -6,8 +6,8 @@ create_transform: size, crop, mean, std, interpolation). Weights come from the t
 local checkpoint, an ``hf-hub:`` id or a seeded random init; see :mod:`.weights`. The config
 keys are :class:`~craterlab.backbones.options.TimmOptions`. The forward runs in the precision
 :func:`craterlab.devices.resolve_precision` picks on the current device (``auto``: bf16
-autocast on CUDA and AMX CPUs, fp32 elsewhere); features come out as float32 either way, and
-``identity()`` names the precision used, so the feature cache keeps precisions apart.
+autocast on CUDA and on CPUs where a cached probe measured bf16 faster, fp32 elsewhere);
+features come out as float32 either way, and ``identity()`` names the precision used, so the feature cache keeps precisions apart.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from craterlab.backbones import weights as W
 from craterlab.backbones.lineage import describe_checkpoint, is_run_reference, resolve_run_weights
 from craterlab.backbones.options import TimmOptions
 from craterlab.data.images import to_rgb8
-from craterlab.devices import autocast, resolve_precision
+from craterlab.devices import autocast, check_precision, resolve_precision
 from craterlab.errors import CraterlabError
 from craterlab.hashing import file_sha256
 from craterlab.types import Features
@@ -70,7 +70,7 @@ class TimmBackbone:
         self.full_name = f"{model}.{pretrained_tag}" if pretrained_tag else model
         self.label = label or self.full_name
         self.precision = options.precision
-        resolve_precision(self.precision, torch.device("cpu"))  # an unknown value fails here
+        check_precision(self.precision)  # an unknown value fails here
         self.image_size = image_size
         self.seed = seed = options.seed
         weights = resolve_weights(options.weights)

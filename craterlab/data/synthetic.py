@@ -24,11 +24,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from PIL import Image
 
+from craterlab.data.render_cache import RenderCache
 from craterlab.data.surface import CH_PICK, CH_VIEW, CraterField, Photometry, render, seed_of
 from craterlab.errors import DataError
 from craterlab.hashing import stable_hash
@@ -103,6 +105,9 @@ class SyntheticCraters:
         self.name = f"synthetic-{size}"
         self._build_catalog()
         self._records: dict[str, list[ImageRecord]] = {}
+        self._render_dir: Path | None = None
+        self._render_caches: dict[str, RenderCache] = {}
+        self._slots: dict[str, dict[str, int]] = {}
 
     # ------------------------------------------------------------------ catalogue
 
@@ -270,16 +275,47 @@ class SyntheticCraters:
 
     def load_image(self, record: ImageRecord) -> Image.Image:
         view = self.view_of(record.image_id)
-        gray = render(
-            self.seed,
-            self.field,
-            view.centre,
-            view.width,
-            self.image_size,
-            view.photometry,
-            view.noise_seed,
-        )
+
+        def draw() -> np.ndarray:
+            return render(
+                self.seed,
+                self.field,
+                view.centre,
+                view.width,
+                self.image_size,
+                view.photometry,
+                view.noise_seed,
+            )
+
+        slot = self._slot(record.image_id) if self._render_dir is not None else None
+        gray = draw() if slot is None else self._render_cache(slot[0]).get(slot[1], draw)
         return Image.fromarray(gray, mode="L").convert("RGB")
+
+    def cache_renders(self, directory: str | Path) -> None:
+        """Keep rendered images under ``directory`` (one :class:`RenderCache` per split), so
+        each image is rendered once per machine; feature extraction turns this on next to the
+        feature cache."""
+        self._render_dir = Path(directory)
+        self._render_caches = {}
+
+    def _render_cache(self, split: str) -> RenderCache:
+        if split not in self._render_caches:
+            assert self._render_dir is not None
+            n = len(self.records(split))
+            shape = (self.image_size, self.image_size)
+            self._render_caches[split] = RenderCache(self._render_dir / split, n, shape)
+        return self._render_caches[split]
+
+    def _slot(self, image_id: str) -> tuple[str, int] | None:
+        """(split, row) of an image in the render cache: gallery crops in the gallery split,
+        query and train views where their split lists them."""
+        split = {"g": "gallery", "q": "query", "t": "train"}.get(image_id[:1])
+        if split is None:
+            return None
+        if split not in self._slots:
+            self._slots[split] = {r.image_id: i for i, r in enumerate(self.records(split))}
+        i = self._slots[split].get(image_id)
+        return None if i is None else (split, i)
 
     def params(self) -> dict[str, object]:
         return {
