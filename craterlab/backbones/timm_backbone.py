@@ -7,7 +7,8 @@ local checkpoint, an ``hf-hub:`` id or a seeded random init; see :mod:`.weights`
 keys are :class:`~craterlab.backbones.options.TimmOptions`. The forward runs in the precision
 :func:`craterlab.devices.resolve_precision` picks on the current device (``auto``: bf16
 autocast on CUDA and on CPUs where a cached probe measured bf16 faster, fp32 elsewhere);
-features come out as float32 either way, and ``identity()`` names the precision used, so the feature cache keeps precisions apart.
+features come out as float32 either way, and ``identity()`` names the precision used, so the
+feature cache keeps precisions apart.
 """
 
 from __future__ import annotations
