@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from craterlab.errors import CraterlabError, closest
+from craterlab.errors import CraterlabError, closest, disk_full_message
 from craterlab.plugins import config_dir, plugin_config_dirs
 from craterlab.registry import GROUP_KINDS
 
@@ -188,6 +188,11 @@ def run_hydra() -> None:
         except CraterlabError as exc:
             print(f"\nError: {exc}\n", file=sys.stderr)
             sys.exit(2)
+        except OSError as exc:  # a full disk under the run directory is a message too
+            if (message := disk_full_message(exc)) is None:
+                raise
+            print(f"\nError: {message}\n", file=sys.stderr)
+            sys.exit(2)
         first = next(iter(result.results.values()), {})
         return first.get("mAP")
 
@@ -214,6 +219,11 @@ def main() -> None:
         run_hydra()
     except CraterlabError as exc:  # raised by a command, or while loading plugins
         print(f"\nError: {exc}\n", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # a full disk (Hydra's run directory, an output) is a message
+        if (message := disk_full_message(exc)) is None:
+            raise
+        print(f"\nError: {message}\n", file=sys.stderr)
         sys.exit(2)
 
 

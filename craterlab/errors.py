@@ -29,3 +29,18 @@ def closest(name: str, known: Iterable[str]) -> str:
     """' Did you mean 'x'?' for the closest known name, or '' when none is close."""
     match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
     return f" Did you mean '{match[0]}'?" if match else ""
+
+
+def disk_full_message(exc: BaseException) -> str | None:
+    """The one-paragraph message for an OSError that means "no space left" (or over quota),
+    naming the file being written; None for any other error."""
+    import errno
+
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f" while writing {exc.filename}" if exc.filename else ""
+    return (
+        f"The disk is full{where} ({exc.strerror}). Free some space on that filesystem, or "
+        "point the outputs elsewhere (output_dir / hydra.run.dir, cache.dir or "
+        "CRATERLAB_CACHE, --out), and run it again."
+    )

@@ -145,13 +145,24 @@ _CHUNK_CELLS = 2_000_000  # (query, rank) cells per evaluation chunk: bounded me
 
 
 def _per_query(
-    hits: np.ndarray, codes: np.ndarray, n_rel: np.ndarray, n_ids: np.ndarray, ks: Sequence[int]
+    hits: np.ndarray,
+    codes: np.ndarray,
+    n_rel: np.ndarray,
+    n_ids: np.ndarray,
+    ks: Sequence[int],
+    map_depth: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Every per-query value of one chunk of evaluated queries (see :func:`evaluate`)."""
     nq, depth = hits.shape
     out: dict[str, np.ndarray] = {}
     for k in ks:
         out[f"R@{k}"] = hits[:, :k].any(axis=1).astype(np.float64)
+    if depth:
+        full = np.cumsum(hits[:, : max(ks, default=1)], axis=1, dtype=np.float64)
+        for k in ks:
+            out[f"recall@{k}"] = full[:, min(k, depth) - 1] / n_rel
+    if map_depth is not None and map_depth < depth:
+        hits, codes, depth = hits[:, :map_depth], codes[:, :map_depth], map_depth
     if depth == 0:
         zeros = np.zeros(nq)
         out.update({f"recall@{k}": zeros for k in ks})
@@ -160,8 +171,6 @@ def _per_query(
     cum = np.cumsum(hits, axis=1, dtype=np.float64)
     precision = cum / np.arange(1, depth + 1, dtype=np.float64)
     summed = (precision * hits).sum(axis=1)
-    for k in ks:
-        out[f"recall@{k}"] = cum[:, min(k, depth) - 1] / n_rel
     out["AP"] = summed / n_rel
     out["AP_retrieved"] = summed / np.maximum(cum[:, -1], 1.0)
     # Identity level: keep each gallery crater's first (best-ranked) image, drop the rest.
@@ -186,12 +195,15 @@ def evaluate(
     *,
     ks: Sequence[int] = (1, 5, 10),
     shortlist: Any = None,
+    map_depth: int | None = None,
 ) -> EvalResult:
     """R@k, mAP (and R@S with a shortlist), plus the alternative definitions, of rankings.
 
     ``indices``: (Nq, L) ranked gallery positions, best first (L may be < gallery size; -1 is
     padding). ``gallery_crater_ids``: (Ng,) crater id of each gallery image. ``relevant``: Nq
     sets of relevant crater ids I(q). ``shortlist``: optional (Nq, S) stage-1 candidates.
+    ``map_depth``: the mAP family is computed on the first ``map_depth`` ranks only (a
+    truncated list, ``depth=N``), while R@k and recall@k use the full top k of ``indices``.
     Queries whose I(q) matches no gallery image are excluded and listed in ``excluded``.
 
     Beside the defaults (``R@k``: a hit in the top k; ``mAP``: AP over all of R(q)):
@@ -229,6 +241,7 @@ def evaluate(
                 num_relevant[rows].astype(np.float64),
                 rel.num_identities[rows].astype(np.float64),
                 ks,
+                map_depth,
             )
         )
     if not parts:  # no queries at all

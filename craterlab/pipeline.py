@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,8 +231,9 @@ def search_and_evaluate(
         query_tokens=rep.query_tokens,  # type: ignore[arg-type]  # None only for single stages
         gallery_store=rep.store,
         matcher=components.matcher,
-        depth=resolve_depth(depth, len(gallery_ids)),
+        depth=ranked_depth(depth, len(gallery_ids)),
     )
+    map_depth = resolve_depth(depth, len(gallery_ids))
     # A stage without its own report (a plugin) is charged vectors + tokens.
     default_bytes = rep.storage["vector_bytes_per_image"] + rep.storage["token_bytes_per_image"]
     out = Evaluation({}, {}, {})
@@ -240,16 +241,24 @@ def search_and_evaluate(
         log.info("retrieval: %s", label)
         ranking = stage.search(inputs)
         check_scores(ranking, label)
-        evaluation = evaluate(ranking.indices, gallery_ids, relevant, shortlist=ranking.shortlist)
+        evaluation = evaluate(
+            ranking.indices, gallery_ids, relevant, shortlist=ranking.shortlist, map_depth=map_depth
+        )
         metrics = dict(evaluation.metrics)
         metrics.update(confidence_intervals(evaluation, seed=seed))
-        metrics.update(depth=float(inputs.depth), gallery_size=float(len(gallery_ids)))
+        metrics.update(depth=float(map_depth), gallery_size=float(len(gallery_ids)))
         report = ranking.stage_report(default_bytes=default_bytes)
         metrics.update({k: float(v) for k, v in ranking.extra.items()})
         metrics.update(report.metrics())  # latencies, ms_per_query, bytes_per_image
         out.results[label], out.rankings[label], out.reports[label] = metrics, ranking, report
     add_recovery(out.results, out.reports)
     return out
+
+
+def ranked_depth(depth: Any, n_gallery: int, ks: Sequence[int] = (1, 5, 10)) -> int:
+    """How many ranks to retrieve: ``depth``, but at least the largest k of R@k, so a
+    truncated list (``depth=5``) lowers only the mAP family, never R@10."""
+    return min(n_gallery, max(resolve_depth(depth, n_gallery), max(ks)))
 
 
 def add_recovery(results: dict[str, dict[str, float]], reports: Mapping[str, StageReport]) -> None:

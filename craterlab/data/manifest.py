@@ -2,13 +2,16 @@
 
 Columns: ``image_id, path, crater_id, role`` (role: gallery, query or train), optional
 ``relevant_ids`` (semicolon-separated co-visible crater ids of a query; default: the query's
-own crater_id) and ``view_type``. Paths are relative to the CSV's folder; a path that leaves
-that folder (``../``, an absolute path elsewhere) is refused unless
-``allow_outside_root=true``, so a manifest from someone else reads only files next to it.
+own crater_id) and ``view_type``. Paths are relative to the CSV's folder, or absolute (how
+users list their own images: accepted, and the log says how many lie outside the folder). A
+relative path that climbs out of the folder (``../``) is refused unless
+``allow_outside_root=true``. (A downloaded release, :mod:`craterlab.data.craterbench`, refuses
+both.)
 
 The manifest is validated when the dataset is built (cheap checks: columns, extra fields,
-roles, duplicate ids, paths, queries with no relevant gallery image); every problem is reported
-with the offending rows, nothing is dropped silently. With ``check_files`` (default) every image
+roles, duplicate ids, paths, bad files, queries with no relevant gallery image); every problem
+of every category is reported in one error with the offending rows, nothing is dropped
+silently. With ``check_files`` (default) every image
 header is read up front (missing files, FIFOs and devices, files that are no image,
 decompression bombs over ``max_image_pixels``): all bad files are reported together, or left
 out and counted in the log with ``skip_bad=true``. Relevance ids naming no gallery crater are
@@ -123,12 +126,13 @@ class ManifestDataset(FileDataset):
             raise DataError(
                 f"Manifest {self.path} is not UTF-8 text ({exc}); save it as UTF-8 CSV."
             ) from None
+        self._row_problems = []
         if extra:
-            raise DataError(
-                f"Manifest {self.path} has {len(extra)} row(s) with more fields than its header "
-                f"({len(header)} columns: {','.join(header)}):{listing(extra)}\nQuote values "
-                'that contain commas ("a,b"), separate relevant_ids with semicolons, or add the '
-                "missing columns to the header."
+            self._row_problems.append(
+                f"{len(extra)} row(s) have more fields than the header ({len(header)} columns: "
+                f'{",".join(header)}); quote values that contain commas ("a,b"), separate '
+                "relevant_ids with semicolons, or add the missing columns to the header:"
+                + listing(extra)
             )
         if not rows:
             raise DataError(f"Manifest {self.path} has a header but no rows; list your images.")
@@ -137,7 +141,8 @@ class ManifestDataset(FileDataset):
     def _validate(
         self, rows: list[tuple[int, dict[str, str]]]
     ) -> tuple[dict[str, list[ImageRecord]], dict[str, Path], list[tuple[str, int, int]]]:
-        self._check_rows(rows)
+        # every category is collected, then raised once
+        problems = [*getattr(self, "_row_problems", []), *self._check_rows(rows)]
         names: list[str] = []
         for _, row in rows:
             names.append(row["crater_id"])
@@ -145,19 +150,27 @@ class ManifestDataset(FileDataset):
         ids = CraterIdMap(names)
         self.crater_ids = ids
 
-        paths, labels = self._resolve_paths(rows)
+        paths, labels, outside = self._resolve_paths(rows)
+        if outside:
+            problems.append(
+                f"{len(outside)} path(s) leave the manifest's folder {self.root} with ../. Move "
+                "the images under that folder, list them by absolute path, or set "
+                "dataset.allow_outside_root=true if the manifest is yours and the paths are "
+                "meant:" + listing([labels[i] for i in outside])
+            )
         screen = screen_files(
-            paths, check_images=self.check_files, max_pixels=self.max_image_pixels
+            {k: v for k, v in paths.items() if k not in outside},  # never read a refused path
+            check_images=self.check_files,
+            max_pixels=self.max_image_pixels,
         )
         if screen.bad and not self.skip_bad:
-            self._raise([bad_files_message("the manifest", screen.bad, labels)])
-        if screen.bad:
+            problems.append(bad_files_message("the manifest", screen.bad, labels))
+        elif screen.bad:
             log_skipped(f"manifest {self.path}", screen.bad, labels)
             self.skipped = dict(screen.bad)
             rows = [(line, row) for line, row in rows if row["image_id"] not in self.skipped]
             paths = {k: v for k, v in paths.items() if k not in self.skipped}
 
-        problems: list[str] = []
         records: dict[str, list[ImageRecord]] = defaultdict(list)
         gallery_craters = {ids(r["crater_id"]) for _, r in rows if r["role"].lower() == "gallery"}
         no_relevant, unknown = [], []
@@ -204,8 +217,8 @@ class ManifestDataset(FileDataset):
             )
         return dict(records), paths, screen.stats
 
-    def _check_rows(self, rows: list[tuple[int, dict[str, str]]]) -> None:
-        """Roles, empty required values and duplicate ids, all reported together."""
+    def _check_rows(self, rows: list[tuple[int, dict[str, str]]]) -> list[str]:
+        """Roles, empty required values and duplicate ids, all listed (not raised)."""
         problems: list[str] = []
         bad_role, empty, seen, dupes = [], [], {}, []
         for line, row in rows:
@@ -227,33 +240,39 @@ class ManifestDataset(FileDataset):
             problems.append("required values are empty:" + listing(empty))
         if dupes:
             problems.append("duplicate image ids:" + listing(dupes))
-        self._raise(problems)
+        return problems
 
     def _resolve_paths(
         self, rows: list[tuple[int, dict[str, str]]]
-    ) -> tuple[dict[str, Path], dict[str, str]]:
-        """image_id -> file (relative paths from the manifest's folder) and -> its row label;
-        paths leaving the folder are refused unless allow_outside_root."""
+    ) -> tuple[dict[str, Path], dict[str, str], list[str]]:
+        """image_id -> file (relative paths from the manifest's folder) and -> its row label,
+        and the ids whose relative path climbs out of the folder with ``../`` (refused unless
+        allow_outside_root). Absolute paths are the user's own listing: accepted, and the log
+        says how many lie outside the manifest's folder."""
         paths: dict[str, Path] = {}
         labels: dict[str, str] = {}
-        outside = []
+        escapes: list[str] = []
+        absolute_outside: list[str] = []
         for line, row in rows:
-            p = Path(row["path"]).expanduser()
-            p = p if p.is_absolute() else self.root / p
+            given = Path(row["path"]).expanduser()
+            p = given if given.is_absolute() else self.root / given
             paths[row["image_id"]] = p
             labels[row["image_id"]] = f"line {line}: {row['path']}"
-            if not self.allow_outside_root and outside_root(p, self.root):
-                outside.append(f"line {line}: {row['path']}")
-        if outside:
-            self._raise(
-                [
-                    f"{len(outside)} path(s) point outside the manifest's folder {self.root} "
-                    "(with ../ or an absolute path). Move the images under that folder, or set "
-                    "dataset.allow_outside_root=true if the manifest is yours and the paths are "
-                    "meant:" + listing(outside)
-                ]
+            if self.allow_outside_root or not outside_root(p, self.root):
+                continue
+            if given.is_absolute():
+                absolute_outside.append(f"line {line}: {row['path']}")
+            else:
+                escapes.append(row["image_id"])
+        if absolute_outside:
+            log.info(
+                "Manifest %s: %d image(s) are listed by absolute path outside the manifest's "
+                "folder; reading them where they are:%s",
+                self.path,
+                len(absolute_outside),
+                listing(absolute_outside),
             )
-        return paths, labels
+        return paths, labels, escapes
 
     def _raise(self, problems: list[str]) -> None:
         """One DataError listing every problem (nothing when there is none)."""

@@ -22,6 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from craterlab.results import ROLE_TAG, SWEEP_TAG
+from craterlab.sweeps.orphans import remember_launcher, watch_launcher
 from craterlab.sweeps.progress import (
     count_jobs,
     end_of_sweep,
@@ -56,6 +57,7 @@ class SweepCallback(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         announce_sweep(config)  # child runs are named by the keys the sweep varies
+        remember_launcher()  # workers (joblib) exit when this process dies
         sweeper: Any = OmegaConf.to_container(
             OmegaConf.select(config, "hydra.sweeper", default=OmegaConf.create({})), resolve=False
         )
@@ -81,6 +83,7 @@ class SweepCallback(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """Print ``job i/N`` (multirun jobs only; in the process that runs the job)."""
         self.job_started_at = time.time()
+        watch_launcher()  # a pool worker never outlives a killed launcher
         if is_multirun_job(config):
             job_started(config.hydra.sweep.dir, config.hydra.job.num, config.hydra.overrides.task)
 

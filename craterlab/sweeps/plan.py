@@ -115,6 +115,34 @@ def candidates_of_run(run: Any) -> list[Candidate]:
     return out
 
 
+def read_candidates(uri: str, experiment: str, timeout_s: float) -> list[Candidate]:
+    """:func:`load_candidates` through the experiments' tracking path: every store call under
+    ``timeout_s`` (an unreachable server is not a hang), a locked SQLite store retried, and any
+    failure one paragraph naming the store (never MLflow's or SQLAlchemy's traceback)."""
+    import os
+
+    from craterlab.tracking.mlflow import call_with_timeout, retry_locked
+
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(math.ceil(timeout_s))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    try:
+        return retry_locked(
+            lambda: call_with_timeout(
+                lambda: load_candidates(uri, experiment), timeout_s, "reading measured runs"
+            )
+        )
+    except CraterlabError:
+        raise
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        first = lines[0][:300] if lines else type(exc).__name__
+        raise CraterlabError(
+            f"Could not read the MLflow store {uri}: {first}. Check --tracking-uri (a server "
+            "that is running and reachable, or a sqlite:///path/to/mlflow.db file that MLflow "
+            "wrote) and try again; --timeout-s sets how long to wait for an answer."
+        ) from None
+
+
 def load_candidates(uri: str, experiment: str) -> list[Candidate]:
     """Every candidate of the experiment's FINISHED job runs."""
     from mlflow.tracking import MlflowClient
@@ -168,14 +196,22 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ms-per-query", type=float, required=True, help="latency budget T")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: outputs/)")
     parser.add_argument("--experiment", default="craterlab", help="MLflow experiment name")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=30.0,
+        help="give up on a tracking store that does not answer within this time (default 30)",
+    )
     args = parser.parse_args(argv)
+    if not math.isfinite(args.timeout_s) or args.timeout_s <= 0:
+        raise CraterlabError(f"--timeout-s {args.timeout_s:g} is not valid: it must be > 0.")
     uri = args.tracking_uri or default_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise CraterlabError(
             f"There is no MLflow store at {uri}: nothing has been measured yet. Run a sweep "
             "first, or pass --tracking-uri with the store your runs were logged to."
         )
-    candidates = load_candidates(uri, args.experiment)
+    candidates = read_candidates(uri, args.experiment, args.timeout_s)
     if not candidates:
         raise CraterlabError(
             f"Experiment {args.experiment!r} in {uri} has no finished run that logged mAP, "

@@ -22,7 +22,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
-from craterlab.hashing import stable_hash
+from craterlab.hashing import file_sha256, stable_hash
 from craterlab.results import (
     IDENTITY_TAG,
     OVERRIDES_TAG,
@@ -65,8 +65,65 @@ def strip_keys(config: Mapping[str, Any], keys: tuple[str, ...]) -> dict[str, An
 
 
 def config_identity(config: Mapping[str, Any]) -> str:
-    """The job identity: a 20-hex hash of the resolved config minus :data:`RUN_LOCAL_KEYS`."""
-    return stable_hash(strip_keys(config, RUN_LOCAL_KEYS), 20)
+    """The job identity: a 20-hex hash of the resolved config minus :data:`RUN_LOCAL_KEYS`,
+    and of the content of the files it names (:func:`content_identity`): a checkpoint replaced
+    at the same ``backbone.weights`` path, or a dataset whose files changed, is a new job."""
+    kept = strip_keys(config, RUN_LOCAL_KEYS)
+    return stable_hash({"config": kept, "content": content_identity(kept)}, 20)
+
+
+MAX_LISTED_FILES = 200_000
+"""A folder with more files than this is identified by its metadata files only (csv, json,
+txt, yaml): listing millions of images at every job start would cost more than a job."""
+METADATA_SUFFIXES = (".csv", ".json", ".txt", ".yaml", ".yml", ".parquet", ".tsv")
+
+
+def content_identity(config: Mapping[str, Any]) -> dict[str, str]:
+    """``{dotted key: identity}`` of every config value that names an existing file (its
+    sha256, memoized on path, size and mtime) or folder (a hash of the relative path, size and
+    mtime of each file in it: a dataset's images, manifests and split files)."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, Mapping):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, list | tuple):
+            for i, v in enumerate(node):
+                walk(v, f"{key}[{i}]")
+        elif isinstance(node, str) and node and "://" not in node and len(node) < 4096:
+            path = Path(node).expanduser()
+            try:
+                if path.is_file():
+                    out[key] = "file:" + file_sha256(path)
+                elif path.is_dir() and path.resolve() != Path.cwd().resolve():
+                    out[key] = "folder:" + folder_identity(path)
+            except OSError:
+                return
+
+    walk(config, "")
+    return out
+
+
+def folder_identity(path: Path) -> str:
+    """A hash over (relative path, size, mtime) of the files under ``path`` (see
+    :data:`MAX_LISTED_FILES`)."""
+    import os
+
+    listed: list[tuple[str, int, int]] = []
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue
+            listed.append((os.path.relpath(full, path), st.st_size, st.st_mtime_ns))
+        if len(listed) > MAX_LISTED_FILES:
+            listed = [e for e in listed if e[0].lower().endswith(METADATA_SUFFIXES)]
+            break
+    return stable_hash(listed, 20)
 
 
 def job_overrides() -> list[str]:

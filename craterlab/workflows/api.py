@@ -51,6 +51,7 @@ from craterlab.workflows.config import (
 )
 from craterlab.workflows.encoder import Encoder
 from craterlab.workflows.items import Item, ItemSet, check_decodable, check_unique, load_items
+from craterlab.workflows.options import positive_int
 from craterlab.workflows.results import SearchHits
 from craterlab.workflows.storage import (
     check_index_target,
@@ -372,6 +373,9 @@ class Index:
         progress: bool = True,
     ) -> SearchHits:
         """Top-``top`` gallery items per query crop, by two-stage search."""
+        self.require_items()  # before encoding the queries
+        positive_int("top", top)
+        positive_int("shortlist", shortlist)
         items, vectors, tokens, skipped = self.encode(
             queries, skip_bad=skip_bad, overrides=overrides, progress=progress
         )
@@ -390,6 +394,9 @@ class Index:
     ) -> SearchHits:
         """Two-stage search of already encoded queries (stage 1 top-S, late-interaction
         rerank). ``exclude_self`` drops a result whose id equals the query's id."""
+        self.require_items()
+        positive_int("top", top)
+        positive_int("shortlist", shortlist)
         n = len(self.gallery.ids)
         s = int(shortlist or self.config.get("shortlist", 100))
         depth = min(n, top + (1 if exclude_self else 0))
@@ -410,6 +417,16 @@ class Index:
             top,
             exclude_self,
         )
+
+    def require_items(self) -> None:
+        """Searching an empty index (every item removed) is an error, not a FAISS assert."""
+        if not self.items:
+            where = f" {self._loaded_from}" if self._loaded_from else ""
+            raise DataError(
+                f"The index{where} holds no items (they were all removed), so there is "
+                "nothing to search or compare. Add crops with `python -m craterlab index add "
+                "DIR SOURCE`, or build a new index."
+            )
 
     def matcher(self) -> Any:
         """The index's matcher (late interaction by default), built from its config."""

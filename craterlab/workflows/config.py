@@ -39,9 +39,11 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from craterlab.checks import check_run_settings
+
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
@@ -49,6 +51,8 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
             "group=option and group.key=value overrides as an experiment (python -m craterlab "
             "--help, or docs/configuration.md, 'Config groups and their options')."
         ) from None
+    check_run_settings(cfg)  # batch_size, num_workers, seed: as an experiment checks them
+    return cfg
 
 
 def check_workflow_overrides(overrides: Iterable[str]) -> None:

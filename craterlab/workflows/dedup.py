@@ -24,6 +24,7 @@ import numpy as np
 from craterlab.errors import ConfigError, DataError
 from craterlab.workflows.geometry import GeometryFilter
 from craterlab.workflows.items import load_items
+from craterlab.workflows.options import finite, fraction, positive_int
 from craterlab.workflows.pairs import (
     CraterPair,
     candidate_rows,
@@ -124,6 +125,10 @@ def dedup(
     geometry: GeometryFilter | None = None,
 ) -> DedupResult:
     """Likely duplicate craters of ``index`` (see the module docstring)."""
+    finite("threshold", threshold)
+    fraction("min_precision", min_precision)
+    positive_int("neighbors", neighbors)
+    index.require_items()
     flt = geometry or GeometryFilter()
     if threshold is None and labels is None:
         raise ConfigError(

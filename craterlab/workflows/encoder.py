@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from craterlab.backbones.extract import extract_features
+from craterlab.checks import check_features, check_tokens, check_vectors
 from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError
 from craterlab.pipeline import TOKEN_BATCH, apply_batched
@@ -89,6 +90,9 @@ class Encoder:
             cache_dir=str(cache.get("dir")) if cache.get("enabled", True) else None,
             progress=progress,
         )
+        check_features(feats, items.name)  # NaN stops; all-identical features are warned
         vectors = apply_batched(self.pooling, feats, self.device, TOKEN_BATCH)
+        check_vectors(vectors, items.name)
         tokens = apply_batched(self.tokenizer, feats, self.device, TOKEN_BATCH)
+        check_tokens(tokens, items.name)
         return Encoded(vectors.float(), tokens, bool(info.cache_hit), float(info.seconds))

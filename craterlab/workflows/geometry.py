@@ -28,6 +28,11 @@ class GeometryFilter:
     max_offset: float | None = None
     max_ratio: float | None = None
 
+    def __post_init__(self) -> None:
+        from craterlab.workflows.options import geometry
+
+        geometry(self.max_distance, self.max_offset, self.max_ratio)
+
     @property
     def active(self) -> bool:
         return any(v is not None for v in (self.max_distance, self.max_offset, self.max_ratio))

@@ -16,6 +16,7 @@ source image, for the geometry filter) and ``source``.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import warnings
@@ -27,7 +28,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from craterlab.data.base import listing, safe_file_stem
+from craterlab.data.base import listing
 from craterlab.data.images import DEFAULT_MAX_IMAGE_PIXELS, allow_pixels, file_problem
 from craterlab.errors import ConfigError, DataError
 from craterlab.workflows.items import check_decodable, check_unique, folder_items
@@ -225,22 +226,36 @@ def read_catalog(
     p = Path(path)
     if not p.is_file():
         raise DataError(f"Catalog {p} does not exist. Pass a CSV with columns x,y,diameter[,id].")
-    with open(p, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip().lower() for h in reader.fieldnames or []]
-        missing = [c for c in ("x", "y", "diameter") if c not in header]
-        if missing:
-            raise DataError(
-                f"Catalog {p} lacks column(s) {', '.join(missing)}; found "
-                f"{', '.join(header) or '(none)'}. It needs x, y, diameter (pixels of the "
-                "image) and optionally id."
-            )
-        rows = [
-            (line, {(k or "").strip().lower(): (v or "").strip() for k, v in r.items()})
-            for line, r in enumerate(reader, start=2)
-        ]
-    good: list[CatalogRow] = []
+    try:
+        text = p.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"Catalog {p} is not UTF-8 text (byte {exc.object[exc.start]:#04x} on line {line}; "
+            "a Latin-1 or Windows export?). Save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 "
+            "catalog.csv > catalog-utf8.csv`) and pass that file."
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    header = [(h or "").strip().lower() for h in reader.fieldnames or []]
+    missing = [c for c in ("x", "y", "diameter") if c not in header]
+    if missing:
+        raise DataError(
+            f"Catalog {p} lacks column(s) {', '.join(missing)}; found "
+            f"{', '.join(header) or '(none)'}. It needs x, y, diameter (pixels of the "
+            "image) and optionally id."
+        )
+    rows = []
     problems: list[str] = []
+    for line, r in enumerate(reader, start=2):
+        extra = r.pop(None, None)  # type: ignore[call-overload]
+        if extra:
+            problems.append(
+                f"line {line}: {len(extra)} more field(s) than the header ({', '.join(extra)[:60]}"
+                "); quote values that contain commas"
+            )
+            continue
+        rows.append((line, {(k or "").strip().lower(): (v or "").strip() for k, v in r.items()}))
+    good: list[CatalogRow] = []
     seen: dict[str, int] = {}
     for line, r in rows:
         cid = r.get("id") or f"c{line - 1:05d}"
@@ -336,7 +351,7 @@ def ingest_catalog(
         max_pixels=max_image_pixels,
     )
     crops_dir = out / "crops"
-    planned = [crops_dir / f"{safe_file_stem(f'{r.id}_{f}x')}.png" for r in rows for f in factors]
+    planned = [crops_dir / f"{safe_file_name(f'{r.id}_{f}x')}.png" for r in rows for f in factors]
     check_outputs(planned, overwrite=overwrite, inputs=[image, catalog], option="--out")
     crops_dir.mkdir(parents=True, exist_ok=True)
     fill = int(np.median(tile))
@@ -358,7 +373,7 @@ def ingest_catalog(
             if crop_size:
                 img = img.resize((crop_size, crop_size), Image.Resampling.BICUBIC)
             name = f"{row.id}_{f}x"
-            path = crops_dir / f"{safe_file_stem(name)}.png"
+            path = crops_dir / f"{safe_file_name(name)}.png"
             if path.name in written:
                 raise DataError(
                     f"Catalog ids {row.id!r} and {written[path.name]!r} give the same crop file "
@@ -411,6 +426,11 @@ def _cut(tile: np.ndarray, win: tuple[int, int, int, int], fill: int) -> np.ndar
     if x1 > x0 and y1 > y0:
         out[y0 - top : y1 - top, x0 - left : x1 - left] = tile[y0:y1, x0:x1]
     return out
+
+
+def safe_file_name(name: str) -> str:
+    """A crop file name from an id: letters, digits, "-", "_" and "." kept, the rest "_"."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _manifest_path(out: str | os.PathLike[str], create: bool = True) -> Path:

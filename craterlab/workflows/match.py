@@ -18,6 +18,7 @@ import numpy as np
 from craterlab.errors import DataError
 from craterlab.workflows.config import encoder_spec, spec_differences
 from craterlab.workflows.geometry import GeometryFilter
+from craterlab.workflows.options import finite, positive_int
 from craterlab.workflows.pairs import (
     CraterPair,
     candidate_rows,
@@ -65,6 +66,10 @@ def match(
     min_score: float | None = None,
 ) -> MatchResult:
     """Mutual best crater matches between ``a`` and ``b`` (see the module docstring)."""
+    positive_int("neighbors", neighbors)
+    finite("min_score", min_score)
+    a.require_items()
+    b.require_items()
     check_compatible(a, b)
     flt = geometry or GeometryFilter()
     ia, ib = candidate_rows(a, b, neighbors, flt, same=False)

@@ -54,6 +54,12 @@ def _listing(path: Path, limit: int = 5) -> str:
 
 def check_index_target(path: Path, *, overwrite: bool) -> None:
     """Refuse to write an index over anything but an empty folder or (allowed) an index."""
+    if len(os.fsencode(path.name)) > 240:  # DIR.partial must fit the filesystem's 255 bytes
+        raise ConfigError(
+            f"The index folder name {path.name[:40]}... is {len(os.fsencode(path.name))} bytes "
+            "long; it can have at most 240 (the filesystem allows 255, and a save writes "
+            "NAME.partial beside it). Choose a shorter --out."
+        )
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise ConfigError(
             f"{path} exists and is not a folder (a file or a link); an index is a folder, and "

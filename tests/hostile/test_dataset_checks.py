@@ -207,7 +207,7 @@ def test_decompression_bomb_names_the_file_and_the_option(tmp_path) -> None:
         )
 
 
-def test_paths_leaving_the_manifest_folder_are_refused(tmp_path) -> None:
+def test_relative_paths_climbing_out_of_the_manifest_folder_are_refused(tmp_path) -> None:
     root = tmp_path / "data"
     image(tmp_path / "outside.png", 1)
     rows = [*BASE[:3], "g4,../outside.png,A,gallery,", f"g5,{tmp_path / 'outside.png'},B,gallery,"]
@@ -216,11 +216,35 @@ def test_paths_leaving_the_manifest_folder_are_refused(tmp_path) -> None:
     with pytest.raises(DataError) as err:
         ManifestDataset(str(path))
     msg = str(err.value)
-    assert f"2 path(s) point outside the manifest's folder {root}" in msg
-    assert "line 5: ../outside.png" in msg and f"line 6: {tmp_path / 'outside.png'}" in msg
+    assert f"1 path(s) leave the manifest's folder {root} with ../" in msg
+    assert "line 5: ../outside.png" in msg and "line 6:" not in msg  # absolute: the user's own
     assert "dataset.allow_outside_root=true" in msg
     ds = ManifestDataset(str(path), allow_outside_root=True)
     assert len(ds.records("gallery")) == 6
+
+
+def test_a_users_absolute_paths_are_read_and_logged(tmp_path, caplog) -> None:
+    root = tmp_path / "data"
+    image(tmp_path / "elsewhere" / "mine.png", 1)
+    rows = [*BASE[:3], f"g5,{tmp_path / 'elsewhere' / 'mine.png'},B,gallery,", *BASE[3:]]
+    with caplog.at_level(logging.INFO, logger="craterlab"):
+        ds = ManifestDataset(str(manifest(root, rows)))
+    assert len(ds.records("gallery")) == 4
+    assert "1 image(s) are listed by absolute path outside the manifest's folder" in caplog.text
+    assert f"line 5: {tmp_path / 'elsewhere' / 'mine.png'}" in caplog.text
+
+
+def test_every_problem_of_every_category_is_reported_in_one_pass(tmp_path) -> None:
+    rows = [*BASE[:3], "g1,pics/missing.png,A,gallery,", "g9,../up.png,A,gallery,", *BASE[3:]]
+    rows.append("q9,img/q1.png,B,query,B,extra")
+    path = manifest(tmp_path / "data", rows)
+    with pytest.raises(DataError) as err:
+        ManifestDataset(str(path))
+    msg = str(err.value)
+    assert "duplicate image ids" in msg and "line 5: image_id 'g1'" in msg
+    assert "pics/missing.png" in msg and "does not exist" in msg
+    assert "leave the manifest's folder" in msg and "../up.png" in msg
+    assert "more fields than the header" in msg
 
 
 # ---------------------------------------------------------------------- extra fields (item 9)
@@ -231,7 +255,7 @@ def test_row_with_extra_fields_names_the_row(tmp_path) -> None:
     with pytest.raises(DataError) as err:
         ManifestDataset(str(path))
     msg = str(err.value)
-    assert "has 2 row(s) with more fields than its header (5 columns" in msg
+    assert "2 row(s) have more fields than the header (5 columns" in msg
     assert "line 6: extra value(s) ['C']" in msg and "line 7: extra value(s) ['x']" in msg
     assert "separate relevant_ids with semicolons" in msg
 

@@ -216,7 +216,7 @@ def test_a_runs_weights_string_is_escaped_in_table_md() -> None:
     }
     evil = "<img src=x onerror=alert(1)>|pwn"
     record = RunRecord("r", cfg, {"single": {"mAP": 0.5, "R@1": 0.4}}, weights=evil)
-    markdown = to_markdown(build_table([record], LAYOUTS["table2_backbones"]))
+    markdown = to_markdown(build_table([record], LAYOUTS["table2"]))
     assert "<img" not in markdown and "&lt;img src=x onerror=alert(1)&gt;" in markdown
     assert "\\|pwn" in markdown
 
