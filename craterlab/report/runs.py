@@ -115,11 +115,16 @@ def run_view(config: Mapping[str, str]) -> dict[str, str]:
         "shortlist": get("shortlist"),
         "train": train,
         "augment": get("train.augment") if train != "none" else "-",
-        "dataset": get("dataset.name"),
+        "dataset": _dataset(get("dataset.name"), get("dataset.size")),
         "depth": get("depth"),
         "pooling_seeds": get("pooling.seeds"),
         "pooling_assign": get("pooling.assign"),
     }
+
+
+def _dataset(name: str, size: str) -> str:
+    """The dataset a run measured, with its size when it has one ("synthetic-tiny")."""
+    return name if size == "-" else f"{name}-{size}"
 
 
 def varying_fields(records: Iterable[RunRecord]) -> list[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from craterlab.report.marks import UNTRAINED_NOTE, weights_mark
-from craterlab.report.paper import PaperValue, lookup
+from craterlab.report.paper import PaperValue, lookup, run_key
 from craterlab.report.runs import RunRecord, varying_fields
 from craterlab.results import is_untrained
 
@@ -96,7 +96,7 @@ LI = ("exhaustive",)
 SV = ("single",)
 RANKS = ("R@1", "R@5", "R@10", "mAP")
 TABLE2 = Layout("", ("backbone",), SV, RANKS, best_over=("pooling",), best_by="R@1")
-ASSIGNMENT = Layout("", ("k", "tokens", "assign"), LI, ("R@1", "mAP"), best_over=("seeds",))
+ASSIGNMENT = Layout("", ("k", "aggregator", "assign"), LI, ("R@1", "mAP"), best_over=("seeds",))
 # Keyed by the presets' report.table (conf/experiment/*.yaml), named as the paper numbers them.
 LAYOUTS: dict[str, Layout] = {
     "table2": replace(TABLE2, title="Table 2: frozen backbones, single vector, best pooling"),
@@ -188,15 +188,38 @@ def layout_for(name: str | None, records: Sequence[RunRecord]) -> Layout:
     return Layout(f"Sweep results{f' ({name})' if name else ''}", metrics=DEFAULT_METRICS)
 
 
+def comparable(record: RunRecord) -> bool:
+    """A run's difference from the paper means something: trained weights on CraterBench-R."""
+    return not record.untrained and record.view()["dataset"] == "craterbench_r"
+
+
+def mode_view(view: Mapping[str, str]) -> dict[str, str]:
+    """A run's view in one mode (``view["mode"]``): fields the mode does not use are "-" (the
+    paper's key, :func:`craterlab.report.paper.run_key`), so stage 1 of every S is one row."""
+    key = run_key(view)
+    out = dict(view)
+    for f in ("pooling", "selector", "aggregator", "seeds", "assign", "k", "quantizer"):
+        if key[f] == "-":
+            out[f] = "-"
+    out["shortlist"] = key["shortlist"]
+    if view.get("mode") == "single" and not key["pooling"].startswith("instance"):
+        out["tokens"] = "-"
+    return out
+
+
 def _paper_view(view: Mapping[str, str], layout: Layout) -> dict[str, str]:
     """A best-of row's view as the paper keys it: a best-over assignment is ``best``."""
-    return {**view, **{f: "best" for f in layout.best_over if f == "assign"}}
+    if "assign" not in layout.best_over:
+        return dict(view)
+    return {**view, "assign": "best", "pooling_assign": "best"}
 
 
 def build_table(records: Sequence[RunRecord], layout: Layout, name: str | None = None) -> Table:
     """Rows of ``records`` in ``layout``, each metric beside the paper's value (``name``: the
     paper table the layout reproduces, whose cells are preferred)."""
     labels = list(layout.rows) or varying_fields(records) or ["backbone"]
+    if len({r.view()["dataset"] for r in records}) > 1 and "dataset" not in labels:
+        labels = ["dataset", *labels]  # runs on two datasets are never one row or one ranking
     if layout.columns:
         return _side_by_side(records, layout, labels, name)
     candidates = []
@@ -205,23 +228,37 @@ def build_table(records: Sequence[RunRecord], layout: Layout, name: str | None =
         for mode, metrics in record.results.items():
             if layout.modes and mode not in layout.modes:
                 continue
-            candidates.append((record, {**view, "mode": mode}, metrics))
+            candidates.append((record, mode_view({**view, "mode": mode}), metrics))
     modes = {c[1]["mode"] for c in candidates}
     label_fields = labels + (["mode"] if len(modes) > 1 else [])
+    # one row per (labels, weights status): a mode that does not use a swept field (stage 1
+    # does not use S) gives one row, not one per job
+    grouped: dict[tuple, tuple] = {}
+    best_by = layout.best_by if layout.best_over else None
+    duplicates: list[str] = []
+    for cand in candidates:
+        key = (*(cand[1][f] for f in label_fields), cand[0].untrained)
+        if key not in grouped:
+            grouped[key] = cand
+        elif best_by is not None:
+            score = cand[2].get(best_by, -math.inf)
+            if score > grouped[key][2].get(best_by, -math.inf):
+                grouped[key] = cand
+        elif cand[2].get("mAP") != grouped[key][2].get("mAP"):
+            duplicates.append(
+                f"{_label(cand[1], label_fields)}: runs {grouped[key][0].name} and "
+                f"{cand[0].name} differ (mAP {grouped[key][2].get('mAP')} vs "
+                f"{cand[2].get('mAP')}); the first is shown."
+            )
+    candidates = list(grouped.values())
     if layout.best_over:
-        best: dict[tuple, tuple] = {}
-        for cand in candidates:
-            key = tuple(cand[1][f] for f in label_fields)
-            score = cand[2].get(layout.best_by, -math.inf)
-            if key not in best or score > best[key][2].get(layout.best_by, -math.inf):
-                best[key] = cand
-        candidates = list(best.values())
         label_fields = label_fields + [f for f in layout.best_over if f not in label_fields]
-    table = Table(layout.title, label_fields, list(layout.metrics))
+    table = Table(layout.title, label_fields, list(layout.metrics), notes=duplicates)
     for record, view, metrics in candidates:
         row: dict = {f: view[f] for f in label_fields}
         row["weights"] = weights_mark(record.weights)
         row["untrained"] = record.untrained
+        row["comparable"] = comparable(record)
         row["run"] = record.name
         for metric in layout.metrics:
             ours = metrics.get(metric)
@@ -261,6 +298,7 @@ def _side_by_side(
         row = rows.setdefault(key, {**{f: view[f] for f in labels}, "_runs": []})
         row["_runs"].append(record.name)
         row["untrained"] = row.get("untrained", False) or record.untrained
+        row["comparable"] = row.get("comparable", True) and comparable(record)
         row.setdefault("_weights", []).append(weights_mark(record.weights))
         row["_dataset"] = view["dataset"]
         for mode, metrics in record.results.items():
@@ -323,6 +361,13 @@ def _add_table_notes(table: Table) -> None:
         row.pop("_dataset", None)
     if any(r["untrained"] for r in table.rows):
         table.notes.insert(0, UNTRAINED_NOTE.removeprefix("NOTE: ").capitalize())
+    if any(not r.get("comparable", True) for r in table.rows):
+        table.notes.insert(
+            0,
+            "A difference marked (not comparable) is a run with untrained weights or on a "
+            "dataset other than CraterBench-R: the paper's value is kept beside it, but the "
+            "difference says nothing about the reproduction.",
+        )
 
 
 def _sort_key(value: str) -> tuple:
@@ -383,7 +428,9 @@ def to_markdown(table: Table) -> str:
             if col in table.metrics:
                 cells.append(_num(row[col], col))
             elif col.endswith(" diff") and base in table.metrics:
-                cells.append(_diff(row[col], base))
+                diff = _diff(row[col], base)
+                comparable = row.get("comparable", True) or row[col] is None
+                cells.append(diff if comparable else f"{diff} (not comparable)")
             else:
                 cells.append("—" if row.get(col) is None else md_cell(row[col]))
         lines.append("| " + " | ".join(cells) + " |")
@@ -401,7 +448,7 @@ def md_cell(value: object) -> str:
 
 
 def to_csv(table: Table) -> str:
-    cols = columns(table) + ["run"]
+    cols = columns(table) + ["comparable", "run"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(cols)
