@@ -92,7 +92,7 @@ def run(cfg: DictConfig) -> RunResult:
     if shard_of(cfg) is not None:  # extract.shard=i: this job only extracts one shard
         return RunResult({}, {}, run_extract_shard(cfg, device), "n/a", run_dir)
     if (done := previous_run(config)) is not None:  # resume: this job already finished
-        record_skip(run_dir, done)
+        record_skip(run_dir, done, config)
         return RunResult(*done.split(), done.tags.get(WEIGHTS_TAG, "unknown"), run_dir)
 
     parts = build_components(cfg, registry, seed)

@@ -5,11 +5,16 @@ found (FAILED and KILLED ones are not), a skipped job gets the earlier run's res
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
+import yaml
 
 from craterlab.sweeps.resume import (
     IDENTITY_TAG,
@@ -112,6 +117,48 @@ def test_a_skipped_job_gets_the_earlier_runs_results(tmp_path) -> None:
     rebuilt = json.loads((tmp_path / "sweep3" / "0" / "results.json").read_text())
     assert rebuilt["results"] == {"single": {"mAP": 0.7}}
     assert rebuilt["storage"] == {"tokens_per_image": 32.0}
+
+
+def test_a_skipped_job_writes_the_whole_record_of_a_job_that_ran(tmp_path) -> None:
+    earlier = tmp_path / "sweep1" / "0"
+    earlier.mkdir(parents=True)
+    (earlier / "results.json").write_text(json.dumps({"results": {"single": {"mAP": 0.7}}}))
+    (earlier / "rankings.json").write_text('{"single": {}}')
+    (earlier / "results.html").write_text("<html></html>")
+    found = FinishedRun("r1", {}, {"craterlab.run_dir": str(earlier), IDENTITY_TAG: "abc"})
+    job = tmp_path / "sweep2" / "0"
+    record_skip(job, found, CONFIG)
+    assert yaml.safe_load((job / "resolved_config.yaml").read_text()) == CONFIG
+    assert (job / "rankings.json").read_text() == '{"single": {}}'
+    assert (job / "results.html").is_file()
+    assert {p.name for p in job.iterdir()} >= {p.name for p in earlier.iterdir()}
+
+
+@pytest.mark.slow
+def test_a_resumed_sweep_reports_exactly_as_an_uninterrupted_one(tmp_path) -> None:
+    """headline_k16 in miniature: once uninterrupted (resume=false), once interrupted after
+    its first job and relaunched (that job skipped): the two reports are the same table."""
+    from conftest import ROOT, TINY
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CRATERLAB_CACHE": str(tmp_path / "cache")}
+
+    def sweep(name: str, *extra: str) -> Path:
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "craterlab", "-m", "experiment=headline_k16", *TINY]
+        cmd += ["report.page_queries=0", f"tracking.uri=sqlite:///{tmp_path}/{name[:5]}.db"]
+        cmd += [f"hydra.sweep.dir={out}", *extra]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return out
+
+    whole = sweep("whole", "resume=false")
+    sweep("parts-first", "method=raw_selection")  # interrupted: only its first job ran
+    resumed = sweep("parts-again")  # relaunched into the same store: that job is skipped
+    skipped = [p for p in resumed.iterdir() if (p / "skipped.json").is_file()]
+    assert len(skipped) == 1 and (skipped[0] / "resolved_config.yaml").is_file()
+    table = "report/table.md"
+    assert (resumed / table).read_text() == (whole / table).read_text()
+    assert "—" not in (resumed / table).read_text().split("|---", 1)[1].split("\n- ")[0]
 
 
 def test_a_locked_sqlite_database_is_retried_until_the_writer_lets_go(tmp_path) -> None:

@@ -21,9 +21,11 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import OmegaConf
 
 from craterlab.hashing import file_sha256, stable_hash
 from craterlab.results import (
+    CONFIG_FILE,
     IDENTITY_TAG,
     OVERRIDES_TAG,
     RESULTS_FILE,
@@ -158,19 +160,32 @@ def previous_run(config: Mapping[str, Any]) -> FinishedRun | None:
     return tracker.find_finished({IDENTITY_TAG: config_identity(config)})
 
 
-def record_skip(run_dir: Path, found: FinishedRun) -> None:
-    """Mark the job directory as skipped, and give it the earlier run's results.json (from
-    that run's directory when it still exists), so the sweep's reports include the job."""
+# What a finished job leaves besides results.json, copied from the earlier run when present.
+RECORD_FILES = ("rankings.json", "results.html")
+
+
+def record_skip(run_dir: Path, found: FinishedRun, config: Mapping[str, Any] | None = None) -> None:
+    """Mark the job directory as skipped and give it the whole record of a job that ran: the
+    earlier run's results.json (rebuilt from its metrics when its directory is gone), this
+    job's resolved config (``config``; the same computation, as its identity is equal), and
+    the earlier run's rankings and page when they still exist. A resumed sweep therefore
+    reports exactly as an uninterrupted one."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / SKIPPED_FILE).write_text(
         json.dumps({"run_id": found.run_id, IDENTITY_TAG: found.tags.get(IDENTITY_TAG, "")})
     )
-    source = Path(found.tags.get(RUN_DIR_TAG, "")) / RESULTS_FILE
-    target = run_dir / RESULTS_FILE
-    if source.is_file() and source.resolve() != target.resolve():
+    earlier = Path(found.tags.get(RUN_DIR_TAG, ""))
+    source, target = earlier / RESULTS_FILE, run_dir / RESULTS_FILE
+    same = source.is_file() and source.resolve() == target.resolve()
+    if source.is_file() and not same:
         shutil.copyfile(source, target)
     elif not target.is_file():
         write_results(run_dir, found.record())
+    if config is not None:
+        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(dict(config))))
+    for name in RECORD_FILES:
+        if (earlier / name).is_file() and not same and not (run_dir / name).exists():
+            shutil.copyfile(earlier / name, run_dir / name)
     log.info(
         "Resume: skipped, this configuration already finished as run %s (resume=false reruns it)",
         found.run_id,
