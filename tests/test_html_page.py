@@ -92,6 +92,7 @@ def test_page_shows_queries_top10_before_and_after_with_correct_marks():
     for qid, body in sections:
         q = int(qid[1:])
         assert len(re.findall(r'<div class="row">', body)) == 2  # before and after
+        body, relevant_row = body.split('<div class="row relevant">')
         figures = re.findall(r'<figure class="(correct|wrong)">.*?title="g(\d+) ', body)
         assert len(figures) == 20
         for mode, chunk in zip(("single", "two_stage"), (figures[:10], figures[10:]), strict=True):
@@ -102,6 +103,20 @@ def test_page_shows_queries_top10_before_and_after_with_correct_marks():
                 assert cls == ("correct" if correct else "wrong")
         score = f"{float(rankings['two_stage'].scores[q, 0]):.3f}"
         assert f"#1 {score}" in body
+        # the images that should have been found: every relevant gallery image, with its rank
+        relevant = dataset.query[q].relevant_ids
+        shown = re.findall(r'<figure class="(correct|missed)">.*?title="g(\d+) .*?'
+                           r"<figcaption>rank (\d+)</figcaption>", relevant_row)  # fmt: skip
+        expected = [g for g, r in enumerate(dataset.gallery) if r.crater_id in relevant]
+        assert [int(g) for _, g, _ in shown] == expected and expected
+        order = rankings["two_stage"].indices[q].tolist()
+        for cls, g, rank in shown:
+            assert int(rank) == order.index(int(g)) + 1
+            assert cls == ("correct" if int(rank) <= 10 else "missed")
+        ids = ", ".join(str(i) for i in sorted(relevant))
+        label = "relevant crater ids" if len(relevant) > 1 else "relevant crater id"
+        assert f'{label}: <span class="ids">{ids}</span>' in html
+    assert "relevant craters:" not in html  # an id is not a count
 
 
 def test_page_is_self_contained_and_marks_untrained_weights():
@@ -175,7 +190,9 @@ def test_page_in_headless_chromium(tmp_path: Path):
         tab.goto(path.as_uri())
         tab.wait_for_load_state("load")
         assert tab.locator("section.query").count() == 3
-        assert tab.locator("section.query img.thumb").count() == 3 * (1 + 20)
+        # query + top 10 before + top 10 after + its 2 relevant gallery crops
+        assert tab.locator("section.query img.thumb").count() == 3 * (1 + 20 + 2)
+        assert tab.locator("section.query .row.relevant figure").count() == 3 * 2
         loaded = tab.evaluate(
             "Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)"
         )
@@ -185,3 +202,32 @@ def test_page_in_headless_chromium(tmp_path: Path):
         browser.close()
     assert errors == []
     assert (tmp_path / "results.png").stat().st_size > 10_000
+
+
+def test_page_title_names_the_runs_configuration():
+    from craterlab.report.pages import config_title
+    from craterlab.report.runs import run_view
+
+    cfg = {
+        "backbone.name": "timm_vit",
+        "backbone.model": "vit_small_patch16_224",
+        "backbone.pretrained_tag": "dino",
+        "pooling.name": "cls",
+        "selector.name": "attention",
+        "aggregator.name": "instance",
+        "aggregator.seeds": "fps",
+        "aggregator.assign": "soft2",
+        "k": "32",
+        "quantizer.name": "int8",
+        "shortlist": "100",
+        "train.name": "none",
+    }
+    title = config_title(run_view(cfg), "synthetic-tiny")
+    assert title == (
+        "synthetic-tiny · vit_small_patch16_224.dino · pooling cls · instance (fps, soft2) K=32"
+        " · int8 · S=100"
+    )
+    single = {**cfg, "selector.name": "none", "aggregator.name": "none", "pooling.name": "gem"}
+    assert config_title(run_view(single), "craterbench_r").endswith("pooling gem · no tokens")
+    html, _ = page()
+    assert "<title>tiny run — retrieved</title>" in html

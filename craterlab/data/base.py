@@ -203,3 +203,9 @@ class FileDataset:
     def __repr__(self) -> str:
         counts = ", ".join(f"{k}={len(v)}" for k, v in self._records.items())
         return f"{type(self).__name__}({self.location}, {counts})"
+
+
+def safe_file_stem(name: str) -> str:
+    """``name`` with every character other than letters, digits, ``-``, ``_`` and ``.``
+    replaced by ``_``: crater ids become file names that are safe on every file system."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
-from craterlab.data.base import listing
+from craterlab.data.base import listing, safe_file_stem
 from craterlab.errors import ConfigError, DataError
 
 LAYOUT_VERSION = "craterlab_build_v1"
@@ -206,7 +206,7 @@ def build_benchmark(
             )
             for f, crop in zip(s.factors, crops, strict=True):
                 view = f"{f:g}x"
-                entry = _entry("gallery", p.id, f"{_safe(p.id)}_{view}", view)
+                entry = _entry("gallery", p.id, f"{safe_file_stem(p.id)}_{view}", view)
                 _save(crop.image, root / entry["path"], s.quality)
                 gallery.append(entry)
         if len(identities) < 2:
@@ -228,7 +228,7 @@ def build_benchmark(
                 shift = s.max_shift * factor * math.sqrt(r.uniform(0, 1))  # in diameters
                 offset = (shift * math.cos(angle), shift * math.sin(angle))
                 crop = crop_crater(mosaic, p, factor, s.crop_size, offset)
-                image_id = f"{_safe(cid)}_v{v}"
+                image_id = f"{safe_file_stem(cid)}_v{v}"
                 entry = _entry("query", cid, image_id, f"view{v}")
                 _save(photometric(crop.image, r, s.photometric), root / entry["path"], s.quality)
                 raw = _covisible(mosaic, everyone, ident, factor, offset, s, georef)
@@ -373,10 +373,6 @@ def _covisible(
 
 
 # ---------------------------------------------------------------------- files
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _entry(folder: str, crater: str, image_id: str, view: str) -> dict[str, Any]:

@@ -15,8 +15,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from craterlab.report.pages import build_run_page
-from craterlab.results import ResultsRecord, write_results
+from craterlab.report.pages import build_run_page, config_title
+from craterlab.report.runs import run_view
+from craterlab.results import ResultsRecord, flatten_config, write_results
 
 log = logging.getLogger("craterlab")
 PAGE_FILE = "results.html"
@@ -97,7 +98,7 @@ def write_run_outputs(
             query_features=features["query"],
             gallery_features=features["gallery"],
             n_queries=n_queries,
-            title=f"{record.name or Path(run_dir).name}",
+            title=_page_title(cfg, dataset, record.name or Path(run_dir).name),
             weights=weights,
         )
     except Exception as exc:  # the page is a view of finished results; never sink the run
@@ -107,3 +108,13 @@ def write_run_outputs(
     page.write_text(html, encoding="utf-8")
     tracker.log_artifact(page)
     log.info("retrieval page: %s", page)
+
+
+def _page_title(cfg: DictConfig, dataset: Any, name: str) -> str:
+    """The page's title: the run's configuration, then its job name."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    view = run_view(flatten_config(config if isinstance(config, dict) else {}))
+    where = str(getattr(dataset, "name", "") or view.get("dataset", ""))
+    size = OmegaConf.select(cfg, "dataset.size", default=None)
+    label = f"{where}-{size}" if size and not where.endswith(str(size)) else where
+    return f"{config_title(view, label)} — {name}"

@@ -47,6 +47,26 @@ class Hit:
     correct: bool
 
 
+def config_title(view: Mapping[str, str], dataset: str = "") -> str:
+    """The page title: the run's configuration in a line ("synthetic-tiny · vit_small... ·
+    pooling cls · instance (fps, hard) K=32 · fp32 · S=100")."""
+    parts = [dataset or view.get("dataset", "-"), view.get("backbone", "-")]
+    parts.append(f"pooling {view.get('pooling', '-')}")
+    tokens = view.get("tokens", "-")
+    if view.get("aggregator") == "none" and view.get("selector") == "none":
+        parts.append("no tokens")
+    else:
+        assign = view.get("assign", "-")
+        if assign not in ("-", "hard") and tokens.endswith(")"):
+            tokens = f"{tokens[:-1]}, {assign})"
+        parts.append(f"{tokens} K={view.get('k', '-')}")
+        parts.append(str(view.get("quantizer", "-")))
+        parts.append(f"S={view.get('shortlist', '-')}")
+    if view.get("train", "-") not in ("-", "none"):
+        parts.append(f"fine-tuned {view['train']} {view.get('augment', '-')}")
+    return " · ".join(p for p in parts if p and p != "-")
+
+
 def sample_queries(evaluable: Sequence[int], n: int) -> list[int]:
     """``n`` query indices spread evenly over ``evaluable`` (deterministic, in order)."""
     if n <= 0 or not evaluable:
@@ -108,6 +128,8 @@ figure img{display:block;border:3px solid #bbb}
 figure.correct img{border-color:#1a9c3a} figure.wrong img{border-color:#d33}
 figure.correct figcaption::before{content:"\\2713 ";color:#1a9c3a;font-weight:bold}
 figure.wrong figcaption::before{content:"\\2717 ";color:#d33}
+figure.missed img{border-color:#e8a33d;border-style:dashed}
+.row.relevant{border-top:1px dashed #ccc;padding-top:.3em}
 .matches svg{background:#fff;border:1px solid #ddd}
 .legend{font-size:.85em;color:#555;max-width:60em}
 """
@@ -221,11 +243,36 @@ def build_run_page(
                     thumb("gallery", h.gallery),
                     f"#{rank} {score}",
                     "correct" if h.correct else "wrong",
-                    f"{rec.image_id} (crater {rec.crater_id})",
+                    f"{rec.image_id} (crater id {rec.crater_id})",
                 )
             )
         return (
             f'<div class="row"><div class="label">{html.escape(label)}</div>{"".join(figs)}</div>'
+        )
+
+    def relevant_row(q: int, relevant: frozenset[int]) -> str:
+        """Every gallery image of the query's relevance set, with its rank after reranking."""
+        order = after_ranking.indices[q].tolist()
+        rank_of = {int(g): r for r, g in enumerate(order, start=1) if g >= 0}
+        figs = []
+        for g, crater in enumerate(gallery_ids):
+            if int(crater) not in relevant:
+                continue
+            rank = rank_of.get(g)
+            found = rank is not None and rank <= top
+            where = f"rank {rank}" if rank is not None else f"beyond rank {len(order)}"
+            figs.append(
+                figure_html(
+                    thumb("gallery", g),
+                    where,
+                    "correct" if found else "missed",
+                    f"{gallery[g].image_id} (crater id {crater})",
+                )
+            )
+        label = f"relevant gallery images (rank after, {after})"
+        return (
+            f'<div class="row relevant"><div class="label">{html.escape(label)}</div>'
+            f"{''.join(figs)}</div>"
         )
 
     blocks = []
@@ -252,12 +299,16 @@ def build_run_page(
                 f"after reranking ({after})", _hits(after_ranking, q, top, gallery_ids, relevant)
             )
         )
+        rows.append(relevant_row(q, relevant))
         q_fig = figure_html(thumb("query", q), "query", "query", rec.image_id)
         ids = ", ".join(str(i) for i in sorted(relevant))
+        n_rel = sum(1 for i in gallery_ids if int(i) in relevant)
         blocks.append(
             f'<section class="query" data-query="{html.escape(rec.image_id)}">'
             f'<div class="qhead">{q_fig}<div><b>{html.escape(rec.image_id)}</b><br>'
-            f"relevant craters: {html.escape(ids)}</div></div>{''.join(rows)}</section>"
+            f"relevant crater id{'s' if len(relevant) > 1 else ''}: "
+            f'<span class="ids">{html.escape(ids)}</span> ({n_rel} relevant gallery '
+            f"image{'s' if n_rel != 1 else ''})</div></div>{''.join(rows)}</section>"
         )
 
     match_html = ""
@@ -302,6 +353,9 @@ def build_run_page(
         f"<title>{html.escape(title)} — retrieved</title><style>{CSS}</style></head><body>"
         f"<h1>What was retrieved — {html.escape(title)} {html.escape(weights_mark(weights))}</h1>"
         f"{banner}<p>{len(chosen)} of {len(queries)} queries, top {top}. Green ✓: a gallery "
-        "image of a crater in the query's relevance set; red ✗: not.</p>"
+        "image of a crater in the query's relevance set (its relevant crater ids); red ✗: not. "
+        "The last row of each query shows every relevant gallery image, the images that "
+        f"should have been found, with its rank after reranking (dashed orange: not in the "
+        f"top {top}).</p>"
         f"{''.join(blocks)}{match_html}</body></html>\n"
     )

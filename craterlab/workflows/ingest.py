@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from craterlab.data.base import listing
+from craterlab.data.base import listing, safe_file_stem
 from craterlab.data.images import DEFAULT_MAX_IMAGE_PIXELS, allow_pixels, file_problem
 from craterlab.errors import ConfigError, DataError
 from craterlab.workflows.items import check_decodable, check_unique, folder_items
@@ -351,7 +351,7 @@ def ingest_catalog(
         max_pixels=max_image_pixels,
     )
     crops_dir = out / "crops"
-    planned = [crops_dir / f"{safe_file_name(f'{r.id}_{f}x')}.png" for r in rows for f in factors]
+    planned = [crops_dir / f"{safe_file_stem(f'{r.id}_{f}x')}.png" for r in rows for f in factors]
     check_outputs(planned, overwrite=overwrite, inputs=[image, catalog], option="--out")
     crops_dir.mkdir(parents=True, exist_ok=True)
     fill = int(np.median(tile))
@@ -373,7 +373,7 @@ def ingest_catalog(
             if crop_size:
                 img = img.resize((crop_size, crop_size), Image.Resampling.BICUBIC)
             name = f"{row.id}_{f}x"
-            path = crops_dir / f"{safe_file_name(name)}.png"
+            path = crops_dir / f"{safe_file_stem(name)}.png"
             if path.name in written:
                 raise DataError(
                     f"Catalog ids {row.id!r} and {written[path.name]!r} give the same crop file "
@@ -426,11 +426,6 @@ def _cut(tile: np.ndarray, win: tuple[int, int, int, int], fill: int) -> np.ndar
     if x1 > x0 and y1 > y0:
         out[y0 - top : y1 - top, x0 - left : x1 - left] = tile[y0:y1, x0:x1]
     return out
-
-
-def safe_file_name(name: str) -> str:
-    """A crop file name from an id: letters, digits, "-", "_" and "." kept, the rest "_"."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def _manifest_path(out: str | os.PathLike[str], create: bool = True) -> Path:

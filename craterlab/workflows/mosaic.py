@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from craterlab.data.base import listing
+from craterlab.data.base import listing, safe_file_stem
 from craterlab.errors import ConfigError, DataError
 from craterlab.workflows.ingest import MANIFEST_FIELDS
 from craterlab.workflows.outputs import check_outputs
@@ -100,7 +100,6 @@ def ingest_mosaic(
     from craterlab.geo.catalogs import read_catalog
     from craterlab.geo.placement import Limits, crater_on_nodata, crop_crater, place
     from craterlab.geo.rasters import Mosaic
-    from craterlab.workflows.ingest import safe_file_name
 
     if border not in ("pad", "skip"):
         raise ConfigError(f"border must be 'pad' or 'skip', got {border!r}.")
@@ -119,7 +118,7 @@ def ingest_mosaic(
         )
         crops_dir = out / "crops"
         planned = [
-            crops_dir / f"{safe_file_name(f'{p.id}_{f:g}x')}.png"
+            crops_dir / f"{safe_file_stem(f'{p.id}_{f:g}x')}.png"
             for p in placement.placed
             for f in factors
         ]
@@ -147,7 +146,7 @@ def ingest_mosaic(
             summary.craters += 1
             for f, crop, pad in zip(factors, crops, partial, strict=True):
                 name = f"{p.id}_{f:g}x"
-                path = crops_dir / f"{safe_file_name(name)}.png"
+                path = crops_dir / f"{safe_file_stem(name)}.png"
                 if path.name in written:
                     raise DataError(
                         f"Catalog ids {p.id!r} and {written[path.name]!r} give the same crop "
