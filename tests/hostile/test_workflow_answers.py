@@ -327,3 +327,19 @@ def test_a_full_disk_anywhere_is_a_message_not_a_traceback(monkeypatch, capsys) 
     err = capsys.readouterr().err
     assert "The disk is full while writing outputs/run/.hydra/config.yaml" in err
     assert "Traceback" not in err
+
+
+def test_one_image_size_limit_with_an_option_to_raise_it(tmp_path) -> None:
+    image, catalog = tile_and_catalog(tmp_path, [["a", "30", "30", "10"]])
+    with pytest.raises(DataError, match=r"64 x 64 = 4,096 pixels.*--max-image-pixels 4096"):
+        ingest_catalog(image, catalog, tmp_path / "small", max_image_pixels=4000, progress=False)
+    assert not (tmp_path / "small").exists()
+    done = ingest_catalog(image, catalog, tmp_path / "ok", max_image_pixels=4096, progress=False)
+    assert done.crops == 2
+    argv = [
+        "--image", str(image), "--catalog", str(catalog), "--out", str(tmp_path / "cli"),
+        "--max-image-pixels", "none",
+    ]  # fmt: skip
+    assert cli.ingest_command(argv) == 0
+    with pytest.raises(ConfigError, match="not a positive pixel count or 'none'"):
+        cli.ingest_command([*argv[:-1], "lots"])

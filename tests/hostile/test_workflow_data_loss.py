@@ -331,3 +331,42 @@ def test_a_cache_write_that_cannot_reserve_space_changes_nothing(tmp_path, monke
     with pytest.raises(CraterlabError, match="Not enough disk space for the feature cache"):
         writer.write(features(2))
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_two_index_add_processes_at_once_both_land(index_dir, crops, tmp_path) -> None:
+    """The reported case end to end: two `index add` commands started together."""
+    import os
+    import subprocess
+    import sys
+
+    sources = []
+    for tag in ("x", "y"):
+        with open(crops / "manifest.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+        path = tmp_path / f"add-{tag}.csv"  # lists the crops by absolute path
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(
+                [
+                    {**r, "image_id": tag + r["image_id"], "path": str(crops / r["path"])}
+                    for r in rows
+                ]
+            )
+        sources.append(path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "craterlab", "index", "add", str(index_dir), str(src)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for src in sources
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    ids = ids_of(index_dir)
+    assert len(ids) == 18 and {f"{t}c{i}" for t in "xy" for i in range(6)} <= set(ids)
