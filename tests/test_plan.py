@@ -126,3 +126,27 @@ def test_pareto_front_of_equal_points_keeps_them_all() -> None:
     same = [candidate(i, 0.5, 100, 1.0) for i in range(3)]
     assert pareto_front(same) == same
     assert all(not a.dominates(b) for a, b in itertools.permutations(same, 2))
+
+
+def test_the_planner_knows_the_multi_vector_stages_and_residual_stores() -> None:
+    from types import SimpleNamespace
+
+    from craterlab.sweeps.plan import candidates_of_run
+
+    metrics = {}
+    for mode, (m, b, t) in {"muvera": (0.7, 9000, 3.0), "token_ivf": (0.72, 3400, 5.0)}.items():
+        metrics |= {f"{mode}/mAP": m, f"{mode}/bytes_per_image": b, f"{mode}/ms_per_query": t}
+    params = {"k": "32", "quantizer.name": "residual", "quantizer.nbits": "2", "shortlist": "100"}
+    overrides = ["k=32", "quantizer=residual2", "retrieval=multivector"]
+    run = SimpleNamespace(
+        data=SimpleNamespace(
+            metrics=metrics, params=params, tags={OVERRIDES_TAG: json.dumps(overrides)}
+        ),
+        info=SimpleNamespace(run_id="r", run_name=""),
+    )
+    found = {c.mode: c for c in candidates_of_run(run)}
+    assert set(found) == {"muvera", "token_ivf"}
+    best = best_within(list(found.values()), 4000, 10)
+    assert best is found["token_ivf"] and best.setting["S"] == "100"
+    assert best.setting["quantizer"] == "residual2"
+    assert best.command() == "python -m craterlab k=32 quantizer=residual2 retrieval=token_ivf"

@@ -98,6 +98,8 @@ def run_view(config: Mapping[str, str]) -> dict[str, str]:
     quantizer = get("quantizer.name")
     if quantizer == "pq":
         quantizer = f"pq{get('quantizer.m')}"
+    elif quantizer == "residual":  # the config options residual1 / residual2
+        quantizer = f"residual{get('quantizer.nbits')}"
     train = get("train.name")
     pooling = get("pooling.name")
     if pooling == "instance":  # instance tokens pooled into one vector (conf/pooling)

@@ -151,11 +151,15 @@ class GalleryIndex:
     def _stage_config(
         self, mode: str, shortlist: int, options: Mapping[str, Any] | None
     ) -> dict[str, Any]:
-        """The stage config of ``mode``: only the keys its component declares (stage-1
-        settings, shortlist, no timing), then ``options``."""
+        """The stage config of ``mode``: the index's stage-1 settings for stages that search
+        its single vectors (they take all of index, nprobe, ef_search and device), the
+        shortlist, no timing, then ``options`` (a generator's own settings)."""
         component = get_registry().get("stage", mode)
         accepted = {p.name for p in component.params}
-        offered = {**self.stage1.as_dict(), "shortlist": shortlist, "timing_queries": 0}
+        stage1 = self.stage1.as_dict()
+        offered: dict[str, Any] = {"shortlist": shortlist, "timing_queries": 0}
+        if set(stage1) <= accepted:
+            offered.update(stage1)
         config = {"name": mode, **{k: v for k, v in offered.items() if k in accepted}}
         config.update(options or {})
         return config

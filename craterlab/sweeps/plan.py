@@ -24,7 +24,9 @@ from craterlab.errors import CraterlabError
 from craterlab.plugins import config_dir
 from craterlab.results import OVERRIDES_TAG, ROLE_TAG, default_uri
 
-MODES_WITH_SHORTLIST = ("two_stage",)
+MODES_WITH_SHORTLIST = ("two_stage", "muvera", "token_ivf")
+"""Stages that rerank a top-S shortlist: the pooled-vector one and the multi-vector
+candidate generators (their bytes per image include the generator's index)."""
 RUN_LOCAL_PREFIXES = ("tracking.", "hydra.", "output_dir", "cache.", "resume")
 
 
@@ -107,7 +109,7 @@ def candidates_of_run(run: Any) -> list[Candidate]:
         setting = {
             "backbone": params.get("backbone.model", params.get("backbone.name", "")),
             "K": params.get("k", ""),
-            "quantizer": params.get("quantizer.name", ""),
+            "quantizer": quantizer_label(params),
             "tokens": method,
             "S": params.get("shortlist", "") if mode in MODES_WITH_SHORTLIST else "-",
         }
@@ -141,6 +143,17 @@ def read_candidates(uri: str, experiment: str, timeout_s: float) -> list[Candida
             "that is running and reachable, or a sqlite:///path/to/mlflow.db file that MLflow "
             "wrote) and try again; --timeout-s sets how long to wait for an answer."
         ) from None
+
+
+def quantizer_label(params: dict[str, str]) -> str:
+    """The quantizer as its config option names it: residual stores with their bits
+    (``residual2``), PQ with its sub-quantizers (``pq48``), the others by name."""
+    name = params.get("quantizer.name", "")
+    if name == "residual":
+        return f"residual{params.get('quantizer.nbits', '')}"
+    if name == "pq" and params.get("quantizer.m"):
+        return f"pq{params['quantizer.m']}"
+    return name
 
 
 def load_candidates(uri: str, experiment: str) -> list[Candidate]:

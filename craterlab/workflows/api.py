@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -393,20 +393,24 @@ class Index:
         exclude_self: bool = False,
     ) -> SearchHits:
         """Two-stage search of already encoded queries (stage 1 top-S, late-interaction
-        rerank). ``exclude_self`` drops a result whose id equals the query's id."""
+        rerank); stage 1 is the index's retrieval config's (:func:`search_stage`: the pooled
+        shortlist, or a multi-vector generator when built with ``retrieval=muvera`` /
+        ``retrieval=token_ivf``). ``exclude_self`` drops a result whose id equals the query's."""
         self.require_items()
         positive_int("top", top)
         positive_int("shortlist", shortlist)
         n = len(self.gallery.ids)
         s = int(shortlist or self.config.get("shortlist", 100))
         depth = min(n, top + (1 if exclude_self else 0))
+        mode, options = search_stage(self.config)
         result = self.gallery.search(
             vectors.float(),
             tokens,
-            mode="two_stage",
+            mode=mode,
             shortlist=max(s, depth),
             depth=depth,
             matcher=self.matcher(),
+            options=options,
         )
         return SearchHits.from_ranking(
             list(query_ids),
@@ -574,3 +578,18 @@ def _announce_weights(encoder: Encoder) -> None:
         )
     else:
         log.info("Backbone weights: %s", status)
+
+
+def search_stage(config: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The stage an index searches with: the first stage of its retrieval config that
+    reranks a shortlist (``retrieval=all``: two_stage; ``retrieval=muvera``: muvera), with
+    that stage's settings except its shortlist (the search's)."""
+    stages = (config.get("retrieval") or {}).get("stages") or {}
+    for cfg in stages.values():
+        name = str(cfg.get("name", ""))
+        if name not in ("single", "exhaustive", ""):
+            options = {k: v for k, v in cfg.items() if k not in ("name", "shortlist")}
+            if name == "two_stage":  # stage 1 is the index's own (saved) settings
+                options = {}
+            return name, options
+    return "two_stage", {}

@@ -1,0 +1,337 @@
+"""Direct multi-vector search side by side, for docs/multivector.md.
+
+    python benchmarks/bench_multivector.py --sizes 50000 100000 --queries 200
+    python benchmarks/bench_multivector.py --sizes 1000000 --queries 100 \
+        --methods pooled muvera_ivfpq
+
+Synthetic token sets (K=32, D=384), generated in chunks straight to an fp16 file on disk and
+memory-mapped as the gallery's token store: N/2 crater identities with two gallery views each
+(the study's 2x / 3x crops); an identity is K prototype tokens near shared "visual
+words" (1,024 of them), a view perturbs its prototypes and swaps 40% of them for context
+tokens; a query is a noisier view (60% context) of one identity, whose two gallery views
+are relevant.
+
+For each method, at each shortlist S in --shortlists, through craterlab's registry-built
+stages (the pooled shortlist is ``two_stage`` over the normalized mean token; ``muvera`` and
+``token_ivf`` are the multi-vector generators), every method reranked exactly from the same
+fp16 store: recall of exhaustive late interaction's top 10, mAP (depth 100) and its share of
+exhaustive LI's (mAP recovered), ms per query (batched, and one query at a time), bytes per
+image (generator or stage-1 index + store), build time, and the process's peak RSS. At the
+first size it also prints the quantization table: exhaustive LI mAP and bytes per image of
+the fp16 store beside int8 and ColBERTv2 residual (2 and 1 bits) stores.
+
+The machine is shared and loaded: absolute times move by tens of percent between runs; the
+ratios within one run are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from craterlab.plugins import get_registry
+from craterlab.retrieval.stores import Fp16Store
+from craterlab.types import RetrievalInputs, Tokens
+
+K, D, WORDS, CHUNK, DEPTH = 32, 384, 1024, 4096, 100
+
+
+def unit(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x, dim=-1)
+
+
+def noise(g: torch.Generator, shape: tuple[int, ...], norm: float) -> torch.Tensor:
+    return torch.randn(*shape, generator=g) * (norm / D**0.5)
+
+
+def views(protos: torch.Tensor, words: torch.Tensor, g: torch.Generator, sigma: float, ctx: float):
+    """A view of each identity: its prototypes perturbed, a share ``ctx`` of the slots
+    replaced by context tokens (other words)."""
+    n = len(protos)
+    v = unit(protos + noise(g, (n, K, D), sigma))
+    swap = torch.rand(n, K, generator=g) < ctx
+    context = unit(words[torch.randint(0, WORDS, (n, K), generator=g)] + noise(g, (n, K, D), 0.8))
+    return torch.where(swap.unsqueeze(-1), context, v)
+
+
+def generate(n: int, n_queries: int, folder: Path, seed: int = 0) -> dict:
+    """Write the gallery tokens (fp16, (N, K, D)) and pooled vectors; return the queries."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = unit(torch.randn(WORDS, D, generator=torch.Generator().manual_seed(seed)))
+    ids = n // 2
+    tok = np.lib.format.open_memmap(folder / "tokens.npy", "w+", np.float16, (n, K, D))
+    pooled = np.lib.format.open_memmap(folder / "pooled.npy", "w+", np.float32, (n, D))
+    step = max(1, ids // n_queries)
+    q_ids = list(range(0, ids, step))[:n_queries]
+    queries = []
+    for c0 in range(0, ids, CHUNK // 2):
+        c1 = min(ids, c0 + CHUNK // 2)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + c0)
+        m = c1 - c0
+        protos = unit(
+            words[torch.randint(0, WORDS, (m, K), generator=g)] + noise(g, (m, K, D), 0.8)
+        )
+        a = views(protos, words, g, 0.5, 0.4)
+        b = views(protos, words, g, 0.5, 0.4)
+        q = views(protos, words, g, 0.6, 0.6)
+        gal = torch.stack([a, b], 1).reshape(2 * m, K, D)  # image 2i and 2i+1: identity i
+        tok[2 * c0 : 2 * c1] = gal.half().numpy()
+        pooled[2 * c0 : 2 * c1] = unit(gal.mean(1)).numpy()
+        queries += [q[i - c0] for i in q_ids if c0 <= i < c1]
+    tok.flush()
+    pooled.flush()
+    qt = torch.stack(queries)
+    torch.save({"tokens": qt, "identity": torch.tensor(q_ids)}, folder / "queries.pt")
+    return {"n": n}
+
+
+def average_precision(ranked: torch.Tensor, identity: torch.Tensor) -> float:
+    """mAP over queries; the gallery images of identity i are rows 2i and 2i+1."""
+    aps = []
+    for row, ident in zip(ranked.tolist(), identity.tolist(), strict=True):
+        hits, ap = 0, 0.0
+        for rank, j in enumerate(row, 1):
+            if j >= 0 and j // 2 == ident:
+                hits += 1
+                ap += hits / rank
+        aps.append(ap / 2)
+    return float(np.mean(aps))
+
+
+def recall_top10(ranked: torch.Tensor, reference: torch.Tensor) -> float:
+    got = [
+        len(set(a[:10]) & set(b[:10])) / 10
+        for a, b in zip(ranked.tolist(), reference.tolist(), strict=True)
+    ]
+    return float(np.mean(got))
+
+
+def rss_gib() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in GiB."""
+    cur = 0.0
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            cur = int(line.split()[1]) / 2**20
+    return cur, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+METHODS = {
+    "pooled": {"name": "two_stage", "index": "Flat"},
+    "pooled_hnsw": {"name": "two_stage", "index": "HNSW32", "ef_search": 128},
+    "muvera_flat": {
+        "name": "muvera",
+        "simhash_bits": 4,
+        "repetitions": 8,
+        "projection_dim": 16,
+        "index": "Flat",
+    },
+    "muvera_ivfpq": {
+        "name": "muvera",
+        "simhash_bits": 4,
+        "repetitions": 8,
+        "projection_dim": 16,
+        "index": "IVF1024,PQ128",
+        "nprobe": 32,
+    },
+    "token_ivf": {"name": "token_ivf", "nprobe": 2},
+    "token_ivf_counts": {"name": "token_ivf", "nprobe": 2, "prescore": False},
+}
+
+
+def run_size(n: int, args: argparse.Namespace) -> list[dict]:
+    folder = Path(args.data) / f"n{n}"
+    reg = get_registry()
+    t0 = time.perf_counter()
+    if not (folder / "queries.pt").is_file():
+        generate(n, args.queries, folder)
+    gen_s = time.perf_counter() - t0
+    tokens = torch.from_numpy(np.load(folder / "tokens.npy", mmap_mode="r+"))
+    pooled = torch.from_numpy(np.load(folder / "pooled.npy"))
+    qd = torch.load(folder / "queries.pt")
+    q = Tokens(qd["tokens"].float())
+    qv = unit(q.vectors.mean(1))
+    store = Fp16Store({"codes": tokens}, K, D)  # memory-mapped fp16 rows
+    matcher = reg.build("matcher", {"name": "late_interaction", "device": "cpu"})
+    print(f"\n## N={n:,} (generated in {gen_s:.0f} s, {len(q)} queries)", flush=True)
+
+    def inputs(gallery_store: object = store) -> RetrievalInputs:
+        return RetrievalInputs(qv, pooled, q, gallery_store, matcher, DEPTH)  # type: ignore[arg-type]
+
+    ref_file = folder / "exhaustive.pt"
+    if ref_file.is_file():
+        ref = torch.load(ref_file)
+    else:
+        t = time.perf_counter()
+        r = reg.build("stage", {"name": "exhaustive", "timing_queries": 2}).search(inputs())
+        ref = {
+            "ids": r.indices,
+            "ms": r.report.metrics()["ms_per_query"],
+            "s": time.perf_counter() - t,
+        }
+        torch.save(ref, ref_file)
+    ref_map = average_precision(ref["ids"], qd["identity"])
+    print(f"exhaustive LI: mAP {ref_map:.4f}, {ref['ms']:.1f} ms/query", flush=True)
+    rows = [
+        {
+            "n": n,
+            "method": "exhaustive",
+            "S": "-",
+            "recall10": 1.0,
+            "mAP": ref_map,
+            "recovered": 1.0,
+            "ms": ref["ms"],
+            "ms_single": float("nan"),
+            "bytes": store.bytes_per_image(),
+            "build_s": 0.0,
+            "rss_peak_gib": rss_gib()[1],
+        }
+    ]
+    prepared: dict = {}
+    for method in args.methods:
+        for s in args.shortlists:
+            cfg = {**METHODS[method], "shortlist": s, "timing_queries": args.single}
+            if method.startswith("token_ivf") and args.lists:
+                cfg["lists"] = args.lists
+            inp = inputs()
+            inp.prepared = prepared
+            t = time.perf_counter()
+            stage = reg.build("stage", cfg, seed=0)
+            r = stage.search(inp)
+            wall = time.perf_counter() - t
+            m = r.report.metrics()
+            build = r.extra.get("build_s", 0.0) if s == args.shortlists[0] else 0.0
+            if method.startswith("pooled"):
+                build = wall if s == args.shortlists[0] else 0.0  # stage-1 build inside
+            row = {
+                "n": n,
+                "method": method,
+                "S": s,
+                "recall10": recall_top10(r.indices, ref["ids"]),
+                "mAP": average_precision(r.indices, qd["identity"]),
+                "ms": m["ms_per_query"],
+                "ms_single": float(np.mean(r.report.single_latency_ms["total"]))
+                if args.single
+                else float("nan"),
+                "bytes": r.report.bytes_per_image,
+                "build_s": build,
+                "rss_peak_gib": rss_gib()[1],
+            }
+            row["recovered"] = row["mAP"] / ref_map
+            rows.append(row)
+            print(fmt(row), flush=True)
+            if s != args.shortlists[0]:
+                row["build_s"] = 0.0  # later shortlists reuse the generator built for the first
+        if method.startswith(("muvera", "token_ivf")):
+            prepared.pop(f"generator:{METHODS[method]['name']}", None)
+    if args.quantization:
+        rows += quantization_table(n, tokens, q, qd["identity"], ref_map, args)
+    return rows
+
+
+def quantization_table(
+    n: int,
+    tokens: torch.Tensor,
+    q: Tokens,
+    identity: torch.Tensor,
+    ref_map: float,
+    args: argparse.Namespace,
+) -> list[dict]:
+    """Exhaustive LI mAP and bytes per image of each store (fp16 is the reference)."""
+    reg = get_registry()
+    matcher = reg.build("matcher", {"name": "late_interaction", "device": "cpu"})
+    sample = Tokens(
+        tokens[torch.randperm(len(tokens))[: max(1, 100_000 // K * 4)].sort().values].float()
+    )
+    out = []
+    for label, cfg in (
+        ("int8", {"name": "int8"}),
+        ("residual2", {"name": "residual", "nbits": 2, "centroids": args.lists or 1024}),
+        ("residual1", {"name": "residual", "nbits": 1, "centroids": args.lists or 1024}),
+    ):
+        t = time.perf_counter()
+        qz = reg.build("quantizer", cfg, seed=0)
+        qz.fit(sample)
+        parts = [
+            qz.encode(Tokens(tokens[a : a + CHUNK].float())) for a in range(0, len(tokens), CHUNK)
+        ]
+        store = parts[0]
+        for p in parts[1:]:
+            store = store.concat(p)
+        build = time.perf_counter() - t
+        inp = RetrievalInputs(
+            unit(q.vectors.mean(1)), torch.empty(len(tokens), 1), q, store, matcher, DEPTH
+        )
+        r = reg.build("stage", {"name": "exhaustive", "timing_queries": 0}).search(inp)
+        mp = average_precision(r.indices, identity)
+        row = {
+            "n": n,
+            "method": f"store:{label}",
+            "S": "-",
+            "recall10": float("nan"),
+            "mAP": mp,
+            "recovered": mp / ref_map,
+            "ms": r.report.metrics()["ms_per_query"],
+            "ms_single": float("nan"),
+            "bytes": store.bytes_per_image(),
+            "build_s": build,
+            "rss_peak_gib": rss_gib()[1],
+        }
+        print(fmt(row), flush=True)
+        out.append(row)
+    return out
+
+
+def fmt(row: dict) -> str:
+    return (
+        f"| {row['n']:,} | {row['method']} | {row['S']} | {row['recall10']:.3f} "
+        f"| {row['mAP']:.4f} | {row['recovered']:.3f} | {row['ms']:.2f} "
+        f"| {row['ms_single']:.2f} | {row['bytes']:,.0f} | {row['build_s']:.1f} "
+        f"| {row['rss_peak_gib']:.1f} |"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[50_000, 100_000])
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--shortlists", type=int, nargs="+", default=[50, 100, 200, 500])
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["pooled", "muvera_flat", "muvera_ivfpq", "token_ivf"],
+        choices=list(METHODS),
+    )
+    ap.add_argument("--lists", type=int, default=1024, help="token IVF lists / residual centroids")
+    ap.add_argument("--single", type=int, default=16, help="queries also timed one at a time")
+    ap.add_argument("--quantization", action="store_true", help="also the quantization table")
+    ap.add_argument("--data", default="outputs/bench_multivector")
+    ap.add_argument("--json", default="outputs/bench_multivector/results.json")
+    ap.add_argument("--clean", action="store_true", help="delete each size's data afterwards")
+    args = ap.parse_args()
+    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}")
+    print(
+        "| N | method | S | recall@10 of LI | mAP | mAP recovered | ms/query "
+        "| ms/query single | bytes/img | build s | peak RSS GiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for n in args.sizes:
+        rows += run_size(n, args)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
+        Path(args.json).write_text(json.dumps(old + rows, indent=1))
+        if args.clean:
+            shutil.rmtree(Path(args.data) / f"n{n}")
+    print(f"load average at the end {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
