@@ -42,6 +42,8 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["CRATERLAB_CACHE"] = str(tmp_path_factory.getbasetemp() / "feature-cache")
     # precision=auto's bf16 probe keeps its verdict per machine; not in the user's home here.
     os.environ["CRATERLAB_PROBE_CACHE"] = str(tmp_path_factory.getbasetemp() / "probe.json")
+    # the fused rerank kernel is compiled once per session (about a second), not into ~/.cache
+    os.environ["CRATERLAB_KERNEL_CACHE"] = str(tmp_path_factory.getbasetemp() / "kernels")
 
 
 @pytest.fixture

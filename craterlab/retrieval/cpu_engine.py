@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from craterlab.retrieval import fused as _fused
 from craterlab.retrieval.late_interaction import masked_mean
 from craterlab.retrieval.quantizers import quantize_int8
 from craterlab.types import Tokens
@@ -290,16 +291,26 @@ def rerank(
     candidates: torch.Tensor,
     workers: int = 0,
     block_bytes: int | None = None,
+    fused: bool = True,
 ) -> torch.Tensor:
     """(Nq, S) late-interaction scores of each query against its candidate rows (-1: none).
 
-    Per block (a few queries, or a slice of one query's candidates, so the gathered rows stay
-    within ``block_bytes``): one ``index_select`` into a reused buffer, one batched matmul with
+    The int8, int8_image and bf16 kernels run the fused C kernel (:mod:`.fused`) where it is
+    available (``fused=False`` forces the blocked path). The blocked path, per block (a few
+    queries, or a slice of one query's candidates, so the gathered rows stay within
+    ``block_bytes``): one ``index_select`` into a reused buffer, one batched matmul with
     gallery tokens as rows, the max over the gallery tokens (:meth:`Kernel.block_max`).
     """
     nq, s = candidates.shape
     if nq == 0 or s == 0:
         return torch.full((nq, s), float("-inf"))
+    if fused and _fused.supports(kernel.name, gallery.rows, gallery.scales):
+        q, qscale = kernel.queries(queries.vectors)
+        n_workers = resolve_workers(workers)
+        return _fused.rerank(
+            kernel.name, q, qscale, queries.mask, gallery.rows, gallery.scales, gallery.mask,
+            candidates, lambda fn, n: run_blocks(fn, n, n_workers), n_workers,
+        )  # fmt: skip
     k, d = gallery.k, gallery.dim
     flat = gallery.flat()
     q, qscale = kernel.queries(queries.vectors)

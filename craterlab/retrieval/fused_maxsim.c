@@ -1,0 +1,211 @@
+/* Fused late-interaction rerank for the CPU engine (craterlab/retrieval/fused.py builds and
+ * loads this file; the reference is craterlab/retrieval/late_interaction.py).
+ *
+ * For queries a in [a0, a1) and their candidates s in [s0, s1) it computes, in one pass over
+ * each candidate's rows and without any intermediate array in memory:
+ *
+ *   out[a, s] = sum_i w[a, i] * max_{j real} ( scale_j * <q_ai, g_cj> )      (c = cand[a, s])
+ *
+ * where w[a, i] = qscale[a, i] * qmask[a, i] / (real query tokens of a), i.e. the masked mean
+ * over query tokens of the per-token maximum over the candidate's real tokens. The dot
+ * products run on AVX-512 VNNI (int8 codes, vpdpbusd) or AVX-512 BF16 (vdpbf16ps), register-
+ * blocked as 8 gallery rows x 32 query tokens (or x 16 for the last 16), with the query
+ * operand packed once per query (fused.py) so that it stays in L1 for all S candidates.
+ *
+ * Conventions (the reference's): a candidate index < 0 scores -inf; a query with no real token
+ * scores 0; a candidate with no real token scores -inf (where the query has a real token).
+ *
+ * int8: vpdpbusd multiplies unsigned by signed bytes, so the query is packed as unsigned
+ * (q + 128, fused.py) and 128 times each gallery row's code sum is subtracted afterwards:
+ * exact in int32 for D < 2^31 / (255 * 127).
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define ROWS 8
+
+typedef struct {
+    const void *g;         /* gallery rows (N, K, D): int8 or bf16 (uint16) */
+    const float *gscale;   /* int8: (N, 1) per image or (N, K) per token; NULL for bf16 */
+    int64_t scale_stride;  /* 1: one scale per image, K: one per token */
+    const uint8_t *gmask;  /* (N, K) real tokens, or NULL */
+    int64_t K, D;
+    const void *qpack;     /* int8: (Nq, D/4, KQP, 4) q + 128 as bytes; bf16: (Nq, D/2, KQP, 2) */
+    const int32_t *qcorr;  /* unused (NULL) */
+    const float *qweight;  /* (Nq, KQP) */
+    const int64_t *nreal;  /* (Nq,) real query tokens */
+    int64_t KQP;           /* query tokens padded to a multiple of 16 */
+    const int64_t *cand;   /* (Nq, S) */
+    int64_t S;
+    float *out;            /* (Nq, S) */
+} Args;
+
+static inline float hsum(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* ---------------------------------------------------------------- int8 (VNNI) */
+
+/* rows x (NV * 16) int32 dot products of gallery rows r0.. with query columns c0.. */
+#define I8_BLOCK(NR, NV)                                                                   \
+    do {                                                                                   \
+        __m512i acc[NR][NV];                                                               \
+        int32_t corr[NR];                                                                  \
+        const int8_t *grow[NR];                                                            \
+        for (int r = 0; r < NR; r++) {                                                     \
+            grow[r] = gi + (r0 + r) * D;                                                   \
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_si512();              \
+            corr[r] = 128 * row_sum(grow[r], D);                                           \
+        }                                                                                  \
+        if (gnext) prefetch_rows((const char *)(gnext + r0 * D), NR * D);                  \
+        const uint8_t *bp = qp + c0 * 4;                                                   \
+        for (int64_t k = 0; k < D4; k++, bp += KQP * 4) {                                  \
+            __m512i b[NV];                                                                 \
+            for (int v = 0; v < NV; v++) b[v] = _mm512_loadu_si512(bp + v * 64);           \
+            for (int r = 0; r < NR; r++) {                                                 \
+                __m512i a = _mm512_set1_epi32(*(const int32_t *)(grow[r] + 4 * k));        \
+                for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], b[v], a); \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < NR; r++) {                                                     \
+            if (gm && !gm[r0 + r]) continue;                                               \
+            any = 1;                                                                       \
+            __m512i cr = _mm512_set1_epi32(corr[r]);                                       \
+            if (per_token) {                                                               \
+                __m512 sc = _mm512_set1_ps(gs[r0 + r]);                                    \
+                for (int v = 0; v < NV; v++) {                                             \
+                    __m512i d = _mm512_sub_epi32(acc[r][v], cr);                           \
+                    fmax[v] = _mm512_max_ps(fmax[v], _mm512_mul_ps(_mm512_cvtepi32_ps(d), sc)); \
+                }                                                                          \
+            } else {                                                                       \
+                for (int v = 0; v < NV; v++)                                               \
+                    imax[v] = _mm512_max_epi32(imax[v], _mm512_sub_epi32(acc[r][v], cr));  \
+            }                                                                              \
+        }                                                                                  \
+    } while (0)
+
+#define I8_COLUMNS(NV)                                                                     \
+    do {                                                                                   \
+        __m512i imax[NV];                                                                  \
+        __m512 fmax[NV];                                                                   \
+        for (int v = 0; v < NV; v++) {                                                     \
+            imax[v] = _mm512_set1_epi32(INT32_MIN);                                        \
+            fmax[v] = _mm512_set1_ps(-INFINITY);                                           \
+        }                                                                                  \
+        int64_t r0 = 0;                                                                    \
+        for (; r0 + ROWS <= K; r0 += ROWS) I8_BLOCK(ROWS, NV);                             \
+        for (; r0 < K; r0++) I8_BLOCK(1, NV);                                              \
+        for (int v = 0; v < NV; v++) {                                                     \
+            __m512 w = _mm512_loadu_ps(qw + c0 + v * 16);                                  \
+            __m512 m = per_token ? fmax[v] : _mm512_cvtepi32_ps(imax[v]);                  \
+            /* padded query columns have weight 0 and a finite max: no 0 * inf */          \
+            total += hsum(_mm512_mul_ps(m, w));                                            \
+        }                                                                                  \
+    } while (0)
+
+/* sum of a row's int8 codes (D % 4 == 0), for the unsigned-query correction */
+static inline int32_t row_sum(const int8_t *row, int64_t D) {
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i acc = _mm512_setzero_si512();
+    int64_t d = 0;
+    for (; d + 64 <= D; d += 64) acc = _mm512_dpbusd_epi32(acc, ones, _mm512_loadu_si512(row + d));
+    int32_t total = _mm512_reduce_add_epi32(acc);
+    for (; d < D; d++) total += row[d];
+    return total;
+}
+
+/* rows of the next candidate into L2 while this one computes */
+static inline void prefetch_rows(const char *p, int64_t bytes) {
+    for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
+}
+
+void craterlab_rerank_i8(const Args *p, int64_t a0, int64_t a1, int64_t s0, int64_t s1) {
+    const int64_t K = p->K, D = p->D, D4 = p->D / 4, KQP = p->KQP;
+    const int per_token = p->scale_stride != 1;
+    for (int64_t a = a0; a < a1; a++) {
+        const uint8_t *qp = (const uint8_t *)p->qpack + a * D4 * KQP * 4;
+        const float *qw = p->qweight + a * KQP;
+        for (int64_t s = s0; s < s1; s++) {
+            const int64_t c = p->cand[a * p->S + s];
+            float *o = p->out + a * p->S + s;
+            if (c < 0) { *o = -INFINITY; continue; }
+            if (p->nreal[a] == 0) { *o = 0.0f; continue; }
+            const int8_t *gi = (const int8_t *)p->g + c * K * D;
+            const uint8_t *gm = p->gmask ? p->gmask + c * K : NULL;
+            const float *gs = p->gscale + c * p->scale_stride;
+            const int64_t cn = s + 1 < s1 ? p->cand[a * p->S + s + 1] : -1;
+            /* the next candidate's rows, a row block at a time while this one computes */
+            const int8_t *gnext = cn >= 0 ? (const int8_t *)p->g + cn * K * D : NULL;
+            int any = 0;
+            float total = 0.0f;
+            int64_t c0 = 0;
+            for (; c0 + 32 <= KQP; c0 += 32) I8_COLUMNS(2);
+            for (; c0 < KQP; c0 += 16) I8_COLUMNS(1);
+            *o = !any ? -INFINITY : per_token ? total : total * gs[0];
+        }
+    }
+}
+
+/* ---------------------------------------------------------------- bf16 (AVX-512 BF16) */
+
+#define BF_BLOCK(NR, NV)                                                                   \
+    do {                                                                                   \
+        __m512 acc[NR][NV];                                                                \
+        for (int r = 0; r < NR; r++)                                                       \
+            for (int v = 0; v < NV; v++) acc[r][v] = _mm512_setzero_ps();                 \
+        const int32_t *grow[NR];                                                           \
+        for (int r = 0; r < NR; r++) grow[r] = (const int32_t *)(gi + (r0 + r) * D);        \
+        if (gnext) prefetch_rows((const char *)(gnext + r0 * D), 2 * NR * D);              \
+        const uint16_t *bp = qp + c0 * 2;                                                  \
+        for (int64_t k = 0; k < D2; k++, bp += KQP * 2) {                                  \
+            __m512bh b[NV];                                                                \
+            for (int v = 0; v < NV; v++) b[v] = (__m512bh)_mm512_loadu_si512(bp + v * 32); \
+            for (int r = 0; r < NR; r++) {                                                 \
+                __m512bh a = (__m512bh)_mm512_set1_epi32(grow[r][k]);                      \
+                for (int v = 0; v < NV; v++) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], a, b[v]); \
+            }                                                                              \
+        }                                                                                  \
+        for (int r = 0; r < NR; r++) {                                                     \
+            if (gm && !gm[r0 + r]) continue;                                               \
+            any = 1;                                                                       \
+            for (int v = 0; v < NV; v++) fmax[v] = _mm512_max_ps(fmax[v], acc[r][v]);     \
+        }                                                                                  \
+    } while (0)
+
+#define BF_COLUMNS(NV)                                                                     \
+    do {                                                                                   \
+        __m512 fmax[NV];                                                                   \
+        for (int v = 0; v < NV; v++) fmax[v] = _mm512_set1_ps(-INFINITY);                  \
+        int64_t r0 = 0;                                                                    \
+        for (; r0 + ROWS <= K; r0 += ROWS) BF_BLOCK(ROWS, NV);                             \
+        for (; r0 < K; r0++) BF_BLOCK(1, NV);                                              \
+        for (int v = 0; v < NV; v++)                                                       \
+            total += hsum(_mm512_mul_ps(fmax[v], _mm512_loadu_ps(qw + c0 + v * 16)));     \
+    } while (0)
+
+void craterlab_rerank_bf16(const Args *p, int64_t a0, int64_t a1, int64_t s0, int64_t s1) {
+    const int64_t K = p->K, D = p->D, D2 = p->D / 2, KQP = p->KQP;
+    for (int64_t a = a0; a < a1; a++) {
+        const uint16_t *qp = (const uint16_t *)p->qpack + a * D2 * KQP * 2;
+        const float *qw = p->qweight + a * KQP;
+        for (int64_t s = s0; s < s1; s++) {
+            const int64_t c = p->cand[a * p->S + s];
+            float *o = p->out + a * p->S + s;
+            if (c < 0) { *o = -INFINITY; continue; }
+            if (p->nreal[a] == 0) { *o = 0.0f; continue; }
+            const uint16_t *gi = (const uint16_t *)p->g + c * K * D;
+            const uint8_t *gm = p->gmask ? p->gmask + c * K : NULL;
+            const int64_t cn = s + 1 < s1 ? p->cand[a * p->S + s + 1] : -1;
+            const uint16_t *gnext = cn >= 0 ? (const uint16_t *)p->g + cn * K * D : NULL;
+            int any = 0;
+            float total = 0.0f;
+            int64_t c0 = 0;
+            for (; c0 + 32 <= KQP; c0 += 32) BF_COLUMNS(2);
+            for (; c0 < KQP; c0 += 16) BF_COLUMNS(1);
+            *o = any ? total : -INFINITY;
+        }
+    }
+}
+
+/* 1 when this file was compiled for the instructions it uses (checked before any call). */
+int craterlab_fused_abi(void) { return 1; }
