@@ -165,16 +165,11 @@ def main() -> None:
             )
         if colbert is not None:
             variants["PyLate colbert_scores"] = lambda qq, cc: torch.stack(
-                [
-                    colbert(qq.vectors[i : i + 1], bf[cc[i]].float())[0]
-                    for i in range(len(cc))
-                ]
+                [colbert(qq.vectors[i : i + 1], bf[cc[i]].float())[0] for i in range(len(cc))]
             )
         ref = torch.stack(
             [
-                (torch.einsum("id,sjd->sij", q[i].double(), bf[cand[i]].double()))
-                .amax(-1)
-                .mean(-1)
+                (torch.einsum("id,sjd->sij", q[i].double(), bf[cand[i]].double())).amax(-1).mean(-1)
                 for i in range(nq)
             ]
         )

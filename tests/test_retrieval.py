@@ -225,3 +225,38 @@ def test_retrieval_configs_have_the_run_shape() -> None:
                 assert stage.shortlist == 7
     with pytest.raises(ConfigError, match="shortlist"):
         build({"name": "two_stage", "shortlist": 0})
+
+
+# --------------------------------------------------------------------------- index=auto
+
+
+def test_auto_index_picks_by_gallery_size_and_searches_few_queries_on_one_thread(
+    monkeypatch,
+) -> None:
+    import faiss
+
+    from craterlab.retrieval import vector_index as V
+
+    assert V.auto_index(49_999) == ("Flat", None)
+    assert V.auto_index(50_000) == ("HNSW32", None)
+    assert V.auto_index(1_000_000) == ("IVF1024,PQ48", 32)
+    g = torch.nn.functional.normalize(
+        torch.randn(300, 16, generator=torch.Generator().manual_seed(0)), dim=-1
+    )
+    small = V.VectorIndex("auto").build(g)
+    assert small.spec == "Flat"
+    _, ids, _ = small.search(g[:5], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]  # exact
+    monkeypatch.setattr(V, "AUTO_HNSW_FROM", 200)
+    graph = V.VectorIndex("auto").build(g)
+    assert graph.spec == "HNSW32" and graph.settings.index == "HNSW32"
+    _, ids, _ = graph.search(g[:20], 1)
+    assert (ids[:, 0] == torch.arange(20)).float().mean() >= 0.95
+    seen = []
+    real = faiss.omp_set_num_threads
+    monkeypatch.setattr(faiss, "omp_set_num_threads", lambda n: (seen.append(n), real(n)))
+    before = faiss.omp_get_max_threads()
+    small.search(g[:1], 3)
+    small.search(g[:50], 3)
+    assert seen == [1, before, before, before]  # one query: one thread; a batch: all; restored
+    assert V.search_threads(1) == 1 and V.search_threads(V.FEW_QUERIES + 1) == before

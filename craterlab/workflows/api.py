@@ -118,13 +118,16 @@ class Index:
         """Encode a folder of crops or a manifest into an index (not yet saved).
 
         ``overrides`` are experiment overrides (``backbone=...``, ``k=32``, ``quantizer=int8``);
-        ``stage1`` a FAISS factory string (default: the two-stage retrieval config's index).
+        ``stage1`` a FAISS factory string (default: ``auto``, which picks by the number of
+        items, see :func:`~craterlab.retrieval.vector_index.auto_index`: exact Flat below
+        50,000, HNSW32 for fast single queries above, IVF-PQ from 1,000,000; a retrieval
+        config whose two-stage index is not Flat is used as given).
         """
         overrides = list(overrides)
         config = plain(compose_config(overrides))
         spec, cfg_nprobe, cfg_ef = _stage1_settings(config)
         config["stage1"] = {
-            "index": stage1 or spec,
+            "index": stage1 or ("auto" if spec == "Flat" else spec),
             "nprobe": nprobe if nprobe is not None else cfg_nprobe,
             "ef_search": ef_search if ef_search is not None else cfg_ef,
         }
