@@ -134,7 +134,9 @@ def main() -> None:
             t0 = CLOCK()
             top = fn(0, nq)
             batched.setdefault(name, []).append((CLOCK() - t0) / nq * 1e3)
-            hits = [len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top, exact, strict=True)]
+            hits = [
+                len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top, exact, strict=True)
+            ]
             recall[name] = sum(hits) / len(hits)
             for i in range(nq // args.rounds):
                 t0 = CLOCK()
