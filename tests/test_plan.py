@@ -150,3 +150,47 @@ def test_the_planner_knows_the_multi_vector_stages_and_residual_stores() -> None
     assert best is found["token_ivf"] and best.setting["S"] == "100"
     assert best.setting["quantizer"] == "residual2"
     assert best.command() == "python -m craterlab k=32 quantizer=residual2 retrieval=token_ivf"
+
+
+def add_run(uri: str, dataset: str, size: str | None, mAP: float, untrained: bool) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("craterlab").experiment_id
+    tags = {OVERRIDES_TAG: json.dumps([f"dataset={dataset}"])}
+    tags["craterlab.weights"] = "random (offline)" if untrained else "pretrained (hub)"
+    run = client.create_run(experiment, tags=tags)
+    rid = run.info.run_id
+    client.log_param(rid, "dataset.name", dataset)
+    if size:
+        client.log_param(rid, "dataset.size", size)
+    client.log_param(rid, "aggregator.name", "instance")
+    for name, value in {
+        "exhaustive/mAP": mAP, "exhaustive/bytes_per_image": 100, "exhaustive/ms_per_query": 0.1,
+    }.items():  # fmt: skip
+        client.log_metric(rid, name, value)
+    client.set_terminated(rid, "FINISHED")
+
+
+def test_plan_never_ranks_runs_of_different_datasets_together(tmp_path, capsys) -> None:
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).create_experiment("craterlab", (tmp_path / "art").as_uri())
+    add_run(uri, "synthetic", "tiny", 0.9, untrained=True)  # 48 images: a high mAP
+    add_run(uri, "synthetic", "small", 0.3, untrained=True)
+    add_run(uri, "craterbench_r", None, 0.5, untrained=False)
+    budget = ["--bytes-per-image", "1000", "--ms-per-query", "1", "--tracking-uri", uri]
+    assert main(budget) == 2  # refuses to choose across datasets
+    out = capsys.readouterr().out
+    assert "Best within" not in out and "Pass --dataset NAME" in out
+    for name in ("craterbench_r", "synthetic-small", "synthetic-tiny"):
+        assert f"Dataset {name} — Pareto front" in out
+    tiny = out.split("Dataset synthetic-tiny")[1]
+    assert "0.9000" in tiny and "untrained" in tiny and "0.5000" not in tiny
+    assert "NOTE: weights 'untrained'" in out
+    assert main([*budget, "--dataset", "craterbench_r"]) == 0
+    best = capsys.readouterr().out.split("Best within")[1]
+    assert "0.5000" in best and "craterbench_r" in best and "pretrained" in best
+    with pytest.raises(CraterlabError, match="its runs are on: craterbench_r, synthetic-small"):
+        main([*budget, "--dataset", "synthetic-medium"])

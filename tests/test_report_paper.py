@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from craterlab.errors import CraterlabError
 from craterlab.report.runs import RunRecord
 from craterlab.report.tables import LAYOUTS, build_table, to_csv, to_markdown
 
@@ -174,3 +175,45 @@ def test_fig3_lines_never_join_datasets_or_weights_and_carry_intervals(tmp_path)
     assert sorted(p[0] for p in joined) == [8.0, 16.0]
     assert all(p[3] == pytest.approx(p[1] - 0.05) for pts in series.values() for p in pts)
     assert [p.suffix for p in map_vs_k(runs, tmp_path)] == [".png", ".svg"]
+
+
+def log_run(client, experiment: str, name: str, dataset: str, size: str, mAP: float) -> None:
+    run_ = client.create_run(experiment, run_name=name, tags={"craterlab.weights": "random (x)"})
+    rid = run_.info.run_id
+    for key, value in {**cfg(DINO, k=16), "dataset.name": dataset, "dataset.size": size}.items():
+        client.log_param(rid, key, value)
+    client.log_metric(rid, "exhaustive/mAP", mAP)
+    client.set_terminated(rid, "FINISHED")
+
+
+def test_report_on_an_experiment_from_any_directory_keeps_datasets_apart(
+    tmp_path, monkeypatch, capsys
+):
+    """`report craterlab` from a subfolder of the project, beside a folder named craterlab:
+    the store is found upward, the folder (no runs in it) is not taken for a sweep, and runs
+    of two datasets are two rows; --dataset keeps one."""
+    from mlflow.tracking import MlflowClient
+
+    from craterlab.report.cli import main
+
+    store = tmp_path / "outputs" / "mlflow.db"
+    store.parent.mkdir()
+    client = MlflowClient(f"sqlite:///{store}")
+    experiment = client.create_experiment("craterlab", (tmp_path / "art").as_uri())
+    log_run(client, experiment, "tiny", "synthetic", "tiny", 0.9)
+    log_run(client, experiment, "small", "synthetic", "small", 0.3)
+    (tmp_path / "craterlab").mkdir()  # the package folder of a checkout
+    (tmp_path / "docs").mkdir()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert main(["craterlab", "--out", str(tmp_path / "r1")]) == 0
+    monkeypatch.chdir(tmp_path / "docs")
+    assert main(["craterlab", "--out", str(tmp_path / "r2")]) == 0
+    table = (tmp_path / "r2" / "table.md").read_text()
+    assert table == (tmp_path / "r1" / "table.md").read_text()
+    assert "| dataset |" in table and "synthetic-tiny" in table and "synthetic-small" in table
+    assert main(["craterlab", "--dataset", "synthetic-small", "--out", str(tmp_path / "r3")]) == 0
+    assert "synthetic-tiny" not in (tmp_path / "r3" / "table.csv").read_text()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'missing.db'}")
+    with pytest.raises(CraterlabError, match="no MLflow store at"):
+        main(["craterlab", "--out", str(tmp_path / "r4")])

@@ -2,11 +2,13 @@
 
 Reads the measured runs of an MLflow experiment (FINISHED job runs, not sweep parents). Each
 retrieval mode of each run is one candidate: (mAP, bytes per image, ms per query), described by
-K, quantizer, aggregator (the selector when ``aggregator=none``), S (two-stage only) and the
-backbone. It prints the Pareto front (no other candidate has higher or equal mAP with no more
-bytes and no more time, and is better in one of them) and the best candidate within the budget
-(highest mAP; ties go to fewer bytes, then less time), as the command line that runs it: the
-run's recorded overrides, with ``retrieval=`` set to the chosen mode.
+K, quantizer, aggregator (the selector when ``aggregator=none``), S (two-stage only), the
+backbone, its weights status and the dataset (name and size). Runs on different datasets are
+never ranked together: it prints one Pareto front per dataset (no other candidate has higher
+or equal mAP with no more bytes and no more time, and is better in one of them), and chooses
+only within one dataset (``--dataset``, needed when the runs span several): the best
+candidate within the budget (highest mAP; ties go to fewer bytes, then less time), as the
+command line that runs it: the run's recorded overrides, with ``retrieval=`` set to the mode.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from typing import Any
 
 from craterlab.errors import CraterlabError
 from craterlab.plugins import config_dir
-from craterlab.results import OVERRIDES_TAG, ROLE_TAG, default_uri
+from craterlab.results import (
+    OVERRIDES_TAG,
+    ROLE_TAG,
+    UNTRAINED_TAG,
+    WEIGHTS_TAG,
+    default_uri,
+    is_untrained,
+)
 
 MODES_WITH_SHORTLIST = ("two_stage", "muvera", "token_ivf")
 """Stages that rerank a top-S shortlist: the pooled-vector one and the multi-vector
@@ -106,7 +115,13 @@ def candidates_of_run(run: Any) -> list[Candidate]:
         values = [metrics.get(f"{mode}/{m}") for m in ("mAP", "bytes_per_image", "ms_per_query")]
         if any(v is None or not math.isfinite(v) for v in values):
             continue
+        size = params.get("dataset.size")
+        dataset = params.get("dataset.name", "?")
+        weights = tags.get(WEIGHTS_TAG, "unknown")
+        untrained = tags.get(UNTRAINED_TAG) == "true" or is_untrained(weights)
         setting = {
+            "dataset": dataset if size in (None, "", "None") else f"{dataset}-{size}",
+            "weights": "untrained" if untrained else weights.split(" (")[0] or "unknown",
             "backbone": params.get("backbone.model", params.get("backbone.name", "")),
             "K": params.get("k", ""),
             "quantizer": quantizer_label(params),
@@ -156,6 +171,14 @@ def quantizer_label(params: dict[str, str]) -> str:
     return name
 
 
+def group_by_dataset(candidates: Sequence[Candidate]) -> dict[str, list[Candidate]]:
+    """Candidates per dataset (name and size), in name order: fronts never mix datasets."""
+    groups: dict[str, list[Candidate]] = {}
+    for c in sorted(candidates, key=lambda c: c.setting.get("dataset", "?")):
+        groups.setdefault(c.setting.get("dataset", "?"), []).append(c)
+    return groups
+
+
 def load_candidates(uri: str, experiment: str) -> list[Candidate]:
     """Every candidate of the experiment's FINISHED job runs."""
     from mlflow.tracking import MlflowClient
@@ -179,7 +202,8 @@ def load_candidates(uri: str, experiment: str) -> list[Candidate]:
 
 
 def format_candidates(candidates: Sequence[Candidate]) -> str:
-    header = ["mAP", "bytes/img", "ms/query", "mode", "K", "quantizer", "tokens", "S", "backbone"]
+    header = ["mAP", "bytes/img", "ms/query", "mode", "K", "quantizer", "tokens", "S"]
+    header += ["backbone", "weights", "dataset"]
     rows = [
         [
             f"{c.map:.4f}",
@@ -191,6 +215,8 @@ def format_candidates(candidates: Sequence[Candidate]) -> str:
             c.setting["tokens"],
             c.setting["S"],
             c.setting["backbone"],
+            c.setting.get("weights", "unknown"),
+            c.setting.get("dataset", "?"),
         ]
         for c in candidates
     ]
@@ -215,6 +241,12 @@ def main(argv: list[str]) -> int:
         default=30.0,
         help="give up on a tracking store that does not answer within this time (default 30)",
     )
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="choose among the runs on this dataset (as the front prints it, e.g. "
+        "craterbench_r or synthetic-small); required when the runs span several datasets",
+    )
     args = parser.parse_args(argv)
     if not math.isfinite(args.timeout_s) or args.timeout_s <= 0:
         raise CraterlabError(f"--timeout-s {args.timeout_s:g} is not valid: it must be > 0.")
@@ -231,13 +263,39 @@ def main(argv: list[str]) -> int:
             "bytes_per_image and ms_per_query. Run a sweep first (python -m craterlab -m "
             "k=16,32 quantizer=fp32,int8)."
         )
-    front = pareto_front(candidates)
+    datasets = sorted({c.setting.get("dataset", "?") for c in candidates})
+    if args.dataset is not None:
+        if args.dataset not in datasets:
+            raise CraterlabError(
+                f"--dataset {args.dataset!r} has no measured runs in {uri}, experiment "
+                f"{args.experiment!r}; its runs are on: {', '.join(datasets)}."
+            )
+        candidates = [c for c in candidates if c.setting.get("dataset") == args.dataset]
     print(
         f"{len(candidates)} measured configurations ({len({c.run_id for c in candidates})} "
         f"runs) in {uri}, experiment {args.experiment!r}."
     )
-    print(f"\nPareto front (mAP up, bytes/image down, ms/query down): {len(front)}")
-    print(format_candidates(front))
+    groups = group_by_dataset(candidates)
+    for dataset, members in groups.items():
+        front = pareto_front(members)
+        print(
+            f"\nDataset {dataset} — Pareto front (mAP up, bytes/image down, ms/query down): ",
+            end="",
+        )
+        print(len(front))
+        print(format_candidates(front))
+    if any(c.setting.get("weights") == "untrained" for c in candidates):
+        print(
+            "\nNOTE: weights 'untrained' are random backbone weights: their mAP says nothing "
+            "about what a trained backbone would reach."
+        )
+    if len(groups) > 1:
+        print(
+            f"\nThe runs measured {len(groups)} datasets ({', '.join(groups)}): their mAPs are "
+            "not comparable, so no configuration is chosen across them. Pass --dataset NAME "
+            "to choose within one."
+        )
+        return 2
     best = best_within(candidates, args.bytes_per_image, args.ms_per_query)
     budget = f"{args.bytes_per_image:g} bytes/image and {args.ms_per_query:g} ms/query"
     if best is None:
