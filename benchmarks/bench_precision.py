@@ -7,7 +7,7 @@
 Measures, side by side in one process:
 - model img/s: ``backbone.encode`` on one batch of 32 (224 px), fp32 and bf16 interleaved
   ``--repeats`` times (median), so machine drift hits both alike;
-- the default experiment (``craterlab.run.run``) on the synthetic benchmark once per precision,
+- the default experiment (``craterlab.run``) on the synthetic benchmark once per precision,
   feature cache off: end-to-end extraction img/s (render + transform + forward) and the mAP of
   every retrieval mode, with the bf16 - fp32 difference.
 
@@ -32,8 +32,8 @@ from hydra import compose, initialize_config_dir
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from craterlab.devices import cpu_flags, resolve_precision  # noqa: E402
+from craterlab.experiment import run  # noqa: E402
 from craterlab.plugins import get_registry  # noqa: E402
-from craterlab.run import run  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 PRECISIONS = ("fp32", "bf16")

@@ -38,7 +38,7 @@ from craterlab.retrieval import gather_engine
 from craterlab.retrieval.matchers import LateInteraction
 from craterlab.retrieval.quantizers import Bf16Quantizer, Fp32Quantizer, Int8Quantizer
 from craterlab.retrieval.stores import CodeStore
-from craterlab.retrieval.vector_index import VectorIndex
+from craterlab.retrieval.vector_index import SingleVectorIndex
 from craterlab.types import Tokens
 
 KERNELS = ("fp32", "bf16", "int8", "int8_image")
@@ -215,8 +215,8 @@ def main() -> None:
         return ms
 
     # Stage 1
-    tidx = VectorIndex("torch", chunk=1000).build(gv)
-    fidx = VectorIndex("Flat").build(gv)
+    tidx = SingleVectorIndex("torch", chunk=1000).build(gv)
+    fidx = SingleVectorIndex("Flat").build(gv)
     nf = min(a.faiss_queries, nq)
     t = interleaved(
         {"torch": lambda: tidx.search(qv[:nf], 500), "faiss": lambda: fidx.search(qv[:nf], 500)},
@@ -287,7 +287,7 @@ def main() -> None:
     for line in agreement("families", gal, qry[:nqq], short[:nqq], a.threads):
         print(line)
     rg, rq = random_data(min(ng, 10_000), nqq, k, d)
-    ridx = VectorIndex("Flat").build(pooled(rg))
+    ridx = SingleVectorIndex("Flat").build(pooled(rg))
     _, rshort, _ = ridx.search(pooled(rq), 500)
     print(f"  (random: gallery {len(rg)} random unit token sets)")
     for line in agreement("random", rg, rq, rshort, a.threads):
@@ -314,7 +314,7 @@ def cuda(gal: Tokens, qry: Tokens, gv: torch.Tensor, qv: torch.Tensor) -> None:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    idx = VectorIndex("torch", device=dev, chunk=5000).build(gv)
+    idx = SingleVectorIndex("torch", device=dev, chunk=5000).build(gv)
     t1 = sync_run(lambda: idx.search(qv, 100))
     _, short, _ = idx.search(qv, 100)
     t2 = sync_run(lambda: li.rerank(q, g, short))

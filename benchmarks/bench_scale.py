@@ -4,7 +4,7 @@ A synthetic gallery of N token sets (K=32 tokens of D=384) is written to disk on
 arrays a saved index holds: INT8 codes + per-token scales, PQ-48 codes + codebook, and the
 single vectors. Each case then runs in a fresh process that memory-maps the store (nothing
 is read into RAM up front), builds the stage-1 index from a FAISS factory string (IVF-PQ or
-HNSW) through :class:`craterlab.retrieval.index.GalleryIndex`, and answers queries by
+HNSW) through :class:`craterlab.retrieval.index.EncodedGallery`, and answers queries by
 two-stage search (stage 1 top-S, late-interaction rerank of the S from the mapped store).
 
 Reported per case: stage-1 build time, ms/query (batched, amortized; and one query at a time,
@@ -119,7 +119,7 @@ def run_case(root: Path, fmt: str, stage1: str, shortlist: int, nprobe: int, ef:
     import torch
 
     from craterlab.plugins import get_registry
-    from craterlab.retrieval.index import GalleryIndex
+    from craterlab.retrieval.index import EncodedGallery
     from craterlab.retrieval.stores import Int8Store, PQStore
     from craterlab.types import Tokens
 
@@ -150,7 +150,7 @@ def run_case(root: Path, fmt: str, stage1: str, shortlist: int, nprobe: int, ef:
     targets = qz["targets"]
     ids = [str(i) for i in range(n)]
     is_ivf = stage1.upper().startswith("IVF")
-    index = GalleryIndex(
+    index = EncodedGallery(
         ids,
         vectors,
         store,

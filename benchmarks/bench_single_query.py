@@ -79,14 +79,14 @@ def main() -> None:
     store = E.GalleryCodes(codes, scales)
     kern = E.KERNELS["int8_image"]
     t0 = CLOCK()
-    indexes = {"Flat": V.VectorIndex("Flat").build(vec)}
+    indexes = {"Flat": V.SingleVectorIndex("Flat").build(vec)}
     build = {"Flat": CLOCK() - t0}
     t0 = CLOCK()
-    indexes["auto"] = V.VectorIndex("auto").build(vec)
+    indexes["auto"] = V.SingleVectorIndex("auto").build(vec)
     build["auto"] = CLOCK() - t0
     if indexes["auto"].spec != "HNSW32":
         t0 = CLOCK()
-        indexes["HNSW32"] = V.VectorIndex("HNSW32").build(vec)
+        indexes["HNSW32"] = V.SingleVectorIndex("HNSW32").build(vec)
         build["HNSW32"] = CLOCK() - t0
     all_threads = faiss.omp_get_max_threads()
 

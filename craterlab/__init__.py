@@ -11,7 +11,7 @@ What a plugin needs is importable from here::
   ``TokenStore``, ``Stage``, ``StageReport``, ``Loss``, ``Backbone``, ``CraterDataset``); see
   :mod:`craterlab.types`.
 - ``build(kind, config)``: a registered component from its config (validated).
-- ``run(cfg)``: one experiment from a composed Hydra config (:func:`craterlab.run.run`).
+- ``run(cfg)``: one experiment from a composed Hydra config (:func:`craterlab.experiment.run`).
 - ``CraterlabError``, ``ConfigError``: errors shown to the user as one paragraph.
 
 Everything is imported on first use, so ``import craterlab`` stays cheap (no torch).
@@ -20,8 +20,6 @@ Everything is imported on first use, so ``import craterlab`` stays cheap (no tor
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -52,7 +50,8 @@ _LAZY = {
     "Register": "craterlab.hookspecs",
     "CraterlabError": "craterlab.errors",
     "ConfigError": "craterlab.errors",
-    "Index": "craterlab.workflows",
+    "CraterIndex": "craterlab.workflows",
+    "run": "craterlab.experiment",
 }
 
 __all__ = [
@@ -64,7 +63,7 @@ __all__ = [
     "Features",
     "Fittable",
     "ImageRecord",
-    "Index",
+    "CraterIndex",
     "Loss",
     "Matcher",
     "Pooling",
@@ -86,6 +85,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from craterlab.errors import ConfigError, CraterlabError
+    from craterlab.experiment import run
     from craterlab.hookspecs import Register, hookimpl
     from craterlab.types import (
         Aggregator,
@@ -130,34 +130,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
-
-
-class _RunModule(types.ModuleType):
-    """``craterlab.run`` is both the pipeline module and, called, its ``run(cfg)``."""
-
-    def __call__(self, cfg: Any) -> Any:
-        return self.run(cfg)
-
-
-class _Package(types.ModuleType):
-    """The package's module type: ``craterlab.run`` always resolves to the callable module.
-
-    The import system binds a submodule onto its package (``craterlab.run = <module>``) once
-    it is imported, which would hide a plain ``run`` function; this property serves the
-    submodule itself, made callable, so ``craterlab.run(cfg)``, ``craterlab.run.run(cfg)`` and
-    ``from craterlab.run import run`` all work.
-    """
-
-    @property
-    def run(self) -> Any:
-        module = importlib.import_module("craterlab.run")
-        if not isinstance(module, _RunModule):
-            module.__class__ = _RunModule
-        return module
-
-    @run.setter
-    def run(self, value: Any) -> None:  # the import system's binding; the property serves it
-        pass
-
-
-sys.modules[__name__].__class__ = _Package

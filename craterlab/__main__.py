@@ -181,7 +181,7 @@ def run_hydra() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def task(cfg: DictConfig) -> float | None:
-        from craterlab.run import run
+        from craterlab.experiment import run
 
         try:
             result = run(cfg)

@@ -1,6 +1,6 @@
 """The steps of one experiment, each a plain function with a typed result.
 
-:func:`craterlab.run.run` composes them: build the components, encode the images, represent
+:func:`craterlab.experiment.run` composes them: build the components, encode the images, represent
 them (single vectors, token sets, the quantized token store), search with every retrieval
 stage and evaluate the rankings. The workflows (``index``, ``search``) reuse the same steps.
 """
@@ -45,7 +45,7 @@ class Components:
     dataset: CraterDataset
     backbone: Backbone
     pooling: Any
-    tokenizer: Any
+    selector_or_aggregator: Any  # what makes the K tokens: the aggregator, else the selector
     token_method: str
     matcher: Any
     quantizer: Any
@@ -96,13 +96,13 @@ def build_components(cfg: DictConfig, registry: Registry, seed: int) -> Componen
     }
     if not stages:
         raise ConfigError("retrieval.stages is empty: choose retrieval=all, single, ... ")
-    tokenizer = selector if aggregator is None else aggregator
-    if tokenizer is None:
+    selector_or_aggregator = selector if aggregator is None else aggregator
+    if selector_or_aggregator is None:
         _check_vector_only(cfg)
     return Components(
         dataset=dataset,
         pooling=pooling,
-        tokenizer=tokenizer,
+        selector_or_aggregator=selector_or_aggregator,
         token_method=str(cfg.selector.name if aggregator is None else cfg.aggregator.name),
         matcher=matcher,
         quantizer=quantizer,
@@ -184,7 +184,7 @@ def represent(
     """Pool and tokenize both splits (components that learn from the gallery fit first),
     check the results finite, and quantize the gallery's tokens into a store."""
     gallery, query = features["gallery"], features["query"]
-    for component in (components.pooling, components.tokenizer):
+    for component in (components.pooling, components.selector_or_aggregator):
         if isinstance(component, Fittable):
             component.fit(gallery)
     t0 = time.perf_counter()
@@ -192,7 +192,7 @@ def represent(
     q_vectors = apply_batched(components.pooling, query, device, TOKEN_BATCH)
     for split, vecs in (("gallery", g_vectors), ("query", q_vectors)):
         check_vectors(vecs, split, f"pooling ({pooling_name})")
-    if components.tokenizer is None:  # no token method: single vectors only
+    if components.selector_or_aggregator is None:  # no token method: single vectors only
         storage = {
             "tokens_per_image": 0.0,
             "token_bytes_per_image": 0.0,
@@ -201,8 +201,8 @@ def represent(
         }
         seconds = time.perf_counter() - t0
         return Representation(g_vectors, q_vectors, None, None, None, storage, seconds)
-    g_tokens = apply_batched(components.tokenizer, gallery, device, TOKEN_BATCH)
-    q_tokens = apply_batched(components.tokenizer, query, device, TOKEN_BATCH)
+    g_tokens = apply_batched(components.selector_or_aggregator, gallery, device, TOKEN_BATCH)
+    q_tokens = apply_batched(components.selector_or_aggregator, query, device, TOKEN_BATCH)
     seconds = time.perf_counter() - t0
     for split, toks in (("gallery", g_tokens), ("query", q_tokens)):
         check_tokens(toks, split, f"tokens ({components.token_method})")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,10 +57,16 @@ def default_uri() -> str:
 # ----------------------------------------------------------------------------- weights
 
 
-def is_untrained(weights: str) -> bool:
-    """True when the backbone's weights are untrained (random), however the run got them: the
-    weights status says so (``random ...``, ``random + fine-tuned (...)``, ``... untrained``)."""
-    text = str(weights).strip().lower()
+def is_untrained(weights: str | Sequence[Mapping[str, Any]]) -> bool:
+    """True when the backbone's weights are untrained (random), however the run got them.
+
+    ``weights`` is a weights status (``random (requested)``, ``random + fine-tuned (...)``,
+    ``pretrained ...``) or a lineage (its steps, origin first: untrained when the origin is
+    ``random``, through any number of fine-tunings). The one place this is decided.
+    """
+    if not isinstance(weights, str):
+        return bool(weights) and weights[0].get("kind") == "random"
+    text = weights.strip().lower()
     return text.startswith("random") or "untrained" in text
 
 

@@ -342,7 +342,7 @@ TINY = [
 def observed(tmp_path_factory):
     """Two observations (different suns) of one Mars tile across the antimeridian, ingested
     from their GeoTIFFs and Robbins-style catalogs and indexed."""
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex as Index
 
     root = tmp_path_factory.mktemp("observed")
     out = {}

@@ -2,8 +2,9 @@
 importing a command-line module.
 
 Every ``import`` of a craterlab module counts, at a module's top or inside a function (a
-deferred import is still an arrow). Each module's floor comes from :data:`FLOORS` (the longest
-matching prefix); a module may import modules on its own floor or below, never above.
+deferred import is still an arrow); only ``if TYPE_CHECKING:`` blocks, which never run,
+don't. Each module's floor comes from :data:`FLOORS` (the longest matching prefix); a module
+may import modules on its own floor or below, never above.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ FLOORS: dict[str, int] = {
     "craterlab.tracking": 3,
     "craterlab.report": 4,
     "craterlab.sweeps": 4,
-    "craterlab.run": 5,
+    "craterlab.experiment": 5,
     "craterlab.workflows": 5,
     "craterlab.commands": 5,
     "craterlab.testing": 5,
@@ -68,8 +69,16 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     """The craterlab modules ``name`` imports, anywhere in its file."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    type_only = {  # "if TYPE_CHECKING:" blocks are read by type checkers, never run
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for inner in ast.walk(node)
+    }
     targets: set[str] = set()
     for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.Import):
             targets.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from craterlab.errors import DataError
-from craterlab.workflows.api import Index
+from craterlab.workflows.api import CraterIndex as Index
 from craterlab.workflows.demo import render_observation
 from craterlab.workflows.ingest import ingest_catalog
 from craterlab.workflows.mlflow_model import (

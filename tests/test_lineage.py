@@ -23,8 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from craterlab.backbones.lineage import read_lineage, resolve_run_weights
 from craterlab.errors import CraterlabError
+from craterlab.experiment import run
 from craterlab.hashing import file_sha256
-from craterlab.run import run
 
 TINY_VIT = [
     "backbone.model=test_vit",

@@ -325,12 +325,12 @@ def test_a_kept_generator_searched_with_other_settings() -> None:
 
 
 def test_a_gallery_index_searches_with_a_generator_and_workflows_pick_it() -> None:
-    from craterlab.retrieval import GalleryIndex
+    from craterlab.retrieval import EncodedGallery
     from craterlab.workflows.api import search_stage
 
     _, g, q = stage_inputs({"name": "fp32"}, n=40)
     store = get_registry().build("quantizer", {"name": "fp32"}).encode(g)
-    index = GalleryIndex([f"g{i}" for i in range(40)], pooled(g), store, device="cpu")
+    index = EncodedGallery([f"g{i}" for i in range(40)], pooled(g), store, device="cpu")
     res = index.search(pooled(q), q, mode="token_ivf", shortlist=40, depth=5, options={"lists": 8})
     torch.testing.assert_close(res.ranking.scores, late_interaction(q, g).topk(5, dim=1).values)
     assert "generator:token_ivf" in index.prepared

@@ -359,10 +359,9 @@ def test_craterlab_exports_what_a_plugin_needs() -> None:
     assert craterlab.RetrievalInputs is RetrievalInputs
     selector = craterlab.build("selector", {"name": "norm", "k": 2})
     assert selector.k == 2
-    import craterlab.run as run_module
+    from craterlab.experiment import run
 
-    assert craterlab.run is run_module and callable(craterlab.run)
-    assert run_module.run.__module__ == "craterlab.run"
+    assert craterlab.run is run and run.__module__ == "craterlab.experiment"
 
 
 def test_import_craterlab_is_cheap() -> None:

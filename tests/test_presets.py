@@ -344,7 +344,7 @@ MINIATURE = [*PAPER_PRESETS, "headline_k16", "deployment"]
 def test_each_preset_runs_offline_in_miniature(name: str, tmp_path: Path, monkeypatch):
     """The first job of each preset's sweep on the tiny synthetic set, with untrained weights
     (offline): CNN backbones (Tables 2, 5, 7, Fig 2 start with one) included."""
-    from craterlab.run import run
+    from craterlab.experiment import run
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tiny = ["dataset=synthetic", "dataset.size=tiny", "tracking=none", "report.page_queries=1"]

@@ -11,12 +11,12 @@ from omegaconf import OmegaConf
 from craterlab.errors import ConfigError, DataError
 from craterlab.plugins import get_registry
 from craterlab.retrieval import (
+    EncodedGallery,
     Fp32Quantizer,
-    GalleryIndex,
     Int8Quantizer,
     LateInteraction,
+    SingleVectorIndex,
     Stage1Settings,
-    VectorIndex,
 )
 from craterlab.retrieval.late_interaction import late_interaction
 from craterlab.retrieval.timing import single_query_latencies, timed_blocks
@@ -126,17 +126,17 @@ def test_approximate_indexes_and_their_knobs() -> None:
     g = torch.nn.functional.normalize(torch.randn(400, 16), dim=-1)
     q = g[:10]
     for spec, knobs in [("IVF4,Flat", {"nprobe": 4}), ("HNSW16", {"ef_search": 64})]:
-        idx = VectorIndex(spec, **knobs).build(g)
+        idx = SingleVectorIndex(spec, **knobs).build(g)
         _, ids, _ = idx.search(q, 1)
         assert torch.equal(ids[:, 0], torch.arange(10))  # each vector finds itself
     with pytest.raises(ConfigError, match="IVF lists"):
-        VectorIndex("IVF1024,Flat").build(g)
+        SingleVectorIndex("IVF1024,Flat").build(g)
     with pytest.raises(ConfigError, match="nprobe"):
-        VectorIndex("Flat", nprobe=3).build(g)
+        SingleVectorIndex("Flat", nprobe=3).build(g)
     with pytest.raises(ConfigError, match="index_factory"):
-        VectorIndex("NotAnIndex").build(g)
+        SingleVectorIndex("NotAnIndex").build(g)
     with pytest.raises(DataError, match="16-dimensional"):
-        VectorIndex("Flat").build(g).search(torch.randn(2, 8), 1)
+        SingleVectorIndex("Flat").build(g).search(torch.randn(2, 8), 1)
     settings = Stage1Settings("HNSW16", ef_search=64, device="cpu")
     assert settings.make().settings == settings
     assert Stage1Settings.from_dict({**settings.as_dict(), "other": 1}) == settings
@@ -146,7 +146,7 @@ def test_gallery_index_save_load_round_trip(tmp_path: Path) -> None:
     g, q, gv, qv = data()
     ids = [f"crater-{i:03d}" for i in range(60)]
     built_by = {"backbone": "vit_small_patch16_224.dino", "tokens": "instance", "k": 5}
-    index = GalleryIndex(
+    index = EncodedGallery(
         ids, gv, Int8Quantizer().encode(g), index="HNSW16", ef_search=48, device="cpu",
         metadata=built_by,
     )  # fmt: skip
@@ -155,7 +155,7 @@ def test_gallery_index_save_load_round_trip(tmp_path: Path) -> None:
         for m in ("single", "two_stage", "exhaustive")
     }
     index.save(tmp_path / "idx")
-    loaded = GalleryIndex.load(tmp_path / "idx")
+    loaded = EncodedGallery.load(tmp_path / "idx")
     assert loaded.stage1 == Stage1Settings("HNSW16", None, 48, "cpu")
     assert loaded.vindex.faiss_index.hnsw.efSearch == 48  # the knob is applied after loading
     assert loaded.metadata == built_by
@@ -165,9 +165,9 @@ def test_gallery_index_save_load_round_trip(tmp_path: Path) -> None:
         assert torch.equal(after.ranking.scores, res.ranking.scores)
     assert before["single"].ids[0][0] == ids[before["single"].ranking.indices[0, 0]]
     with pytest.raises(DataError, match="meta.json"):
-        GalleryIndex.load(tmp_path / "missing")
+        EncodedGallery.load(tmp_path / "missing")
     with pytest.raises(ConfigError, match="tokens"):
-        GalleryIndex(ids, gv).search(qv, mode="exhaustive")
+        EncodedGallery(ids, gv).search(qv, mode="exhaustive")
 
 
 def test_gallery_index_memory_maps_its_token_store(
@@ -177,9 +177,9 @@ def test_gallery_index_memory_maps_its_token_store(
     import numpy as np
 
     g, q, gv, qv = data()
-    index = GalleryIndex([str(i) for i in range(60)], gv, Int8Quantizer().encode(g))
+    index = EncodedGallery([str(i) for i in range(60)], gv, Int8Quantizer().encode(g))
     index.save(tmp_path / "idx")
-    in_memory = GalleryIndex.load(tmp_path / "idx")
+    in_memory = EncodedGallery.load(tmp_path / "idx")
     fromfile = np.fromfile
 
     def no_store_reads(file, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
@@ -187,7 +187,7 @@ def test_gallery_index_memory_maps_its_token_store(
         return fromfile(file, *args, **kwargs)
 
     monkeypatch.setattr(np, "fromfile", no_store_reads)
-    mapped = GalleryIndex.load(tmp_path / "idx", mmap=True, verify=False)
+    mapped = EncodedGallery.load(tmp_path / "idx", mmap=True, verify=False)
     monkeypatch.undo()
     codes = mapped.store.payload["codes"]
     for mode in ("two_stage", "exhaustive"):
@@ -202,7 +202,7 @@ def test_gallery_index_memory_maps_its_token_store(
 
 def test_gallery_index_names_a_query_dimension_mismatch() -> None:
     g, q, gv, qv = data()
-    index = GalleryIndex(
+    index = EncodedGallery(
         [str(i) for i in range(60)], gv, Fp32Quantizer().encode(g), metadata={"backbone": "b"}
     )
     with pytest.raises(DataError, match=r"16-dimensional vectors \(built by backbone=b\)"):
@@ -243,12 +243,12 @@ def test_auto_index_picks_by_gallery_size_and_searches_few_queries_on_one_thread
     g = torch.nn.functional.normalize(
         torch.randn(300, 16, generator=torch.Generator().manual_seed(0)), dim=-1
     )
-    small = V.VectorIndex("auto").build(g)
+    small = V.SingleVectorIndex("auto").build(g)
     assert small.spec == "Flat"
     _, ids, _ = small.search(g[:5], 1)
     assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]  # exact
     monkeypatch.setattr(V, "AUTO_HNSW_FROM", 200)
-    graph = V.VectorIndex("auto").build(g)
+    graph = V.SingleVectorIndex("auto").build(g)
     assert graph.spec == "HNSW32" and graph.settings.index == "HNSW32"
     _, ids, _ = graph.search(g[:20], 1)
     assert (ids[:, 0] == torch.arange(20)).float().mean() >= 0.95

@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from craterlab.devices import resolve_precision
 from craterlab.errors import ConfigError, UnknownComponentError
+from craterlab.experiment import run
 from craterlab.registry import KINDS
-from craterlab.run import run
 
 
 def tiny_config(tmp_path, *overrides: str):
@@ -171,11 +171,11 @@ def test_file_datasets_run_end_to_end(source: str, tmp_path) -> None:
 
 
 def test_saved_index_answers_queries_without_the_backbone(default_run, tmp_path) -> None:
-    from craterlab.retrieval.index import GalleryIndex
+    from craterlab.retrieval.index import EncodedGallery
 
     cfg = tiny_config(tmp_path, "tracking=none", "save_index=true")
     result = run(cfg)
-    index = GalleryIndex.load(result.run_dir / "index")
+    index = EncodedGallery.load(result.run_dir / "index")
     rankings = json.loads((result.run_dir / "rankings.json").read_text())
     gallery_ids = index.ids
     assert len(gallery_ids) == len(set(gallery_ids)) == 24  # 12 identities x 2 crops

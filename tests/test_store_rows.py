@@ -8,7 +8,7 @@ import torch
 
 from craterlab.errors import DataError
 from craterlab.plugins import get_registry
-from craterlab.retrieval import GalleryIndex, LateInteraction, PQQuantizer
+from craterlab.retrieval import EncodedGallery, LateInteraction, PQQuantizer
 from craterlab.retrieval.late_interaction import late_interaction
 from craterlab.retrieval.stores import ScoringOperand
 from craterlab.testing import random_tokens
@@ -107,7 +107,7 @@ def test_gallery_index_builds_its_stages_through_the_registry(monkeypatch) -> No
     gv = torch.nn.functional.normalize(g.vectors.mean(1), dim=-1)
     qv = torch.nn.functional.normalize(q.vectors.mean(1), dim=-1)
     store = get_registry().build("quantizer", {"name": "fp32"}).encode(g)
-    index = GalleryIndex([f"g{i}" for i in range(30)], gv, store, device="cpu")
+    index = EncodedGallery([f"g{i}" for i in range(30)], gv, store, device="cpu")
     built: list[dict] = []
     registry = get_registry()
     original = registry.build

@@ -14,7 +14,7 @@ from PIL import Image
 
 from craterlab.data.manifest import ManifestDataset
 from craterlab.errors import ConfigError, DataError
-from craterlab.workflows.api import Index
+from craterlab.workflows.api import CraterIndex as Index
 from craterlab.workflows.dedup import calibrate, connected_groups, dedup
 from craterlab.workflows.demo import render_observation
 from craterlab.workflows.geometry import GeometryFilter
@@ -410,9 +410,9 @@ def test_approximate_stage1_updates_agree_with_exact_search(built, spec) -> None
     root, _, sb, _, _ = built
     index = Index.load(root / "idxA")
     g = index.gallery
-    from craterlab.retrieval.index import GalleryIndex
+    from craterlab.retrieval.index import EncodedGallery
 
-    approx = GalleryIndex(
+    approx = EncodedGallery(
         g.ids,
         g.vectors,
         g.store,
@@ -424,7 +424,7 @@ def test_approximate_stage1_updates_agree_with_exact_search(built, spec) -> None
     drop = [g.ids[0], g.ids[3], g.ids[10], g.ids[11]]
     index.remove(drop)
     index.add(renamed(sb.manifest, "b_more.csv", "more_"), progress=False)
-    exact = GalleryIndex(index.gallery.ids, index.gallery.vectors, index.gallery.store)
+    exact = EncodedGallery(index.gallery.ids, index.gallery.vectors, index.gallery.store)
     q = index.gallery.vectors[::3]
     got = index.gallery.search(q, None, mode="single", depth=5).ids
     want = exact.search(q, None, mode="single", depth=5).ids

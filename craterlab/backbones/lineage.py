@@ -24,7 +24,7 @@ from typing import Any
 
 from craterlab.errors import CraterlabError
 from craterlab.hashing import file_sha256
-from craterlab.results import CHECKPOINT_TAG, default_uri
+from craterlab.results import CHECKPOINT_TAG, default_uri, is_untrained
 
 SIDECAR_SUFFIX = ".lineage.json"
 RUN_PREFIX = "run:"
@@ -55,11 +55,6 @@ def write_lineage(checkpoint: str | os.PathLike[str], lineage: Lineage) -> None:
     os.replace(tmp, path)
 
 
-def is_untrained(lineage: Sequence[Mapping[str, Any]]) -> bool:
-    """Whether the chain starts from random (untrained) weights."""
-    return bool(lineage) and lineage[0].get("kind") == "random"
-
-
 def origin_step(weights_status: str, weights_identity: Mapping[str, Any]) -> dict[str, Any]:
     """The first lineage step of weights a backbone loaded itself (not from a sidecar).
 
@@ -67,7 +62,7 @@ def origin_step(weights_status: str, weights_identity: Mapping[str, Any]) -> dic
     ``weights_status`` (which carries the fallback reason).
     """
     kind = str(weights_identity.get("weights", "unknown"))
-    if kind == "random" or weights_status.startswith("random"):
+    if kind == "random" or is_untrained(weights_status):
         return {"kind": "random", "status": weights_status, "seed": weights_identity.get("seed")}
     if kind == "pretrained":
         return {"kind": "pretrained", "tag": weights_identity.get("tag")}
@@ -117,8 +112,8 @@ def status_of(lineage: Sequence[Mapping[str, Any]], source: str) -> str:
     """The ``weights_status`` of a checkpoint with this lineage, loaded from ``source``.
 
     Untrained origin: ``random + fine-tuned (...)``, so the table header reads ``[random +
-    fine-tuned weights]`` and every check for ``startswith("random")`` (NOTE line, untrained
-    tag) fires. Otherwise ``fine-tuned (...)``; a chain without a fine-tuning step keeps
+    fine-tuned weights]`` and :func:`craterlab.results.is_untrained` (NOTE line, untrained
+    tag) says so. Otherwise ``fine-tuned (...)``; a chain without a fine-tuning step keeps
     ``source``.
     """
     steps = [s for s in lineage if s.get("kind") == "finetune"]

@@ -21,7 +21,7 @@ from typing import Any
 
 from craterlab.hookspecs import hookimpl
 from craterlab.retrieval.generators import MuveraStage, TokenIvfStage
-from craterlab.retrieval.index import GalleryIndex, SearchResult
+from craterlab.retrieval.index import EncodedGallery, SearchResult
 from craterlab.retrieval.matchers import Cosine, LateInteraction
 from craterlab.retrieval.quantizers import (
     Bf16Quantizer,
@@ -34,7 +34,7 @@ from craterlab.retrieval.quantizers import (
 from craterlab.retrieval.residual import ResidualQuantizer, ResidualStore
 from craterlab.retrieval.stages import ExhaustiveStage, SingleStage, TwoStage
 from craterlab.retrieval.stores import CodeStore, Fp16Store, Fp32Store, Int8Store, PQStore
-from craterlab.retrieval.vector_index import Stage1Settings, VectorIndex
+from craterlab.retrieval.vector_index import SingleVectorIndex, Stage1Settings
 
 __all__ = [
     "Bf16Quantizer",
@@ -45,7 +45,7 @@ __all__ = [
     "Fp16Store",
     "Fp32Quantizer",
     "Fp32Store",
-    "GalleryIndex",
+    "EncodedGallery",
     "Int8Quantizer",
     "Int8Store",
     "LateInteraction",
@@ -59,7 +59,7 @@ __all__ = [
     "Stage1Settings",
     "TokenIvfStage",
     "TwoStage",
-    "VectorIndex",
+    "SingleVectorIndex",
     "quantize_int8",
 ]
 

@@ -1,6 +1,9 @@
-"""A gallery index that is built once and queried many times, without the backbone.
+"""An encoded gallery: built once from vectors and tokens, queried many times by encoded
+queries, without the backbone (the crater index of the workflows, which encodes images, is
+:class:`craterlab.workflows.api.CraterIndex`; the stage-1 FAISS index is
+:class:`craterlab.retrieval.vector_index.SingleVectorIndex`).
 
-:class:`GalleryIndex` keeps the gallery's image ids (row i of every array is ``ids[i]``, so
+:class:`EncodedGallery` keeps the gallery's image ids (row i of every array is ``ids[i]``, so
 ids are stable across save/load), its single vectors with a stage-1 index, and optionally its
 token store. ``save(dir)`` writes::
 
@@ -13,7 +16,7 @@ token store. ``save(dir)`` writes::
 ``meta.json`` records every stage-1 setting (index, nprobe, ef_search, device), the caller's
 ``metadata`` (the run records its encoder and representation: backbone, weights, pooling,
 tokens, K, quantizer), the counts (ids, vectors, stage-1 vectors, store items) and the size
-and sha256 of every other file. ``GalleryIndex.load`` checks them all and names the file that
+and sha256 of every other file. ``EncodedGallery.load`` checks them all and names the file that
 is missing, truncated, altered or from another gallery (``verify=False`` skips the checksums
 of a huge index but still checks sizes and counts).
 
@@ -22,7 +25,7 @@ of a huge index but still checks sizes and counts).
 indexes are updated incrementally (IVF ids renumbered in its inverted lists) and an HNSW graph,
 which FAISS cannot delete from, is rebuilt on ``remove``.
 
-``GalleryIndex.load(dir).search(...)`` answers queries from query vectors (and tokens, for
+``EncodedGallery.load(dir).search(...)`` answers queries from query vectors (and tokens, for
 late interaction) computed by the same backbone, pooling and aggregator.
 """
 
@@ -44,7 +47,7 @@ from craterlab.plugins import get_registry
 from craterlab.retrieval.matchers import LateInteraction
 from craterlab.retrieval.stages import stage1_key
 from craterlab.retrieval.stores import CodeStore, read_meta_file
-from craterlab.retrieval.vector_index import Stage1Settings, VectorIndex
+from craterlab.retrieval.vector_index import SingleVectorIndex, Stage1Settings
 from craterlab.safepaths import contained
 from craterlab.types import Matcher, Ranking, RetrievalInputs, Tokens, TokenStore
 
@@ -60,7 +63,7 @@ class SearchResult:
     ranking: Ranking
 
 
-class GalleryIndex:
+class EncodedGallery:
     """Gallery ids + single vectors with a stage-1 index + (optional) token store.
 
     ``index``, ``nprobe``, ``ef_search``, ``device``: the :class:`Stage1Settings` (or pass
@@ -92,7 +95,7 @@ class GalleryIndex:
         self.store = store
         self.stage1 = stage1 or Stage1Settings(index, nprobe, ef_search, device)
         self.metadata = dict(metadata or {})
-        self.vindex: VectorIndex | None = None
+        self.vindex: SingleVectorIndex | None = None
         self.prepared: dict[str, Any] = {}
         """Gallery-side structures the stages built over this gallery (reused by searches)."""
 
@@ -105,7 +108,7 @@ class GalleryIndex:
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
-    def _stage1(self) -> VectorIndex:
+    def _stage1(self) -> SingleVectorIndex:
         if self.vindex is None:
             self.vindex = self.stage1.make().build(self.vectors)
         return self.vindex
@@ -200,7 +203,7 @@ class GalleryIndex:
     def add(self, ids: Sequence[str], vectors: torch.Tensor, store: TokenStore | None) -> None:
         """Append gallery items: their ids, single vectors and token store rows (a store of
         the same format, encoded with this store's codebook). The stage-1 index is updated
-        incrementally (see :meth:`VectorIndex.add`)."""
+        incrementally (see :meth:`SingleVectorIndex.add`)."""
         ids = [str(i) for i in ids]
         clash = sorted(set(ids) & set(self.ids)) + [i for i in set(ids) if ids.count(i) > 1]
         if clash:
@@ -289,7 +292,7 @@ class GalleryIndex:
         *,
         verify: bool = True,
         mmap: bool = False,
-    ) -> GalleryIndex:
+    ) -> EncodedGallery:
         """An index written by :meth:`save`; no backbone or images needed.
 
         ``mmap=True`` maps the token store from disk instead of reading it into memory (for
@@ -335,7 +338,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     meta = read_meta_file(
         path,
         "gallery index",
-        missing="Build one and save it with GalleryIndex.save(dir) first.",
+        missing="Build one and save it with EncodedGallery.save(dir) first.",
         damaged="Rebuild the index.",
     )
     version = meta.get("format_version")
@@ -343,7 +346,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise DataError(
             f"Gallery index {path} has format version {version}, this craterlab reads version "
             f"{FORMAT_VERSION} (which records file checksums). Rebuild the index with "
-            "GalleryIndex.save or save_index=true."
+            "EncodedGallery.save or save_index=true."
         )
     for key in ("n", "dim", "has_store", "counts", "files"):
         if key not in meta:
@@ -407,5 +410,5 @@ def _check_files(path: Path, files: dict[str, dict[str, Any]], verify: bool) -> 
             raise DataError(
                 f"Gallery index file {file} does not match its saved checksum: its content "
                 "changed after saving (damaged, or copied from another index). Restore it or "
-                "rebuild the index (GalleryIndex.load(..., verify=False) skips this check)."
+                "rebuild the index (EncodedGallery.load(..., verify=False) skips this check)."
             )

@@ -18,7 +18,7 @@ import torch
 
 from craterlab.retrieval.stores import CodeStore
 from craterlab.retrieval.timing import single_query_latencies, timed_blocks
-from craterlab.retrieval.vector_index import Stage1Settings, VectorIndex
+from craterlab.retrieval.vector_index import SingleVectorIndex, Stage1Settings
 from craterlab.types import (
     Matcher,
     Ranking,
@@ -111,7 +111,7 @@ class SingleStage:
     def index_spec(self) -> str:
         return self.settings.index
 
-    def make_index(self, inputs: RetrievalInputs) -> VectorIndex:
+    def make_index(self, inputs: RetrievalInputs) -> SingleVectorIndex:
         """The stage-1 index over the gallery vectors: the one ``inputs.prepared`` holds for
         these settings (a loaded index's), else built now and added there."""
         key = stage1_key(self.settings)

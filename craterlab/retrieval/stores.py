@@ -261,7 +261,7 @@ class CodeStore:
         meta = read_meta_file(
             path,
             "token store",
-            missing="Point to a directory written by CodeStore.save / GalleryIndex.save.",
+            missing="Point to a directory written by CodeStore.save / EncodedGallery.save.",
             damaged="Re-save the index.",
         )
         cls = CodeStore.formats.get(meta.get("format"))

@@ -72,14 +72,14 @@ class Stage1Settings:
         """Settings from a mapping (a saved index's metadata); unknown keys are ignored."""
         return cls(**{k: data[k] for k in ("index", "nprobe", "ef_search", "device") if k in data})
 
-    def make(self, chunk: int = 1000) -> VectorIndex:
+    def make(self, chunk: int = 1000) -> SingleVectorIndex:
         """An empty index with these settings (``build`` or ``load`` fills it)."""
-        return VectorIndex(
+        return SingleVectorIndex(
             self.index, self.nprobe, self.ef_search, resolve_device(self.device), chunk
         )
 
 
-class VectorIndex:
+class SingleVectorIndex:
     """Top-k inner-product search over the gallery's single vectors; ids are row numbers."""
 
     def __init__(
@@ -109,7 +109,7 @@ class VectorIndex:
     def is_torch(self) -> bool:
         return self.spec.lower() == "torch"
 
-    def build(self, vectors: torch.Tensor) -> VectorIndex:
+    def build(self, vectors: torch.Tensor) -> SingleVectorIndex:
         """Train (if the index needs it) and add the gallery vectors (N, D)."""
         v = vectors.detach().float()
         if v.dim() != 2:
@@ -263,7 +263,7 @@ class VectorIndex:
         else:
             faiss.write_index(self.faiss_index, str(path / "index.faiss"))
 
-    def load(self, directory: str | os.PathLike[str], ntotal: int, dim: int) -> VectorIndex:
+    def load(self, directory: str | os.PathLike[str], ntotal: int, dim: int) -> SingleVectorIndex:
         """Read an index written by :meth:`save` over ``ntotal`` vectors of ``dim``; a file
         that is missing, unreadable or holds another count or dimension is a
         :class:`DataError` that names it."""

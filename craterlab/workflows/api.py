@@ -1,18 +1,18 @@
-"""``craterlab.Index``: build, search, update and save a crater index from Python.
+"""``craterlab.CraterIndex``: build, search, update and save a crater index from Python.
 
 The same verbs as the command line (``python -m craterlab index|search|dedup|match``)::
 
     import craterlab
-    index = craterlab.Index.build("crops/manifest.csv", ["backbone=dino_s16", "quantizer=int8"])
+    index = craterlab.CraterIndex.build("crops/manifest.csv", ["backbone=dino_s16", "k=32"])
     index.save("my-index")
-    hits = craterlab.Index.load("my-index").search("queries/", top=10)
+    hits = craterlab.CraterIndex.load("my-index").search("queries/", top=10)
     hits.to_csv("hits.csv")
     index.add("new-crops/"); index.remove(["c0012_2x"]); index.save("my-index")
 
 An index is a composition of the experiments' components: the config is composed from
 ``conf/`` with the given overrides, components are built by the registry, features go through
 the feature cache, vectors and tokens are made by the experiment's pooling and token method,
-and the stage-1 index and token store are a :class:`craterlab.retrieval.GalleryIndex`. The
+and the stage-1 index and token store are a :class:`craterlab.retrieval.EncodedGallery`. The
 saved directory records everything needed to encode queries the same way.
 
 Layout of a saved index directory::
@@ -20,7 +20,7 @@ Layout of a saved index directory::
     workflow.json   craterlab version, overrides, resolved config, encoder identity
                     (backbone identity, weights status, untrained flag), items (id, source
                     path, crater, optional x/y/diameter), stage-1 settings
-    gallery/        the GalleryIndex (ids, vectors, stage-1 index, token store)
+    gallery/        the EncodedGallery (ids, vectors, stage-1 index, token store)
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ import torch
 
 import craterlab
 from craterlab.errors import ConfigError, DataError
-from craterlab.retrieval.index import GalleryIndex
+from craterlab.results import is_untrained
+from craterlab.retrieval.index import EncodedGallery
 from craterlab.types import Tokens
 from craterlab.workflows.config import (
     compose_config,
@@ -73,12 +74,12 @@ RUNTIME_KEYS = ("device", "batch_size", "num_workers", "cache")
 """Config knobs that may differ between building an index and using it."""
 
 
-class Index:
+class CraterIndex:
     """A searchable, updatable crater index (see the module docstring)."""
 
     def __init__(
         self,
-        gallery: GalleryIndex,
+        gallery: EncodedGallery,
         items: Sequence[Item],
         config: dict[str, Any],
         overrides: Sequence[str],
@@ -114,7 +115,7 @@ class Index:
         ef_search: int | None = None,
         skip_bad: bool = False,
         progress: bool = True,
-    ) -> Index:
+    ) -> CraterIndex:
         """Encode a folder of crops or a manifest into an index (not yet saved).
 
         ``overrides`` are experiment overrides (``backbone=...``, ``k=32``, ``quantizer=int8``);
@@ -142,7 +143,7 @@ class Index:
         quantizer = encoder.new_quantizer()
         quantizer.fit(encoded.tokens)
         store = quantizer.encode(encoded.tokens)
-        gallery = GalleryIndex(
+        gallery = EncodedGallery(
             [it.id for it in items],
             encoded.vectors,
             store,
@@ -176,7 +177,7 @@ class Index:
                 f"Index {final} changed on disk after it was loaded (another update "
                 "landed); saving would lose that update. Load it again and repeat the "
                 "change, or update it with `python -m craterlab index add|remove` / "
-                "Index.updating(dir), which take a lock."
+                "CraterIndex.updating(dir), which take a lock."
             )
         check_space(final.parent, self._bytes_needed(), f"index {final.name}")
         tmp = clear_partial(final)
@@ -224,10 +225,10 @@ class Index:
 
     @classmethod
     @contextlib.contextmanager
-    def updating(cls, directory: str | os.PathLike[str], **load_args: Any) -> Iterator[Index]:
+    def updating(cls, directory: str | os.PathLike[str], **load_args: Any) -> Iterator[CraterIndex]:
         """Lock the index at ``directory``, load it, let the caller change it, save it.
 
-        ``with Index.updating("idx") as index: index.add("new-crops/")``. A second update at
+        ``with CraterIndex.updating("idx") as index: index.add("new-crops/")``. A second update at
         the same time waits for the lock and then sees the first one's items.
         """
         path = index_path(directory)
@@ -239,7 +240,7 @@ class Index:
     @classmethod
     def load(
         cls, directory: str | os.PathLike[str], *, mmap: bool = False, verify: bool = True
-    ) -> Index:
+    ) -> CraterIndex:
         """An index saved by :meth:`save`; checks its version and completeness.
 
         ``mmap=True`` maps the token store from disk instead of reading it into memory (a
@@ -286,7 +287,7 @@ class Index:
                 f"Index {path} lists {len(items)} items but records n={meta.get('n')}: it is "
                 "truncated. Rebuild it."
             )
-        gallery = GalleryIndex.load(path / "gallery", mmap=mmap, verify=verify)
+        gallery = EncodedGallery.load(path / "gallery", mmap=mmap, verify=verify)
         if list(gallery.ids) != [it.id for it in items]:
             raise DataError(
                 f"Index {path}: gallery/ holds {len(gallery.ids)} ids that differ from the "
@@ -548,7 +549,7 @@ def restore_quantizer(quantizer: Any, store: Any) -> None:
 
 
 def built_by(config: dict[str, Any], weights: str, source: str) -> dict[str, Any]:
-    """What the saved GalleryIndex records about its encoder (the keys a run records)."""
+    """What the saved EncodedGallery records about its encoder (the keys a run records)."""
     tokens = config["aggregator"]["name"]
     if tokens == "none":
         tokens = config["selector"]["name"]
@@ -575,7 +576,7 @@ def _stage1_settings(config: dict[str, Any]) -> tuple[str, int | None, int | Non
 
 def _announce_weights(encoder: Encoder) -> None:
     status = encoder.weights_status
-    if status.startswith("random"):
+    if is_untrained(status):
         log.warning(
             "Backbone weights: %s. Scores of this index are NOT a pretrained model's.", status
         )

@@ -22,7 +22,7 @@ from craterlab.workflows.options import finite, fraction, positive_int
 from craterlab.workflows.options import geometry as check_geometry
 
 if TYPE_CHECKING:
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
     from craterlab.workflows.results import SearchHits
 
 
@@ -235,12 +235,12 @@ def index_command(argv: list[str]) -> int:
     positive_int("--nprobe", args.nprobe)
     positive_int("--ef-search", args.ef_search)
     _quiet_logs()
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
     from craterlab.workflows.storage import check_index_target, index_lock, index_path
 
     out = index_path(args.out)
     check_index_target(out, overwrite=args.overwrite)  # before the encoding, not after
-    index = Index.build(
+    index = CraterIndex.build(
         args.source,
         overrides,
         stage1=args.stage1,
@@ -267,9 +267,9 @@ def _index_add(argv: list[str]) -> int:
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable crops (counted)")
     args = p.parse_args(argv)
     _quiet_logs()
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
 
-    with Index.updating(args.index) as index:
+    with CraterIndex.updating(args.index) as index:
         added = index.add(args.source, skip_bad=args.skip_bad)
     print(f"added {added} item(s); the index holds {len(index)}")
     if index.skipped:
@@ -292,9 +292,9 @@ def _index_remove(argv: list[str]) -> int:
     if not ids:
         raise ConfigError("index remove needs ids: index remove DIR ID [ID ...] or --ids-file.")
     _quiet_logs()
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
 
-    with Index.updating(args.index) as index:
+    with CraterIndex.updating(args.index) as index:
         how = index.remove(ids)
     print(f"removed {len(set(ids))} item(s) (stage 1: {how}); the index holds {len(index)}")
     return 0
@@ -327,9 +327,9 @@ def _index_info(argv: list[str]) -> int:
     p.add_argument("index")
     p.add_argument("--ids", action="store_true", help="also list every item id")
     args = p.parse_args(argv)
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
 
-    index = Index.load(args.index)
+    index = CraterIndex.load(args.index)
     print(index.describe())
     if args.ids:
         print("\n".join(it.id for it in index.items))
@@ -408,9 +408,9 @@ def search_command(argv: list[str]) -> int:
         input_dirs=[args.index],
     )
     _quiet_logs()
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
 
-    index = Index.load(args.index)
+    index = CraterIndex.load(args.index)
     hits = index.search(
         args.queries,
         top=args.top,
@@ -442,7 +442,7 @@ def search_command(argv: list[str]) -> int:
     return 0
 
 
-def _write_search_page(args: argparse.Namespace, index: Index, hits: SearchHits) -> Path:
+def _write_search_page(args: argparse.Namespace, index: CraterIndex, hits: SearchHits) -> Path:
     """PREFIX.html: each query crop beside its hits (:mod:`craterlab.workflows.search_page`)."""
     from craterlab.workflows.items import load_items
     from craterlab.workflows.search_page import search_page
@@ -516,10 +516,10 @@ def dedup_command(argv: list[str]) -> int:
         input_dirs=[args.index],
     )
     _quiet_logs()
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
     from craterlab.workflows.dedup import dedup
 
-    index = Index.load(args.index)
+    index = CraterIndex.load(args.index)
     result = dedup(
         index,
         threshold=args.threshold,
@@ -573,10 +573,10 @@ def match_command(argv: list[str]) -> int:
         input_dirs=[args.index_a, args.index_b],
     )
     _quiet_logs()
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
     from craterlab.workflows.match import match
 
-    a, b = Index.load(args.index_a), Index.load(args.index_b)
+    a, b = CraterIndex.load(args.index_a), CraterIndex.load(args.index_b)
     result = match(
         a, b, neighbors=args.neighbors, geometry=_geometry(args), min_score=args.min_score
     )

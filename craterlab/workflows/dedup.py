@@ -34,7 +34,7 @@ from craterlab.workflows.pairs import (
 )
 
 if TYPE_CHECKING:
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
 
 log = logging.getLogger("craterlab")
 
@@ -116,7 +116,7 @@ class DedupResult:
 
 
 def dedup(
-    index: Index,
+    index: CraterIndex,
     *,
     threshold: float | None = None,
     labels: str | os.PathLike[str] | Mapping[str, str] | None = None,
@@ -151,7 +151,9 @@ def dedup(
     return DedupResult(kept, groups, float(threshold), len(pairs), calibration, group_of)
 
 
-def _labels(index: Index, labels: str | os.PathLike[str] | Mapping[str, str]) -> dict[str, str]:
+def _labels(
+    index: CraterIndex, labels: str | os.PathLike[str] | Mapping[str, str]
+) -> dict[str, str]:
     """crater (catalog entry) of the index -> true label, from item labels."""
     if isinstance(labels, Mapping):
         by_item = {str(k): str(v) for k, v in labels.items()}

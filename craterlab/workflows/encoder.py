@@ -17,6 +17,7 @@ from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError
 from craterlab.pipeline import TOKEN_BATCH, apply_batched
 from craterlab.plugins import get_registry
+from craterlab.results import is_untrained
 from craterlab.types import Fittable, Tokens
 from craterlab.workflows.items import ItemSet
 
@@ -46,10 +47,11 @@ class Encoder:
         self.pooling = registry.build("pooling", config["pooling"], seed=seed)
         selector = registry.build("selector", config["selector"], seed=seed)
         aggregator = registry.build("aggregator", config["aggregator"], seed=seed)
-        self.tokenizer = selector if aggregator is None else aggregator
+        self.selector_or_aggregator = selector if aggregator is None else aggregator
         self.quantizer_config = config["quantizer"]
         self.matcher = registry.build("matcher", config["matcher"], seed=seed)
-        for name, component in (("pooling", self.pooling), ("token method", self.tokenizer)):
+        token_method = ("token method", self.selector_or_aggregator)
+        for name, component in (("pooling", self.pooling), token_method):
             if isinstance(component, Fittable):
                 raise ConfigError(
                     f"The {name} {type(component).__name__} learns from the gallery (fit), and "
@@ -74,7 +76,7 @@ class Encoder:
         return {
             "backbone": self.backbone.identity(),
             "weights_status": weights,
-            "untrained": weights.startswith("random"),
+            "untrained": is_untrained(weights),
         }
 
     def encode(self, items: ItemSet, *, progress: bool = True) -> Encoded:
@@ -93,6 +95,6 @@ class Encoder:
         check_features(feats, items.name)  # NaN stops; all-identical features are warned
         vectors = apply_batched(self.pooling, feats, self.device, TOKEN_BATCH)
         check_vectors(vectors, items.name)
-        tokens = apply_batched(self.tokenizer, feats, self.device, TOKEN_BATCH)
+        tokens = apply_batched(self.selector_or_aggregator, feats, self.device, TOKEN_BATCH)
         check_tokens(tokens, items.name)
         return Encoded(vectors.float(), tokens, bool(info.cache_hit), float(info.seconds))

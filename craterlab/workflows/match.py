@@ -28,7 +28,7 @@ from craterlab.workflows.pairs import (
 )
 
 if TYPE_CHECKING:
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
 
 
 @dataclass
@@ -41,7 +41,7 @@ class MatchResult:
         return write_pairs_csv(path, self.matches)
 
 
-def check_compatible(a: Index, b: Index) -> None:
+def check_compatible(a: CraterIndex, b: CraterIndex) -> None:
     """Two indexes are comparable only if one encoder made both."""
     diffs = spec_differences(encoder_spec(a.config), encoder_spec(b.config))
     if a.encoder_identity.get("backbone") != b.encoder_identity.get("backbone"):
@@ -58,8 +58,8 @@ def check_compatible(a: Index, b: Index) -> None:
 
 
 def match(
-    a: Index,
-    b: Index,
+    a: CraterIndex,
+    b: CraterIndex,
     *,
     neighbors: int = 10,
     geometry: GeometryFilter | None = None,

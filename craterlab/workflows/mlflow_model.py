@@ -90,12 +90,12 @@ def _query_items(frame: Any, workdir: Path) -> list[Any]:
 
 
 class IndexModel(mlflow.pyfunc.PythonModel):
-    """The pyfunc wrapper around :class:`craterlab.workflows.api.Index` (see module doc)."""
+    """The pyfunc wrapper around :class:`craterlab.workflows.api.CraterIndex` (see module doc)."""
 
     def load_context(self, context: Any) -> None:
-        from craterlab.workflows.api import Index
+        from craterlab.workflows.api import CraterIndex
 
-        self.index = Index.load(context.artifacts[ARTIFACT])
+        self.index = CraterIndex.load(context.artifacts[ARTIFACT])
         self.crater = {it.id: it.crater for it in self.index.items}
 
     # model_input is left unannotated: MLflow reads a hint there as a schema of its own
@@ -149,9 +149,9 @@ def log_index(
     The index is loaded first, so a damaged or foreign index is refused before anything is
     logged.
     """
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
 
-    index = Index.load(index_dir)
+    index = CraterIndex.load(index_dir)
     uri = tracking_uri or _default_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment)

@@ -22,7 +22,7 @@ import torch
 from craterlab.workflows.geometry import GeometryFilter, geometric_pairs, positions
 
 if TYPE_CHECKING:
-    from craterlab.workflows.api import Index
+    from craterlab.workflows.api import CraterIndex
 
 PAIR_BLOCK = 512  # pairs scored per matcher call (bounds the decoded-token memory)
 
@@ -77,7 +77,7 @@ def _optional(v: float) -> str:
 
 
 def candidate_rows(
-    a: Index, b: Index, neighbors: int, flt: GeometryFilter, same: bool
+    a: CraterIndex, b: CraterIndex, neighbors: int, flt: GeometryFilter, same: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """(rows of a, rows of b) to score. ``same``: a and b are one index (no self pairs, no
     pairs within one crater, each unordered pair once)."""
@@ -97,7 +97,7 @@ def candidate_rows(
     return ia.astype(np.int64), ib.astype(np.int64)
 
 
-def _stage1_pairs(a: Index, b: Index, neighbors: int) -> tuple[np.ndarray, np.ndarray]:
+def _stage1_pairs(a: CraterIndex, b: CraterIndex, neighbors: int) -> tuple[np.ndarray, np.ndarray]:
     k = min(neighbors, len(b))
     result = b.gallery.search(a.gallery.vectors, None, mode="single", depth=k)
     rows = result.ranking.indices
@@ -106,7 +106,7 @@ def _stage1_pairs(a: Index, b: Index, neighbors: int) -> tuple[np.ndarray, np.nd
     return ia[valid].numpy(), rows[valid].numpy()
 
 
-def pair_scores(a: Index, b: Index, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+def pair_scores(a: CraterIndex, b: CraterIndex, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
     """Mean of the two directional matcher scores of each pair (rows of a, rows of b)."""
     matcher = a.matcher()
     out = np.empty(len(ia), dtype=np.float64)
@@ -126,7 +126,7 @@ def _blocks(n: int) -> Iterator[tuple[int, int]]:
 
 
 def crater_pairs(
-    a: Index, b: Index, ia: np.ndarray, ib: np.ndarray, scores: np.ndarray, same: bool
+    a: CraterIndex, b: CraterIndex, ia: np.ndarray, ib: np.ndarray, scores: np.ndarray, same: bool
 ) -> list[CraterPair]:
     """Fold crop pairs into crater pairs, best crop pair first per crater pair."""
     best: dict[tuple[str, str], CraterPair] = {}

@@ -78,7 +78,7 @@ def check_index_target(path: Path, *, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(
             f"{path} already holds a craterlab index. Pass --overwrite to replace it "
-            "(Index.save(dir, overwrite=True)), use `python -m craterlab index add` to add "
+            "(CraterIndex.save(dir, overwrite=True)), use `python -m craterlab index add` to add "
             "crops to it, or choose another --out."
         )
 

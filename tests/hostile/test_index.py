@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from craterlab.errors import CraterlabError
-from craterlab.retrieval import GalleryIndex, Int8Quantizer
+from craterlab.retrieval import EncodedGallery, Int8Quantizer
 from craterlab.retrieval.stores import CodeStore
 from craterlab.testing import random_tokens
 
 
-def save(path: Path, seed: int = 0, n: int = 40, index: str = "Flat") -> GalleryIndex:
+def save(path: Path, seed: int = 0, n: int = 40, index: str = "Flat") -> EncodedGallery:
     g = random_tokens(n, 4, 16, seed=seed)
     vectors = torch.nn.functional.normalize(g.vectors.mean(1), dim=-1)
-    gallery = GalleryIndex([f"g{i}" for i in range(n)], vectors, Int8Quantizer().encode(g), index)
+    gallery = EncodedGallery([f"g{i}" for i in range(n)], vectors, Int8Quantizer().encode(g), index)
     gallery.save(path)
     return gallery
 
@@ -49,15 +49,15 @@ def test_intact_index_loads_and_records_its_manifest(saved: Path) -> None:
     }
     assert meta["counts"] == {"ids": 40, "vectors": 40, "stage1": 40, "store": 40}
     assert all(info["bytes"] == (saved / rel).stat().st_size for rel, info in meta["files"].items())
-    assert len(GalleryIndex.load(saved).ids) == 40
+    assert len(EncodedGallery.load(saved).ids) == 40
 
 
 @pytest.mark.parametrize("rel", ["stage1/index.faiss", "store/codes.bin", "vectors.bin"])
 def test_flipped_bytes_are_named(saved: Path, rel: str) -> None:
     flip_byte(saved / rel, (saved / rel).stat().st_size // 2)
     with pytest.raises(CraterlabError, match=f"{rel}.*does not match its saved checksum"):
-        GalleryIndex.load(saved)
-    GalleryIndex.load(saved, verify=False)  # the escape hatch for huge indexes still loads
+        EncodedGallery.load(saved)
+    EncodedGallery.load(saved, verify=False)  # the escape hatch for huge indexes still loads
 
 
 @pytest.mark.parametrize("rel", ["stage1/index.faiss", "store/scales.bin", "ids.json"])
@@ -66,14 +66,14 @@ def test_truncated_files_are_named_even_without_checksums(saved: Path, rel: str)
     file.write_bytes(file.read_bytes()[:-7])
     for verify in (True, False):
         with pytest.raises(CraterlabError, match=f"{rel} has .* bytes, .* were saved"):
-            GalleryIndex.load(saved, verify=verify)
+            EncodedGallery.load(saved, verify=verify)
 
 
 @pytest.mark.parametrize("rel", ["stage1/index.faiss", "store/codes.bin", "store/meta.json"])
 def test_missing_files_are_named(saved: Path, rel: str) -> None:
     (saved / rel).unlink()
     with pytest.raises(CraterlabError, match=f"{rel} is missing"):
-        GalleryIndex.load(saved)
+        EncodedGallery.load(saved)
 
 
 def test_stage1_copied_from_another_gallery(tmp_path: Path) -> None:
@@ -82,12 +82,12 @@ def test_stage1_copied_from_another_gallery(tmp_path: Path) -> None:
     shutil.rmtree(tmp_path / "a" / "stage1")
     shutil.copytree(tmp_path / "b" / "stage1", tmp_path / "a" / "stage1")
     with pytest.raises(CraterlabError, match="index.faiss does not match its saved checksum"):
-        GalleryIndex.load(tmp_path / "a")
+        EncodedGallery.load(tmp_path / "a")
     save(tmp_path / "c", seed=2, n=30)  # another size: caught by sizes and counts alone
     shutil.rmtree(tmp_path / "a" / "stage1")
     shutil.copytree(tmp_path / "c" / "stage1", tmp_path / "a" / "stage1")
     with pytest.raises(CraterlabError, match="index.faiss has"):
-        GalleryIndex.load(tmp_path / "a", verify=False)
+        EncodedGallery.load(tmp_path / "a", verify=False)
 
 
 def test_counts_that_disagree_are_named(saved: Path) -> None:
@@ -95,19 +95,19 @@ def test_counts_that_disagree_are_named(saved: Path) -> None:
     meta["counts"]["stage1"] = 39
     (saved / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(CraterlabError, match="inconsistent"):
-        GalleryIndex.load(saved)
+        EncodedGallery.load(saved)
 
 
 def test_damaged_or_old_meta_json(saved: Path) -> None:
     (saved / "meta.json").write_text('{"format_version": 2, "n": 4')
     with pytest.raises(CraterlabError, match="meta.json is not valid JSON"):
-        GalleryIndex.load(saved)
+        EncodedGallery.load(saved)
     (saved / "meta.json").write_text('{"format_version": 1}')
     with pytest.raises(CraterlabError, match="format version 1.*Rebuild"):
-        GalleryIndex.load(saved)
+        EncodedGallery.load(saved)
     (saved / "meta.json").write_text("[2, 4]")  # valid JSON, not an index's metadata
     with pytest.raises(CraterlabError, match="meta.json is not a JSON object.*Rebuild"):
-        GalleryIndex.load(saved)
+        EncodedGallery.load(saved)
     (saved / "store" / "meta.json").write_text("{")  # the token store's, shared reader
     with pytest.raises(CraterlabError, match="Token store metadata .* not valid JSON"):
         CodeStore.load(saved / "store")

@@ -11,12 +11,12 @@ import torch
 from conftest import CONF, TINY
 from hydra import compose, initialize_config_dir
 
+import craterlab.experiment as run_module
 import craterlab.pipeline as pipeline
-import craterlab.run as run_module
 from craterlab.backbones.timm_backbone import TimmBackbone
 from craterlab.checks import check_features, check_scores, check_tokens, nonfinite_rows
 from craterlab.errors import ConfigError, CraterlabError
-from craterlab.run import run
+from craterlab.experiment import run
 from craterlab.types import Features, Ranking, Tokens
 
 FAST = [*TINY, "backbone.model=test_vit", "backbone.pretrained_tag=r160_in1k", "tracking=none"]

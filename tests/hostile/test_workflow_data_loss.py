@@ -22,7 +22,7 @@ from craterlab.cache import EntryWriter
 from craterlab.errors import ConfigError, CraterlabError, DataError
 from craterlab.types import Features
 from craterlab.workflows import cli, storage
-from craterlab.workflows.api import Index
+from craterlab.workflows.api import CraterIndex as Index
 from craterlab.workflows.ingest import ingest_folder
 
 TINY = [

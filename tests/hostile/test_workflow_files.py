@@ -20,10 +20,10 @@ from craterlab.errors import CraterlabError, DataError
 from craterlab.hashing import sha256_of
 from craterlab.report.runs import RunRecord
 from craterlab.report.tables import LAYOUTS, build_table, to_markdown
-from craterlab.retrieval import GalleryIndex, Int8Quantizer
+from craterlab.retrieval import EncodedGallery, Int8Quantizer
 from craterlab.testing import random_tokens
 from craterlab.workflows import cli
-from craterlab.workflows.api import Index
+from craterlab.workflows.api import CraterIndex as Index
 
 TINY = [
     "backbone.model=test_vit",
@@ -71,7 +71,7 @@ def rehash(gallery: Path) -> None:
 def gallery_dir(tmp_path: Path) -> Path:
     g = random_tokens(6, 4, 8, seed=0)
     vectors = torch.nn.functional.normalize(g.vectors.mean(1), dim=-1)
-    GalleryIndex([f"g{i}" for i in range(6)], vectors, Int8Quantizer().encode(g)).save(
+    EncodedGallery([f"g{i}" for i in range(6)], vectors, Int8Quantizer().encode(g)).save(
         tmp_path / "g"
     )
     return tmp_path / "g"
@@ -96,7 +96,7 @@ def test_a_meta_json_file_entry_outside_the_index_is_refused(tmp_path, name) -> 
     g = gallery_dir(tmp_path)
     edit_json(g / "meta.json", lambda d: d["files"].__setitem__(name, {"bytes": 1, "sha256": "0"}))
     with pytest.raises(DataError, match="not a plain file name inside"):
-        GalleryIndex.load(g)
+        EncodedGallery.load(g)
 
 
 def test_a_meta_json_entry_through_a_link_out_of_the_index_is_refused(tmp_path) -> None:
@@ -108,7 +108,7 @@ def test_a_meta_json_entry_through_a_link_out_of_the_index_is_refused(tmp_path) 
         g / "meta.json", lambda d: d["files"].__setitem__("link.bin", {"bytes": 1, "sha256": "0"})
     )
     with pytest.raises(DataError, match="a link out of the folder"):
-        GalleryIndex.load(g)
+        EncodedGallery.load(g)
 
 
 def test_a_cache_entry_naming_files_outside_it_is_corrupt(tmp_path) -> None:
@@ -138,7 +138,7 @@ def test_damaged_gallery_meta_values_are_named(tmp_path, change, message) -> Non
     g = gallery_dir(tmp_path)
     edit_json(g / "meta.json", change)
     with pytest.raises(DataError, match=message.replace("[", r"\[")):
-        GalleryIndex.load(g, verify=False)
+        EncodedGallery.load(g, verify=False)
 
 
 @pytest.mark.parametrize(
@@ -155,7 +155,7 @@ def test_damaged_store_meta_is_named(tmp_path, change, message) -> None:
     edit_json(g / "store" / "meta.json", change)
     rehash(g)
     with pytest.raises(DataError, match=message):
-        GalleryIndex.load(g, verify=False)
+        EncodedGallery.load(g, verify=False)
 
 
 WORKFLOW_DAMAGE = {

@@ -19,7 +19,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from craterlab.backbones.lineage import (
-    is_untrained,
     lineage_of,
     lineage_params,
     record_checkpoints,
@@ -46,8 +45,9 @@ from craterlab.results import (
     UNTRAINED_TAG,
     WEIGHTS_TAG,
     flatten_metrics,
+    is_untrained,
 )
-from craterlab.retrieval.index import GalleryIndex
+from craterlab.retrieval.index import EncodedGallery
 from craterlab.retrieval.vector_index import Stage1Settings
 from craterlab.sweeps.report import child_run_name
 from craterlab.sweeps.resume import identity_tags, previous_run, record_skip
@@ -159,7 +159,7 @@ def _record_weights(backbone: Backbone, tracker: Tracker) -> str:
     lineage = lineage_of(backbone)  # origin and every fine-tuning step of these weights
     tracker.set_tags({WEIGHTS_TAG: weights})
     tracker.log_params(lineage_params(lineage, weights))
-    if weights.startswith("random") or is_untrained(lineage):
+    if is_untrained(weights) or is_untrained(lineage):
         tracker.set_tags({UNTRAINED_TAG: "true"})
         log.warning("Backbone weights: %s. These numbers are NOT a pretrained model's.", weights)
     else:
@@ -216,9 +216,10 @@ def _save_index(
     built_by: dict[str, Any],
 ) -> None:
     """Write the gallery (ids, stage-1 index with the run's stage-1 settings, token store, what
-    built it) so it can be queried without the backbone: ``GalleryIndex.load(dir).search(...)``."""
+    built it) so it can be queried without the backbone:
+    ``EncodedGallery.load(dir).search(...)``."""
     stage1 = next((r.stage1 for r in reports.values() if r.stage1 is not None), None)
-    index = GalleryIndex(
+    index = EncodedGallery(
         [r.image_id for r in dataset.records("gallery")],
         rep.gallery_vectors,
         rep.store,
