@@ -82,7 +82,7 @@ def _overwrite_option(p: argparse.ArgumentParser) -> None:
 
 def _quiet_logs() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("faiss", "faiss.loader", "timm", "httpx", "huggingface_hub"):
+    for noisy in ("faiss", "faiss.loader", "timm", "httpx", "huggingface_hub", "pyogrio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
