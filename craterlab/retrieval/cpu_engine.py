@@ -305,11 +305,10 @@ def rerank(
     if nq == 0 or s == 0:
         return torch.full((nq, s), float("-inf"))
     if fused and _fused.supports(kernel.name, gallery.rows, gallery.scales):
-        q, qscale = kernel.queries(queries.vectors)
         n_workers = resolve_workers(workers)
         return _fused.rerank(
-            kernel.name, q, qscale, queries.mask, gallery.rows, gallery.scales, gallery.mask,
-            candidates, lambda fn, n: run_blocks(fn, n, n_workers), n_workers,
+            kernel.name, queries.vectors, queries.mask, gallery.rows, gallery.scales,
+            gallery.mask, candidates, lambda fn, n: run_blocks(fn, n, n_workers), n_workers,
         )  # fmt: skip
     k, d = gallery.k, gallery.dim
     flat = gallery.flat()

@@ -3,7 +3,7 @@
 The blocked engine (:func:`craterlab.retrieval.cpu_engine.rerank`) runs a rerank as separate
 torch ops per block (gather, matmul, bias, max, scale, mean), each a pass over memory and a
 dispatch. The C kernel in ``fused_maxsim.c`` does all of it per candidate in registers: the
-query's tokens are packed once (:func:`pack_int8`, :func:`pack_bf16`) so they stay in L1, each
+query's tokens are quantized and packed once by C (:func:`pack_queries`) so they stay in L1, each
 candidate's rows are read once where they lie in the store (no gather copy), its 8 x 32 blocks
 of dot products run on AVX-512 VNNI (int8 codes) or AVX-512 BF16, and only one float per
 (query, candidate) is written.
@@ -118,6 +118,10 @@ def library() -> ctypes.CDLL | None:
         fn.argtypes = [ctypes.POINTER(Args), ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_int64, ctypes.c_int64]  # fmt: skip
         fn.restype = None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.craterlab_pack_queries.argtypes = [ptr, ptr, i64, i64, i64, i64, ctypes.c_int,
+                                           ptr, ptr, ptr]  # fmt: skip
+    lib.craterlab_pack_queries.restype = None
     return lib
 
 
@@ -136,46 +140,29 @@ def available(kernel: str) -> bool:
 # --------------------------------------------------------------------------- query operands
 
 
-def _weights(
-    scales: torch.Tensor | None, mask: torch.Tensor | None, nq: int, kq: int, kqp: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Nq, KQP) weight of each query token in the mean (its scale / real count; 0 for
-    padding and masked tokens) and (Nq,) real token counts."""
-    real = torch.ones(nq, kq, dtype=torch.bool) if mask is None else mask.cpu().bool()
-    nreal = real.sum(-1).to(torch.int64)
-    w = torch.zeros(nq, kqp, dtype=torch.float32)
-    base = real.float() / nreal.clamp(min=1).unsqueeze(-1).float()
-    w[:, :kq] = base if scales is None else base * scales.float()
-    return w, nreal.contiguous()
-
-
-def _padded(q: torch.Tensor, kqp: int) -> torch.Tensor:
-    nq, kq, d = q.shape
-    out = torch.zeros(nq, kqp, d, dtype=q.dtype)
-    out[:, :kq] = q
-    return out
-
-
-def pack_int8(codes: torch.Tensor, scales: torch.Tensor, mask: torch.Tensor | None):  # type: ignore[no-untyped-def]
-    """int8 query codes (Nq, Kq, D) -> (qpack (Nq, D/4, KQP, 4) uint8 codes + 128, None,
-    qweight (Nq, KQP), nreal (Nq,), KQP): the kernel's query operand, built once per call
-    (VNNI multiplies unsigned by signed bytes; the kernel subtracts 128 x the row sums)."""
-    nq, kq, d = codes.shape
-    kqp = -(-kq // 16) * 16
-    unsigned = (_padded(codes, kqp).to(torch.int16) + 128).to(torch.uint8)
-    qpack = unsigned.view(nq, kqp, d // 4, 4).permute(0, 2, 1, 3).contiguous()
-    qweight, nreal = _weights(scales, mask, nq, kq, kqp)
-    return qpack, None, qweight, nreal, kqp
-
-
-def pack_bf16(q: torch.Tensor, mask: torch.Tensor | None):  # type: ignore[no-untyped-def]
-    """bf16 query tokens (Nq, Kq, D) -> (qpack (Nq, D/2, KQP, 2), None, qweight, nreal, KQP)."""
+def pack_queries(queries: torch.Tensor, mask: torch.Tensor | None, family: str):  # type: ignore[no-untyped-def]
+    """Float query tokens (Nq, Kq, D) -> (qpack, qweight (Nq, KQP), nreal (Nq,), KQP): the
+    kernel's query operand, made by one C call (``craterlab_pack_queries``): int8 codes
+    quantized per token exactly as :func:`~craterlab.retrieval.quantizers.quantize_int8`
+    does, stored + 128 as (Nq, D/4, KQP, 4) bytes (VNNI multiplies unsigned by signed bytes;
+    the kernel subtracts 128 x the gallery row sums), or bf16 as (Nq, D/2, KQP, 2). KQP is Kq
+    rounded up to 16; each token's weight in the mean is its scale / real token count (0 for
+    padding and masked tokens)."""
+    lib = library()
+    assert lib is not None
+    q = queries.detach().cpu().to(torch.float32).contiguous()
     nq, kq, d = q.shape
     kqp = -(-kq // 16) * 16
-    padded = _padded(q.to(torch.bfloat16), kqp)
-    qpack = padded.view(nq, kqp, d // 2, 2).permute(0, 2, 1, 3).contiguous()
-    qweight, nreal = _weights(None, mask, nq, kq, kqp)
-    return qpack, None, qweight, nreal, kqp
+    bf16 = family == "bf16"
+    qpack = torch.empty(nq, d * kqp * (2 if bf16 else 1), dtype=torch.uint8)
+    qweight = torch.empty(nq, kqp, dtype=torch.float32)
+    nreal = torch.empty(nq, dtype=torch.int64)
+    m = None if mask is None else mask.detach().cpu().to(torch.bool).contiguous()
+    lib.craterlab_pack_queries(
+        q.data_ptr(), 0 if m is None else m.data_ptr(), nq, kq, d, kqp, int(bf16),
+        qpack.data_ptr(), qweight.data_ptr(), nreal.data_ptr(),
+    )  # fmt: skip
+    return qpack, qweight, nreal, kqp
 
 
 # --------------------------------------------------------------------------- the call
@@ -207,7 +194,6 @@ def blocks(nq: int, s: int, workers: int) -> list[tuple[int, int, int, int]]:
 def rerank(
     kernel: str,
     queries: torch.Tensor,
-    qscales: torch.Tensor | None,
     qmask: torch.Tensor | None,
     rows: torch.Tensor,
     gscales: torch.Tensor | None,
@@ -216,23 +202,18 @@ def rerank(
     run: Callable[[Callable[[int], None], int], None],
     workers: int,
 ) -> torch.Tensor:
-    """(Nq, S) scores from the fused kernel. ``queries``: int8 codes with ``qscales`` (int8
-    kernels) or float tokens (bf16); ``rows`` (N, K, D) the store's codes with ``gscales``
+    """(Nq, S) scores from the fused kernel. ``queries``: float tokens (Nq, Kq, D) (quantized
+    per token for the int8 kernels, rounded to bf16 for bf16, as the blocked path does); ``rows`` (N, K, D) the store's codes with ``gscales``
     (N, 1) or (N, K); ``run(fn, nblocks)`` runs the work items (the engine's thread pool)."""
     lib = library()
     assert lib is not None
     family = FAMILY[kernel]
-    if family == "int8":
-        assert qscales is not None
-        qpack, qcorr, qweight, nreal, kqp = pack_int8(queries, qscales, qmask)
-        fn = lib.craterlab_rerank_i8
-    else:
-        qpack, qcorr, qweight, nreal, kqp = pack_bf16(queries, qmask)
-        fn = lib.craterlab_rerank_bf16
+    qpack, qweight, nreal, kqp = pack_queries(queries, qmask, family)
+    fn = lib.craterlab_rerank_i8 if family == "int8" else lib.craterlab_rerank_bf16
     nq, s = candidates.shape
     n, k, d = rows.shape
     cand = candidates.to(torch.int64).contiguous()
-    if ((cand >= n) & (cand >= 0)).any():
+    if int(cand.max()) >= n:
         raise IndexError(f"candidate index out of range for a gallery of {n} items")
     out = torch.empty(nq, s, dtype=torch.float32)
     gs = None if gscales is None else gscales.to(torch.float32).contiguous()
@@ -245,7 +226,7 @@ def rerank(
         k,
         d,
         qpack.data_ptr(),
-        0 if qcorr is None else qcorr.data_ptr(),
+        0,
         qweight.data_ptr(),
         nreal.data_ptr(),
         kqp,
@@ -262,5 +243,5 @@ def rerank(
 
     run(block, len(items))
     # keep every operand alive until the kernel has returned
-    del qpack, qcorr, qweight, nreal, cand, gs, gm
+    del qpack, qweight, nreal, cand, gs, gm
     return out

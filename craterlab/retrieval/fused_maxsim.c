@@ -20,11 +20,13 @@
  * exact in int32 for D < 2^31 / (255 * 127).
  */
 #include <immintrin.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define ROWS 8
+#define PF_AHEAD 2 /* candidates ahead whose rows are prefetched */
 
 typedef struct {
     const void *g;         /* gallery rows (N, K, D): int8 or bf16 (uint16) */
@@ -114,7 +116,7 @@ static inline int32_t row_sum(const int8_t *row, int64_t D) {
     return total;
 }
 
-/* rows of the next candidate into L2 while this one computes */
+/* a later candidate's rows into L2 while this one computes */
 static inline void prefetch_rows(const char *p, int64_t bytes) {
     for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T1);
 }
@@ -133,8 +135,8 @@ void craterlab_rerank_i8(const Args *p, int64_t a0, int64_t a1, int64_t s0, int6
             const int8_t *gi = (const int8_t *)p->g + c * K * D;
             const uint8_t *gm = p->gmask ? p->gmask + c * K : NULL;
             const float *gs = p->gscale + c * p->scale_stride;
-            const int64_t cn = s + 1 < s1 ? p->cand[a * p->S + s + 1] : -1;
-            /* the next candidate's rows, a row block at a time while this one computes */
+            const int64_t cn = s + PF_AHEAD < s1 ? p->cand[a * p->S + s + PF_AHEAD] : -1;
+            /* rows of the candidate PF_AHEAD ahead, a row block at a time during this one */
             const int8_t *gnext = cn >= 0 ? (const int8_t *)p->g + cn * K * D : NULL;
             int any = 0;
             float total = 0.0f;
@@ -195,7 +197,7 @@ void craterlab_rerank_bf16(const Args *p, int64_t a0, int64_t a1, int64_t s0, in
             if (p->nreal[a] == 0) { *o = 0.0f; continue; }
             const uint16_t *gi = (const uint16_t *)p->g + c * K * D;
             const uint8_t *gm = p->gmask ? p->gmask + c * K : NULL;
-            const int64_t cn = s + 1 < s1 ? p->cand[a * p->S + s + 1] : -1;
+            const int64_t cn = s + PF_AHEAD < s1 ? p->cand[a * p->S + s + PF_AHEAD] : -1;
             const uint16_t *gnext = cn >= 0 ? (const uint16_t *)p->g + cn * K * D : NULL;
             int any = 0;
             float total = 0.0f;
@@ -209,3 +211,59 @@ void craterlab_rerank_bf16(const Args *p, int64_t a0, int64_t a1, int64_t s0, in
 
 /* 1 when this file was compiled for the instructions it uses (checked before any call). */
 int craterlab_fused_abi(void) { return 1; }
+
+/* ---------------------------------------------------------------- query packing */
+
+/* Query tokens q (Nq, Kq, D) float32 -> the kernels' operand, in one pass (no torch ops per
+ * call): qweight (Nq, KQP) = scale_i * real_i / (real tokens), 0 for padding columns; nreal.
+ * int8 (bf16 == 0): per-token symmetric codes exactly as quantizers.quantize_int8 makes them
+ * (s = max|x| / 127, code = round-half-even(x / s) clamped to +-127, s clamped to the least
+ * normal float), packed as code + 128 into (Nq, D/4, KQP, 4); padding columns hold 128 (code 0).
+ * bf16: round-to-nearest-even bf16 into (Nq, D/2, KQP, 2); padding columns hold 0. */
+void craterlab_pack_queries(const float *q, const uint8_t *mask, int64_t nq, int64_t kq,
+                            int64_t D, int64_t KQP, int bf16, void *qpack, float *qweight,
+                            int64_t *nreal) {
+    const int64_t G = bf16 ? 2 : 4, DG = D / G;
+    for (int64_t a = 0; a < nq; a++) {
+        int64_t n = 0;
+        for (int64_t i = 0; i < kq; i++) n += mask ? mask[a * kq + i] != 0 : 1;
+        nreal[a] = n;
+        const float inv = 1.0f / (float)(n > 0 ? n : 1);
+        for (int64_t i = 0; i < KQP; i++) {
+            const float *x = q + (a * kq + (i < kq ? i : 0)) * D;
+            const int real = i < kq && (!mask || mask[a * kq + i]);
+            float scale = 1.0f;
+            if (!bf16) {
+                float m = 0.0f;
+                if (i < kq)
+                    for (int64_t d = 0; d < D; d++) m = fmaxf(m, fabsf(x[d]));
+                scale = m / 127.0f;
+            }
+            if (bf16) {
+                uint16_t *out = (uint16_t *)qpack + a * DG * KQP * 2;
+                for (int64_t d = 0; d < D; d++) {
+                    uint16_t h = 0;
+                    if (i < kq) {
+                        uint32_t bits;
+                        memcpy(&bits, &x[d], 4);
+                        h = (bits & 0x7fffffffu) > 0x7f800000u
+                                ? (uint16_t)((bits >> 16) | 0x40)
+                                : (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+                    }
+                    out[((d / 2) * KQP + i) * 2 + d % 2] = h;
+                }
+                qweight[a * KQP + i] = real ? inv : 0.0f;
+            } else {
+                uint8_t *out = (uint8_t *)qpack + a * DG * KQP * 4;
+                const float safe = scale > 0.0f ? scale : 1.0f;
+                for (int64_t d = 0; d < D; d++) {
+                    float c = 0.0f;
+                    if (i < kq) c = fminf(fmaxf(nearbyintf(x[d] / safe), -127.0f), 127.0f);
+                    out[((d / 4) * KQP + i) * 4 + d % 4] = (uint8_t)((int)c + 128);
+                }
+                const float s = scale > FLT_MIN ? scale : FLT_MIN;
+                qweight[a * KQP + i] = real ? inv * s : 0.0f;
+            }
+        }
+    }
+}
