@@ -203,8 +203,9 @@ def rerank(
     workers: int,
 ) -> torch.Tensor:
     """(Nq, S) scores from the fused kernel. ``queries``: float tokens (Nq, Kq, D) (quantized
-    per token for the int8 kernels, rounded to bf16 for bf16, as the blocked path does); ``rows`` (N, K, D) the store's codes with ``gscales``
-    (N, 1) or (N, K); ``run(fn, nblocks)`` runs the work items (the engine's thread pool)."""
+    per token for the int8 kernels, rounded to bf16 for bf16, as the blocked path does);
+    ``rows`` (N, K, D) the store's codes with ``gscales`` (N, 1) or (N, K); ``run(fn,
+    nblocks)`` runs the work items (the engine's thread pool)."""
     lib = library()
     assert lib is not None
     family = FAMILY[kernel]
