@@ -53,6 +53,7 @@ from craterlab.sweeps.report import child_run_name
 from craterlab.sweeps.resume import identity_tags, previous_run, record_skip
 from craterlab.sweeps.shards import run_extract_shard, shard_of
 from craterlab.tracking.base import Tracker, tracked_run
+from craterlab.tracking.view import launch_local
 from craterlab.train.config import validate_train_config
 from craterlab.train.finetune import best_checkpoint, finetune, finetune_dir
 from craterlab.types import Backbone, CraterDataset, Ranking, StageReport
@@ -111,6 +112,7 @@ def run(cfg: DictConfig) -> RunResult:
     )
     with tracked_run(tracking, tags) as tracker:
         tracker.log_params(config)
+        tracker.log_datasets(parts.dataset, config.get("dataset") or {})
         _save_config(cfg, run_dir, tracker)
         pm.hook.run_started(config=config, run_dir=str(run_dir), tracker=tracker)
         backbone = parts.backbone
@@ -173,7 +175,8 @@ def _run_name(cfg: DictConfig, backbone: str, tokens: str) -> str:
 
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()  # in a sweep, only the overrides the sweep varies
-        overrides = child_run_name(list(hydra_cfg.overrides.task)) or hydra_cfg.job.override_dirname
+        task = list(hydra_cfg.overrides.task)
+        overrides = child_run_name(task) or ",".join(o for o in task if not launch_local(o))
         if overrides:
             return overrides
     return f"{cfg.dataset.name} {backbone} {tokens} k={cfg.k}"

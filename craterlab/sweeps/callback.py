@@ -31,7 +31,12 @@ from craterlab.sweeps.progress import (
     start_sweep,
     swept_keys,
 )
-from craterlab.sweeps.report import SWEEP_VARIES_ENV, announce_sweep, finish_sweep
+from craterlab.sweeps.report import (
+    SWEEP_VARIES_ENV,
+    announce_sweep,
+    finish_sweep,
+    sweep_varied_keys,
+)
 from craterlab.tracking.base import PARENT_RUN_ENV, Tracker, make_tracker
 
 log = logging.getLogger("craterlab")
@@ -105,6 +110,9 @@ class SweepCallback(Callback):
         end_of_sweep(str(config.hydra.sweep.dir))  # counts, resume skips, table, summary.csv
         atexit.unregister(self._close)
         finish_sweep(str(config.hydra.sweep.dir), self.tracker)  # table + figures, run name
+        if self.tracker is not None:  # constant/varied params, best child, CSV, datasets
+            swept = sweep_varied_keys(config)
+            self.tracker.summarize_sweep(str(config.hydra.sweep.dir), swept)
         os.environ.pop(SWEEP_VARIES_ENV, None)
         self._close("FINISHED")
 

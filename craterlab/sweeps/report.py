@@ -21,6 +21,7 @@ from craterlab.errors import CraterlabError
 from craterlab.report.build import sweep_name, table_name, write_report
 from craterlab.report.runs import load_sweep_dir
 from craterlab.sweeps.progress import swept_keys
+from craterlab.tracking.view import launch_local
 
 log = logging.getLogger("craterlab")
 
@@ -70,5 +71,7 @@ def announce_sweep(config: Any) -> None:
 def child_run_name(overrides: list[str]) -> str | None:
     """A job's name from only the overrides its sweep varies (None outside a sweep)."""
     varied = [k for k in os.environ.get(SWEEP_VARIES_ENV, "").split(",") if k]
-    picked = [o for o in overrides if o.partition("=")[0].lstrip("+~") in varied]
+    picked = [
+        o for o in overrides if o.partition("=")[0].lstrip("+~") in varied and not launch_local(o)
+    ]
     return ",".join(picked) or None

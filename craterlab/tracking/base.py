@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,15 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         """Set tags on the run."""
+
+    def log_datasets(self, dataset: Any, config: Mapping[str, Any]) -> None:
+        """Record the run's gallery and queries as dataset inputs (``config``: its dataset
+        config: name, path or root)."""
+
+    def summarize_sweep(self, sweep_dir: str | Path, swept: Sequence[str] = ()) -> None:
+        """On a sweep's parent run, when the sweep ends: its constant and varied parameters,
+        the best child per key metric, ``summary.csv`` and the children's datasets.
+        ``swept``: the override keys the sweep varied (``aggregator``, ``k``)."""
 
     def finish(self, status: str = "FINISHED") -> None:
         """Close the run with ``status`` (FINISHED, FAILED or KILLED)."""

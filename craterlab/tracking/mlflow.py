@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from craterlab.results import (
     metric_name,
 )
 from craterlab.tracking.base import Tracker
+from craterlab.tracking.view import EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT
 
 log = logging.getLogger("craterlab")
 
@@ -179,12 +180,16 @@ def connect(uri: str, experiment: str, artifact_location: str) -> tuple[Any, str
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
+        if EXPERIMENT_KIND_TAG not in found.tags:  # made before craterlab set its kind
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_DEVELOPMENT)
         return client, found.experiment_id
     location = artifact_location
     if "://" not in location:
         location = Path(location).resolve().as_uri()
     try:
-        return client, client.create_experiment(experiment, artifact_location=location)
+        # a model-development experiment: the UI opens on its runs table (tracking.view)
+        tags = {EXPERIMENT_KIND_TAG: MODEL_DEVELOPMENT}
+        return client, client.create_experiment(experiment, location, tags=tags)
     except Exception:  # a parallel job created it first: use theirs
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -217,6 +222,9 @@ class MlflowTracker(Tracker):
         self.timeout_s = float(timeout_s)
         self.locked_retry_s = float(locked_retry_s)
         self._client: Any = None
+        self.experiment_id: str | None = None
+        self.is_sweep = False
+        self._columns: tuple[set[str], set[str]] = (set(), set())  # metric, param names
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -267,9 +275,13 @@ class MlflowTracker(Tracker):
             return
         self._client = client
         self.run_id = run.info.run_id
+        self.experiment_id = run.info.experiment_id
+        self.is_sweep = tags.get("craterlab.role") == "sweep"
         log.info("MLflow run %s in %s (experiment %r)", self.run_id, self.uri, self.experiment)
 
     def finish(self, status: str = "FINISHED") -> None:
+        if self._client is not None and status == "FINISHED" and not self.is_sweep:
+            self._guard("the key columns view", self._save_view)
         if self._client is not None:
             self._guard("the run status", self._client.set_terminated, self.run_id, status)
             self._client = None
@@ -322,12 +334,50 @@ class MlflowTracker(Tracker):
             return super().summary()
         return f"MLflow run {self.run_id} ({self.uri})"
 
+    # -- what the UI shows (tracking.view, tracking.datasets) ---------------------------------
+
+    def log_datasets(self, dataset: Any, config: Mapping[str, Any]) -> None:
+        from craterlab.tracking.datasets import dataset_inputs
+
+        try:
+            inputs = dataset_inputs(dataset, config)
+        except Exception as exc:  # a dataset that can't describe itself is not worth a run
+            self._fail("dataset inputs", exc)
+            return
+        self._guard("dataset inputs", lambda: self._client.log_inputs(self.run_id, inputs))
+
+    def summarize_sweep(self, sweep_dir: str | Path, swept: Sequence[str] = ()) -> None:
+        from craterlab.tracking.view import summarize_sweep, view_url
+
+        box: dict[str, str] = {}
+
+        def summarize() -> None:
+            box["key"] = summarize_sweep(
+                self._client, self.experiment_id, self.run_id, sweep_dir, self._log_batch, swept
+            )
+
+        self._guard("the sweep summary", summarize)
+        if box.get("key"):
+            log.info(
+                "MLflow: the sweep's key columns: %s (mlflow ui --backend-store-uri %s)",
+                view_url(str(self.experiment_id), box["key"]),
+                self.uri,
+            )
+
+    def _save_view(self) -> None:
+        from craterlab.tracking.view import key_columns, save_view
+
+        metrics, params = self._columns
+        if metrics:
+            save_view(self._client, self.experiment_id, key_columns(metrics, params), merge=True)
+
     # -- logging ----------------------------------------------------------------------------
 
     def log_params(self, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         params = [Param(k, v) for k, v in flatten_config(config).items()]
+        self._columns[1].update(p.key for p in params)
         for i in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self._guard("params", self._log_batch, params=params[i : i + 100])
 
@@ -341,6 +391,7 @@ class MlflowTracker(Tracker):
                 missing.append(k)
             else:  # NaN and inf are stored as such: a broken number must stay visible
                 entries.append(Metric(metric_name(k), float(v), now, step))
+        self._columns[0].update(e.key for e in entries)
         if missing:
             self.not_logged.append(f"metrics without a value ({', '.join(missing)})")
         for i in range(0, len(entries), 1000):
