@@ -111,6 +111,15 @@ def recover_interrupted(path: Path) -> str | None:
     ``DIR`` missing with ``DIR.old``: the previous version is restored. Siblings that are not
     a save's are never touched; a damaged state is named.
     """
+    try:
+        return _recover(path)
+    except OSError:  # another process recovered it at the same moment
+        if path.is_dir():
+            return None
+        raise
+
+
+def _recover(path: Path) -> str | None:
     partial, old = _sibling(path, ".partial"), _sibling(path, ".old")
     if path.exists():
         if old.exists() and _ours(old):  # killed after the swap, before the cleanup
