@@ -26,7 +26,7 @@ from craterlab.pipeline import ranked_depth
 from craterlab.sweeps import plan
 from craterlab.sweeps.resume import config_identity
 from craterlab.workflows import cli
-from craterlab.workflows.api import Index
+from craterlab.workflows.api import CraterIndex
 from craterlab.workflows.geometry import GeometryFilter
 from craterlab.workflows.ingest import ingest_catalog, read_catalog
 
@@ -46,7 +46,7 @@ def saved(tmp_path_factory) -> Path:
     rng = np.random.default_rng(2)
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(root / f"c{i}.png")
-    Index.build(root, TINY, progress=False).save(root.parent / "answers-idx")
+    CraterIndex.build(root, TINY, progress=False).save(root.parent / "answers-idx")
     return root.parent / "answers-idx"
 
 
@@ -93,7 +93,7 @@ def test_identical_crops_are_warned_about_in_a_workflow(tmp_path, caplog) -> Non
     for i in range(3):
         Image.fromarray(np.full((32, 32), 77, np.uint8)).save(tmp_path / f"same{i}.png")
     with caplog.at_level(logging.WARNING, logger="craterlab"):
-        Index.build(tmp_path, TINY, progress=False)
+        CraterIndex.build(tmp_path, TINY, progress=False)
     assert "Degenerate features after feature extraction: all 3 crops images" in caplog.text
 
 
@@ -199,7 +199,7 @@ def test_a_catalog_row_with_an_extra_field_is_named(tmp_path) -> None:
 
 
 def test_a_search_on_an_emptied_index_is_named(saved, tmp_path) -> None:
-    index = Index.load(saved)
+    index = CraterIndex.load(saved)
     index.remove([it.id for it in index.items])
     index.save(tmp_path / "empty")
     for command in (
