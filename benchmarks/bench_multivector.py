@@ -305,7 +305,7 @@ def main() -> None:
     ap.add_argument("--shortlists", type=int, nargs="+", default=[50, 100, 200, 500])
     ap.add_argument(
         "--methods",
-        nargs="+",
+        nargs="*",
         default=["pooled", "muvera_flat", "muvera_ivfpq", "token_ivf"],
         choices=list(METHODS),
     )
