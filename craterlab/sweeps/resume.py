@@ -8,12 +8,19 @@ default), the tracker is asked for a FINISHED run with the same identity in the 
 experiment; if there is one the job is skipped and returns that run's metrics. FAILED and
 KILLED runs never count, so relaunching reruns them; ``resume=false`` reruns everything.
 Single runs (no ``-m``) always run.
+
+The earlier run's directory (tag ``craterlab.run_dir``) is data from the store: its results,
+rankings and page are only copied when it resolves inside the folder this sweep was launched
+from or the folder holding this sweep's folder (:func:`earlier_run_dir`). A tag naming anything
+else (``../..``, ``/etc``, a link out) makes the earlier run not reusable: a warning names the
+tag and path, nothing there is read, and the job runs again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +30,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
+from craterlab.errors import DataError
 from craterlab.hashing import file_sha256, stable_hash
 from craterlab.results import (
     CONFIG_FILE,
@@ -33,6 +41,7 @@ from craterlab.results import (
     FinishedRun,
     write_results,
 )
+from craterlab.safepaths import contained
 from craterlab.tracking.base import make_tracker
 
 log = logging.getLogger("craterlab")
@@ -110,8 +119,6 @@ def content_identity(config: Mapping[str, Any]) -> dict[str, str]:
 def folder_identity(path: Path) -> str:
     """A hash over (relative path, size, mtime) of the files under ``path`` (see
     :data:`MAX_LISTED_FILES`)."""
-    import os
-
     listed: list[tuple[str, int, int]] = []
     for root, dirs, files in os.walk(path):
         dirs.sort()
@@ -157,7 +164,53 @@ def previous_run(config: Mapping[str, Any]) -> FinishedRun | None:
     if not config.get("resume", True) or not in_multirun():
         return None
     tracker = make_tracker(config.get("tracking"))
-    return tracker.find_finished({IDENTITY_TAG: config_identity(config)})
+    found = tracker.find_finished({IDENTITY_TAG: config_identity(config)})
+    if found is None:
+        return None
+    run_dir = Path(str(config.get("output_dir") or "outputs/runs/latest"))
+    try:
+        earlier_run_dir(found, run_dir)
+    except DataError as err:
+        log.warning("Resume: run %s is not reused, the job runs again. %s", found.run_id, err)
+        return None
+    return found
+
+
+def allowed_roots(run_dir: Path) -> list[Path]:
+    """Where an earlier run's directory may lie: the folder the sweep was launched from (Hydra's
+    relative ``outputs/`` lives there) and the folder holding this job's sweep folder (another
+    launch with its own ``hydra.sweep.dir`` beside this one)."""
+    return [Path.cwd(), run_dir.absolute().parent.parent]
+
+
+def earlier_run_dir(found: FinishedRun, run_dir: Path) -> Path | None:
+    """The earlier run's directory named by its ``craterlab.run_dir`` tag, checked: None when
+    the tag is empty or the folder is gone (its results are rebuilt from the run's metrics);
+    a DataError when it resolves outside :func:`allowed_roots` or one of its record files is a
+    link out of it. Nothing is read before this check."""
+    tag = found.tags.get(RUN_DIR_TAG, "")
+    if not tag:
+        return None
+    what = f"The tag {RUN_DIR_TAG}={tag!r} of the earlier run {found.run_id}"
+    earlier = Path(tag)
+    real = Path(os.path.realpath(earlier))
+    roots = allowed_roots(run_dir)
+    for root in roots:
+        base = Path(os.path.realpath(root))
+        if real != base and real.is_relative_to(base):
+            if not real.is_dir():
+                return None
+            try:  # realpath above: the folder itself is inside; now each file it holds
+                for name in (RESULTS_FILE, *RECORD_FILES):
+                    contained(real, name, what)
+            except DataError:
+                break
+            return real
+    raise DataError(
+        f"{what} names a folder outside the sweep's outputs ({' or '.join(map(str, roots))}) "
+        "or one whose files lead out of it: the store was edited or crafted, so nothing "
+        "there is read."
+    )
 
 
 # What a finished job leaves besides results.json, copied from the earlier run when present.
@@ -174,17 +227,24 @@ def record_skip(run_dir: Path, found: FinishedRun, config: Mapping[str, Any] | N
     (run_dir / SKIPPED_FILE).write_text(
         json.dumps({"run_id": found.run_id, IDENTITY_TAG: found.tags.get(IDENTITY_TAG, "")})
     )
-    earlier = Path(found.tags.get(RUN_DIR_TAG, ""))
-    source, target = earlier / RESULTS_FILE, run_dir / RESULTS_FILE
-    same = source.is_file() and source.resolve() == target.resolve()
-    if source.is_file() and not same:
+    try:
+        earlier = earlier_run_dir(found, run_dir)
+    except DataError as err:  # checked by previous_run; a direct caller reads nothing there
+        log.warning("Resume: %s", err)
+        earlier = None
+    target = run_dir / RESULTS_FILE
+    source = earlier / RESULTS_FILE if earlier is not None else None
+    same = source is not None and source.is_file() and source.resolve() == target.resolve()
+    if source is not None and source.is_file() and not same:
         shutil.copyfile(source, target)
     elif not target.is_file():
         write_results(run_dir, found.record())
     if config is not None:
         (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(OmegaConf.create(dict(config))))
     for name in RECORD_FILES:
-        if (earlier / name).is_file() and not same and not (run_dir / name).exists():
+        if earlier is None or same:
+            break
+        if (earlier / name).is_file() and not (run_dir / name).exists():
             shutil.copyfile(earlier / name, run_dir / name)
     log.info(
         "Resume: skipped, this configuration already finished as run %s (resume=false reruns it)",

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 import craterlab
+from craterlab.data.base import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels
 from craterlab.errors import ConfigError, DataError
 from craterlab.results import is_untrained
 from craterlab.retrieval.index import EncodedGallery
@@ -115,6 +116,7 @@ class CraterIndex:
         ef_search: int | None = None,
         skip_bad: bool = False,
         progress: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> CraterIndex:
         """Encode a folder of crops or a manifest into an index (not yet saved).
 
@@ -122,7 +124,8 @@ class CraterIndex:
         ``stage1`` a FAISS factory string (default: ``auto``, which picks by the number of
         items, see :func:`~craterlab.retrieval.vector_index.auto_index`: exact Flat below
         50,000, HNSW32 for fast single queries above, IVF-PQ from 1,000,000; a retrieval
-        config whose two-stage index is not Flat is used as given).
+        config whose two-stage index is not Flat is used as given). A crop over
+        ``max_image_pixels`` (None: no limit) is refused, as by every reader.
         """
         overrides = list(overrides)
         config = plain(compose_config(overrides))
@@ -132,14 +135,15 @@ class CraterIndex:
             "nprobe": nprobe if nprobe is not None else cfg_nprobe,
             "ef_search": ef_search if ef_search is not None else cfg_ef,
         }
-        items = load_items(source, skip_bad)
+        max_image_pixels = check_max_pixels(max_image_pixels)
+        items = load_items(source, skip_bad, max_image_pixels)
         check_unique(items, str(source))
-        items, skipped = check_decodable(items, skip_bad, progress)
+        items, skipped = check_decodable(items, skip_bad, progress, max_image_pixels)
         if not items:
             raise DataError(f"No decodable crops in {source}; nothing to index.")
         encoder = Encoder(config)
         _announce_weights(encoder)
-        encoded = encoder.encode(ItemSet(items, "crops"), progress=progress)
+        encoded = encoder.encode(ItemSet(items, "crops", max_image_pixels), progress=progress)
         quantizer = encoder.new_quantizer()
         quantizer.fit(encoded.tokens)
         store = quantizer.encode(encoded.tokens)
@@ -349,19 +353,22 @@ class CraterIndex:
         skip_bad: bool = False,
         overrides: Sequence[str] = (),
         progress: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> tuple[list[Item], torch.Tensor, Tokens, list[str]]:
-        """Items, vectors and tokens of crops, encoded with this index's encoder."""
+        """Items, vectors and tokens of crops, encoded with this index's encoder (a crop over
+        ``max_image_pixels``, None for no limit, is refused)."""
+        max_image_pixels = check_max_pixels(max_image_pixels)
         items = (
             list(source)
             if isinstance(source, Sequence) and not isinstance(source, str)
-            else load_items(source, skip_bad)
+            else load_items(source, skip_bad, max_image_pixels)
         )
         check_unique(items, str(source) if not isinstance(source, Sequence) else "the items")
-        items, skipped = check_decodable(items, skip_bad, progress)
+        items, skipped = check_decodable(items, skip_bad, progress, max_image_pixels)
         if not items:
             raise DataError("None of the crops can be decoded; nothing to encode.")
         encoder = self.encoder(overrides)
-        encoded = encoder.encode(ItemSet(items, "crops"), progress=progress)
+        encoded = encoder.encode(ItemSet(items, "crops", max_image_pixels), progress=progress)
         return items, encoded.vectors, encoded.tokens, skipped
 
     # ------------------------------------------------------------------ search
@@ -375,13 +382,19 @@ class CraterIndex:
         overrides: Sequence[str] = (),
         skip_bad: bool = False,
         progress: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> SearchHits:
-        """Top-``top`` gallery items per query crop, by two-stage search."""
+        """Top-``top`` gallery items per query crop, by two-stage search (a query crop over
+        ``max_image_pixels``, None for no limit, is refused)."""
         self.require_items()  # before encoding the queries
         positive_int("top", top)
         positive_int("shortlist", shortlist)
         items, vectors, tokens, skipped = self.encode(
-            queries, skip_bad=skip_bad, overrides=overrides, progress=progress
+            queries,
+            skip_bad=skip_bad,
+            overrides=overrides,
+            progress=progress,
+            max_image_pixels=max_image_pixels,
         )
         hits = self.search_encoded([it.id for it in items], vectors, tokens, top, shortlist)
         hits.skipped = skipped
@@ -456,12 +469,15 @@ class CraterIndex:
         *,
         skip_bad: bool = False,
         progress: bool = True,
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     ) -> int:
-        """Encode and append crops; existing ids keep their rows. Returns how many."""
+        """Encode and append crops; existing ids keep their rows (a crop over
+        ``max_image_pixels``, None for no limit, is refused). Returns how many."""
+        max_image_pixels = check_max_pixels(max_image_pixels)
         items = (
             list(source)
             if isinstance(source, Sequence) and not isinstance(source, str)
-            else load_items(source, skip_bad)
+            else load_items(source, skip_bad, max_image_pixels)
         )
         known = set(self.gallery.ids)
         clash = [it.id for it in items if it.id in known]
@@ -474,7 +490,9 @@ class CraterIndex:
                 + "\nIds are stable and unique: remove them first (index remove) to replace "
                 "them, or give the new crops other ids."
             )
-        items, vectors, tokens, skipped = self.encode(items, skip_bad=skip_bad, progress=progress)
+        items, vectors, tokens, skipped = self.encode(
+            items, skip_bad=skip_bad, progress=progress, max_image_pixels=max_image_pixels
+        )
         quantizer = self.encoder().new_quantizer()
         restore_quantizer(quantizer, self.gallery.store)
         self.gallery.add([it.id for it in items], vectors, quantizer.encode(tokens))

@@ -72,6 +72,17 @@ def _pixels(text: str) -> int | None:
     return value
 
 
+def _pixels_option(p: argparse.ArgumentParser, what: str) -> None:
+    """--max-image-pixels: the one image-size limit of every reader, and how to raise it."""
+    p.add_argument(
+        "--max-image-pixels",
+        type=_pixels,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help=f"largest {what} accepted, in pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,}, PIL's "
+        "decompression-bomb guard; 'none' for no limit)",
+    )
+
+
 def _overwrite_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite",
@@ -132,13 +143,7 @@ def ingest_command(argv: list[str]) -> int:
         action="store_true",
         help="skip undecodable crops (counted) instead of stopping",
     )
-    p.add_argument(
-        "--max-image-pixels",
-        type=_pixels,
-        default=DEFAULT_MAX_IMAGE_PIXELS,
-        help=f"largest tile accepted, in pixels (default {DEFAULT_MAX_IMAGE_PIXELS:,}, PIL's "
-        "decompression-bomb guard; 'none' for no limit)",
-    )
+    _pixels_option(p, "tile")
     _overwrite_option(p)
     add_mosaic_options(p)
     args = p.parse_args(argv)
@@ -167,7 +172,11 @@ def ingest_command(argv: list[str]) -> int:
         )
     elif args.folder:
         summary = ingest_folder(
-            args.folder, args.out, skip_bad=args.skip_bad, overwrite=args.overwrite
+            args.folder,
+            args.out,
+            skip_bad=args.skip_bad,
+            overwrite=args.overwrite,
+            max_image_pixels=args.max_image_pixels,
         )
     else:
         raise ConfigError("ingest needs a folder of crops, or --image TILE --catalog CSV.")
@@ -226,6 +235,7 @@ def index_command(argv: list[str]) -> int:
     p.add_argument("--nprobe", type=int, help="IVF lists probed per query")
     p.add_argument("--ef-search", type=int, help="HNSW search breadth")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable crops (counted)")
+    _pixels_option(p, "crop")
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -247,6 +257,7 @@ def index_command(argv: list[str]) -> int:
         nprobe=args.nprobe,
         ef_search=args.ef_search,
         skip_bad=args.skip_bad,
+        max_image_pixels=args.max_image_pixels,
     )
     with index_lock(out):
         path = index.save(out, overwrite=args.overwrite)
@@ -265,12 +276,15 @@ def _index_add(argv: list[str]) -> int:
     p.add_argument("index", help="index directory")
     p.add_argument("source", help="a folder of crops or a manifest CSV")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable crops (counted)")
+    _pixels_option(p, "crop")
     args = p.parse_args(argv)
     _quiet_logs()
     from craterlab.workflows.api import CraterIndex
 
     with CraterIndex.updating(args.index) as index:
-        added = index.add(args.source, skip_bad=args.skip_bad)
+        added = index.add(
+            args.source, skip_bad=args.skip_bad, max_image_pixels=args.max_image_pixels
+        )
     print(f"added {added} item(s); the index holds {len(index)}")
     if index.skipped:
         print(f"skipped {len(index.skipped)} undecodable crop(s)")
@@ -387,6 +401,7 @@ def search_command(argv: list[str]) -> int:
         help="output prefix: PREFIX.csv and PREFIX.json (default search_results)",
     )
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable crops (counted)")
+    _pixels_option(p, "query crop")
     p.add_argument(
         "--html",
         action="store_true",
@@ -417,6 +432,7 @@ def search_command(argv: list[str]) -> int:
         shortlist=args.shortlist,
         overrides=overrides,
         skip_bad=args.skip_bad,
+        max_image_pixels=args.max_image_pixels,
     )
     csv_path = hits.to_csv(f"{args.out}.csv")
     json_path = hits.to_json(f"{args.out}.json")
@@ -436,7 +452,7 @@ def search_command(argv: list[str]) -> int:
     from craterlab.workflows.items import load_items
     from craterlab.workflows.maps import search_layer
 
-    queries = load_items(args.queries, skip_bad=args.skip_bad)
+    queries = load_items(args.queries, args.skip_bad, args.max_image_pixels)
     _layers(search_layer(hits, queries, index.items, args.out, args.geojson), written)
     print(f"results: {', '.join(str(w) for w in written)}")
     return 0
@@ -449,7 +465,7 @@ def _write_search_page(args: argparse.Namespace, index: CraterIndex, hits: Searc
 
     page = search_page(
         hits,
-        load_items(args.queries, skip_bad=args.skip_bad),
+        load_items(args.queries, args.skip_bad, args.max_image_pixels),
         index.items,
         title=f"craterlab search: {Path(args.queries).name} in {Path(args.index).name}",
         weights=str(index.encoder_identity.get("weights_status", "unknown")),

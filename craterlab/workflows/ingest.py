@@ -81,15 +81,17 @@ def ingest_folder(
     skip_bad: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> IngestSummary:
     """A manifest listing every crop of ``folder`` as a gallery item (paths stay in place).
 
-    An existing manifest at ``out`` is replaced only with ``overwrite`` (never a crop)."""
+    An existing manifest at ``out`` is replaced only with ``overwrite`` (never a crop); a crop
+    over ``max_image_pixels`` (None: no limit) is refused like an undecodable one."""
     items = folder_items(Path(folder))
     out_path = _manifest_path(out, create=False)
     check_outputs([out_path], overwrite=overwrite, inputs=[it.path for it in items])
     check_unique(items, str(folder))
-    items, bad = check_decodable(items, skip_bad, progress)
+    items, bad = check_decodable(items, skip_bad, progress, max_image_pixels)
     out_path = _manifest_path(out)
     outside = [it.id for it in items if os.path.relpath(it.path, out_path.parent).startswith("..")]
     if outside:

@@ -7,6 +7,10 @@ item a position and size in pixels of its source image (for the geometry filter 
 match); ``lat, lon, diameter_km, crs`` (ingest from a georeferenced mosaic) place its crater on
 the map, for the layers of search, dedup and match. :class:`ItemSet` presents the items to the
 feature extractor as a dataset whose ``gallery`` split holds them all.
+
+Every crop reader here (the decode check, the manifest's screening, the encoding) applies the
+one image-size limit of the project, ``max_image_pixels`` (default PIL's 89,478,485 pixels,
+``--max-image-pixels N|none`` on the command line), and names that option when it refuses.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +26,12 @@ from pathlib import Path
 from PIL import Image
 
 from craterlab.data.base import listing, open_rgb
+from craterlab.data.images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    allow_pixels,
+    bomb_problem,
+    pixel_limit_problem,
+)
 from craterlab.errors import DataError
 from craterlab.hashing import fingerprint
 from craterlab.types import ImageRecord
@@ -83,14 +94,28 @@ class Item:
         )
 
 
-def load_items(source: str | os.PathLike[str], skip_bad: bool = False) -> list[Item]:
-    """Items of a folder of crops (recursively, sorted) or of a manifest CSV (whose missing
-    or unreadable files are an error, or left out and counted with ``skip_bad``)."""
+def pixel_option_wording(text: str) -> str:
+    """A pixel-limit message worded for the workflows: their option, not the experiments'."""
+    return text.replace("dataset.max_image_pixels=", "--max-image-pixels ").replace(
+        "(or null for no limit)", "(or --max-image-pixels none; Python: max_image_pixels=None)"
+    )
+
+
+def load_items(
+    source: str | os.PathLike[str],
+    skip_bad: bool = False,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> list[Item]:
+    """Items of a folder of crops (recursively, sorted) or of a manifest CSV (whose missing,
+    unreadable or too large files are an error, or left out and counted with ``skip_bad``)."""
     path = Path(source).expanduser()
     if path.is_dir():
         return folder_items(path)
     if path.is_file() and path.suffix.lower() == ".csv":
-        return manifest_items(path, skip_bad)
+        try:
+            return manifest_items(path, skip_bad, max_image_pixels)
+        except DataError as err:
+            raise DataError(pixel_option_wording(str(err))) from None
     if path.is_file():
         raise DataError(
             f"{path} is a single file, not a folder of crops or a manifest CSV. Pass the folder "
@@ -129,11 +154,13 @@ def folder_items(folder: Path) -> list[Item]:
     return items
 
 
-def manifest_items(path: Path, skip_bad: bool = False) -> list[Item]:
+def manifest_items(
+    path: Path, skip_bad: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> list[Item]:
     """Items of a manifest (all roles), with positions from its optional geometry columns."""
     from craterlab.data.manifest import ManifestDataset
 
-    dataset = ManifestDataset(str(path), skip_bad=skip_bad)
+    dataset = ManifestDataset(str(path), skip_bad=skip_bad, max_image_pixels=max_image_pixels)
     geometry = manifest_geometry(path)
     places = manifest_places(path)
     items = []
@@ -228,25 +255,40 @@ def check_unique(items: Sequence[Item], where: str) -> None:
 
 
 def check_decodable(
-    items: Sequence[Item], skip_bad: bool, progress: bool = True
+    items: Sequence[Item],
+    skip_bad: bool,
+    progress: bool = True,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[list[Item], list[str]]:
-    """Decode every image once; a bad one is an error (or, with ``skip_bad``, a counted skip).
+    """Decode every image once; a bad one, or one over ``max_image_pixels`` (checked from its
+    header, before decoding), is an error (or, with ``skip_bad``, a counted skip).
 
     Returns the decodable items and '<id>: <reason>' for each skipped one.
     """
     from tqdm.auto import tqdm
 
     good, bad = [], []
+    allow_pixels(max_image_pixels)  # PIL's own guard never undercuts ours
     for it in tqdm(items, desc="check images", unit="img", disable=not progress):
+        too_big = None
         try:
-            with Image.open(it.path) as im:
-                im.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(it.path) as im:
+                    too_big = pixel_limit_problem(im.size, max_image_pixels)
+                    if too_big is None:
+                        im.load()
         except FileNotFoundError:
             bad.append(f"{it.id}: {it.path} does not exist")
+        except Image.DecompressionBombError as exc:
+            too_big = bomb_problem(exc, max_image_pixels)
         except Exception as exc:  # PIL raises many types for corrupt files
             bad.append(f"{it.id}: {it.path} cannot be decoded ({type(exc).__name__}: {exc})")
         else:
-            good.append(it)
+            if too_big is None:
+                good.append(it)
+        if too_big is not None:
+            bad.append(f"{it.id}: {it.path} {pixel_option_wording(too_big)}")
     if bad and not skip_bad:
         raise DataError(
             f"{len(bad)} of {len(items)} crop(s) cannot be read:" + listing(bad) + "\nReplace "
@@ -260,9 +302,15 @@ class ItemSet:
     """Items as a :class:`craterlab.types.CraterDataset` (all in the ``gallery`` split), so the
     experiments' feature extractor and its cache encode them."""
 
-    def __init__(self, items: Sequence[Item], name: str = "items") -> None:
+    def __init__(
+        self,
+        items: Sequence[Item],
+        name: str = "items",
+        max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ) -> None:
         self.items = list(items)
         self.name = name
+        self.max_image_pixels = max_image_pixels
         self._records = [
             ImageRecord(it.id, i, it.view_type, it.path) for i, it in enumerate(self.items)
         ]
@@ -280,7 +328,7 @@ class ItemSet:
         return self._records if split == "gallery" else []
 
     def load_image(self, record: ImageRecord) -> Image.Image:
-        return open_rgb(self._paths[record.image_id])
+        return open_rgb(self._paths[record.image_id], self.max_image_pixels)
 
     def identity(self) -> str:
         return f"items-{self._identity}"

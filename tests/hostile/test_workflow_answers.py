@@ -343,3 +343,60 @@ def test_one_image_size_limit_with_an_option_to_raise_it(tmp_path) -> None:
     assert cli.ingest_command(argv) == 0
     with pytest.raises(ConfigError, match="not a positive pixel count or 'none'"):
         cli.ingest_command([*argv[:-1], "lots"])
+
+
+def test_the_crop_readers_of_index_search_and_add_have_the_same_limit_and_option(
+    tmp_path, capsys
+) -> None:
+    """index, index add and search refuse a crop over --max-image-pixels before any encoding,
+    naming the option and the value that allows it, and accept it with the limit raised."""
+    rng = np.random.default_rng(5)
+    crops, more, queries = tmp_path / "crops", tmp_path / "more", tmp_path / "queries"
+    for folder, n in ((crops, 3), (more, 2), (queries, 2)):
+        folder.mkdir()
+        for i in range(n):
+            pixels = rng.integers(0, 255, (48, 40), dtype=np.uint8)  # 40 x 48 = 1,920 pixels
+            Image.fromarray(pixels).save(folder / f"{folder.name}{i}.png")
+    out = tmp_path / "idx"
+    refused = r"40 x 48 = 1,920 pixels, more than --max-image-pixels 1,000.*--max-image-pixels 1920"
+    with pytest.raises(DataError, match=refused):
+        cli.index_command([str(crops), "--out", str(out), "--max-image-pixels", "1000", *TINY])
+    assert not out.exists()
+    assert (
+        cli.index_command([str(crops), "--out", str(out), "--max-image-pixels", "1920", *TINY]) == 0
+    )
+    with pytest.raises(DataError, match=refused):
+        cli.index_command(["add", str(out), str(more), "--max-image-pixels", "1000"])
+    assert len(CraterIndex.load(out)) == 3  # nothing added
+    assert cli.index_command(["add", str(out), str(more), "--max-image-pixels", "none"]) == 0
+    assert len(CraterIndex.load(out)) == 5
+    prefix = tmp_path / "hits"
+    search = [str(out), str(queries), "--out", str(prefix)]
+    with pytest.raises(DataError, match=refused):
+        cli.search_command([*search, "--max-image-pixels", "1000"])
+    assert not prefix.with_suffix(".csv").exists()
+    assert cli.search_command([*search, "--max-image-pixels", "1920"]) == 0
+    assert prefix.with_suffix(".csv").is_file()
+    # the Python API: the same parameter; a manifest's screening names the workflow option too
+    manifest = tmp_path / "q.csv"
+    manifest.write_text(
+        "image_id,path,crater_id,role\n"
+        + "".join(f"q{i},queries/queries{i}.png,c{i},gallery\n" for i in range(2))
+    )
+    index = CraterIndex.load(out)
+    with pytest.raises(DataError, match="--max-image-pixels 1920"):
+        index.search(manifest, max_image_pixels=1000, progress=False)
+    assert len(index.search(manifest, top=2, max_image_pixels=1920, progress=False).by_query()) == 2
+
+
+def test_the_default_limit_refuses_a_crop_over_it_from_its_header(tmp_path) -> None:
+    from craterlab.workflows.items import Item, check_decodable
+
+    big = tmp_path / "big.png"  # 9,500 x 9,500 = 90,250,000 pixels > PIL's 89,478,485
+    Image.new("1", (9500, 9500)).save(big)
+    item = Item("big", str(big), "big")
+    with pytest.raises(DataError, match=r"more than --max-image-pixels 89,478,485.*"
+                       r"--max-image-pixels 90250000 \(or --max-image-pixels none"):  # fmt: skip
+        check_decodable([item], skip_bad=False, progress=False)
+    good, bad = check_decodable([item], skip_bad=False, progress=False, max_image_pixels=None)
+    assert [it.id for it in good] == ["big"] and bad == []

@@ -225,3 +225,68 @@ def test_a_damaged_index_never_reaches_the_user_as_a_traceback(index_dir) -> Non
     edit_json(index_dir / "gallery" / "meta.json", lambda d: d.__setitem__("ef_search", -1))
     with pytest.raises(CraterlabError, match="ef_search=-1"):
         cli.index_command(["info", str(index_dir)])
+
+
+# --- a sweep's state: the earlier run's directory recorded in the tracking store ---
+
+
+def _crafted_run(tag: str):
+    from craterlab.results import IDENTITY_TAG, RUN_DIR_TAG, FinishedRun
+
+    return FinishedRun("r1", {"single/mAP": 0.9}, {RUN_DIR_TAG: tag, IDENTITY_TAG: "abc"})
+
+
+@pytest.mark.parametrize("kind", ["climbs", "absolute", "link"])
+def test_a_run_dir_tag_outside_the_sweeps_outputs_is_not_reused_and_nothing_is_read(
+    tmp_path, monkeypatch, caplog, kind
+) -> None:
+    from craterlab.sweeps import resume
+
+    project, victim = tmp_path / "project", tmp_path / "elsewhere" / "secret"
+    victim.mkdir(parents=True)
+    (victim / "results.json").write_text(json.dumps({"results": {"single": {"mAP": 0.123}}}))
+    (victim / "rankings.json").write_text('{"stolen": 1}')
+    job = project / "outputs" / "multirun" / "d" / "t" / "0"
+    job.mkdir(parents=True)
+    monkeypatch.chdir(project)
+    if kind == "climbs":
+        tag = "../elsewhere/secret"
+    elif kind == "absolute":
+        tag = str(victim)
+    else:  # a folder inside the outputs whose results.json is a link out of it
+        inside = project / "outputs" / "multirun" / "d" / "old" / "0"
+        inside.mkdir(parents=True)
+        (inside / "results.json").symlink_to(victim / "results.json")
+        tag = str(inside)
+    found = _crafted_run(tag)
+    with pytest.raises(DataError, match="craterlab.run_dir"):
+        resume.earlier_run_dir(found, job)
+
+    class Store:
+        def find_finished(self, tags):
+            return found
+
+    monkeypatch.setattr(resume, "in_multirun", lambda: True)
+    monkeypatch.setattr(resume, "make_tracker", lambda cfg: Store())
+    config = {"output_dir": str(job), "resume": True, "tracking": {"name": "mlflow"}}
+    with caplog.at_level("WARNING", logger="craterlab"):
+        assert resume.previous_run(config) is None  # the job runs again
+    assert "not reused, the job runs again" in caplog.text and repr(tag) in caplog.text
+    # called directly, record_skip still reads nothing there: results from the run's metrics
+    resume.record_skip(job, found)
+    assert json.loads((job / "results.json").read_text())["results"] == {"single": {"mAP": 0.9}}
+    assert not (job / "rankings.json").exists()
+
+
+def test_a_run_dir_tag_inside_the_outputs_is_reused(tmp_path, monkeypatch) -> None:
+    from craterlab.sweeps import resume
+
+    monkeypatch.chdir(tmp_path)
+    earlier = tmp_path / "outputs" / "multirun" / "d1" / "t1" / "0"
+    earlier.mkdir(parents=True)
+    (earlier / "results.json").write_text(json.dumps({"results": {"single": {"mAP": 0.5}}}))
+    job = tmp_path / "outputs" / "multirun" / "d2" / "t2" / "0"
+    found = _crafted_run("outputs/multirun/d1/t1/0")  # relative to the launch folder
+    assert resume.earlier_run_dir(found, job) == earlier.resolve()
+    resume.record_skip(job, found)
+    assert (job / "results.json").read_text() == (earlier / "results.json").read_text()
