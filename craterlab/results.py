@@ -62,10 +62,16 @@ def is_untrained(weights: str | Sequence[Mapping[str, Any]]) -> bool:
 
     ``weights`` is a weights status (``random (requested)``, ``random + fine-tuned (...)``,
     ``pretrained ...``) or a lineage (its steps, origin first: untrained when the origin is
-    ``random``, through any number of fine-tunings). The one place this is decided.
+    ``random``, through any number of fine-tunings, unless a self-supervised ``pretrain`` step
+    trained them: "self-supervised on <data>, from random init" is a trained model). The one
+    place this is decided.
     """
     if not isinstance(weights, str):
-        return bool(weights) and weights[0].get("kind") == "random"
+        return (
+            bool(weights)
+            and weights[0].get("kind") == "random"
+            and not any(step.get("kind") == "pretrain" for step in weights)
+        )
     text = weights.strip().lower()
     return text.startswith("random") or "untrained" in text
 

@@ -223,7 +223,7 @@ def test_a_few_steps_reduce_the_loss_on_a_toy_problem(make):
 
 
 def test_losses_are_registered_with_their_schemas(registry):
-    assert registry.names("loss") == ["arcface", "supcon", "triplet"]
+    assert registry.names("loss") == ["arcface", "late_interaction", "supcon", "triplet"]
     assert registry.build("loss", {"name": "supcon"}).temperature == 0.1
     arc = registry.build("loss", {"name": "arcface"})
     assert (arc.scale, arc.margin) == (64.0, 0.5)

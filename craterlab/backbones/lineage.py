@@ -2,9 +2,12 @@
 
 A lineage is a list of steps, origin first: ``pretrained`` (timm tag), ``random`` (requested
 or the offline fallback, with its reason), ``checkpoint`` (a file of unknown history, with its
-sha256) or ``hf-hub``; then one ``finetune`` step per fine-tuning (loss, epochs, checkpoint
-path and sha256, the MLflow run that produced it). Every checkpoint ``finetune`` writes gets a
-sidecar ``<checkpoint>.lineage.json``; a backbone that loads such a file reads it back
+sha256) or ``hf-hub``; then one ``pretrain`` step per self-supervised pretraining (method, data,
+start, epochs) and one ``finetune`` step per fine-tuning (loss, epochs), each with its
+checkpoint path and sha256 and the MLflow run that produced it. Weights pretrained from random
+init read "self-supervised on <data>, from random init": trained, so not marked untrained.
+Every checkpoint ``finetune`` or ``pretrain`` writes gets a sidecar
+``<checkpoint>.lineage.json``; a backbone that loads such a file reads it back
 (:func:`describe_checkpoint`), so a model fine-tuned from untrained weights says so however
 many times it is fine-tuned again: its status starts with ``random``, which is what the
 results table, the NOTE line and the ``craterlab.untrained_weights`` tag key on.
@@ -53,6 +56,55 @@ def write_lineage(checkpoint: str | os.PathLike[str], lineage: Lineage) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps({"lineage": lineage, "untrained": is_untrained(lineage)}, indent=1))
     os.replace(tmp, path)
+
+
+def start_text(lineage: Sequence[Mapping[str, Any]]) -> str:
+    """What a pretraining started from, in words: 'random init', 'pretrained <tag>', the
+    checkpoint, or the last pretraining/fine-tuning of the chain."""
+    if not lineage:
+        return "unknown weights"
+    last = lineage[-1]
+    kind = last.get("kind")
+    if kind == "random":
+        return "random init"
+    if kind == "pretrained":
+        return f"pretrained {last.get('tag')}"
+    if kind in ("checkpoint", "hf-hub"):
+        return str(last.get("source"))
+    if kind == "pretrain":
+        return f"self-supervised on {last.get('data')} (run {str(last.get('mlflow_run_id'))[:8]})"
+    if kind == "finetune":
+        return f"{last.get('loss')} fine-tuned (run {str(last.get('mlflow_run_id'))[:8]})"
+    return str(kind)
+
+
+def pretrain_step(
+    checkpoint: str | os.PathLike[str],
+    *,
+    method: str,
+    data: str,
+    start: str,
+    epochs: int,
+    steps: int,
+    run_id: str | None,
+) -> dict[str, Any]:
+    """The lineage step of one self-supervised pretraining that wrote ``checkpoint``."""
+    return {
+        "kind": "pretrain",
+        "method": method,
+        "data": data,
+        "start": start,
+        "epochs": epochs,
+        "steps": steps,
+        "checkpoint": str(Path(checkpoint).resolve()),
+        "sha256": file_sha256(checkpoint),
+        "mlflow_run_id": run_id,
+    }
+
+
+def pretrain_text(step: Mapping[str, Any]) -> str:
+    """'self-supervised on <data>, from <start>' for a pretraining step."""
+    return f"self-supervised on {step.get('data')}, from {step.get('start')}"
 
 
 def origin_step(weights_status: str, weights_identity: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,6 +169,12 @@ def status_of(lineage: Sequence[Mapping[str, Any]], source: str) -> str:
     ``source``.
     """
     steps = [s for s in lineage if s.get("kind") == "finetune"]
+    if lineage and lineage[-1].get("kind") == "pretrain":
+        last_pre = lineage[-1]
+        return (
+            f"{pretrain_text(last_pre)} ({last_pre.get('method')}, {last_pre.get('epochs')} "
+            f"epoch(s); {source})"
+        )
     if not steps:
         return source
     last = steps[-1]
@@ -125,6 +183,9 @@ def status_of(lineage: Sequence[Mapping[str, Any]], source: str) -> str:
     origin_text = origin.get("status") or origin.get("tag") or origin.get("source") or "?"
     if not str(origin_text).startswith(origin["kind"]):  # "random (fallback: ...)" says it
         origin_text = f"{origin['kind']} {origin_text}"
+    pre = [s for s in lineage if s.get("kind") == "pretrain"]
+    if pre:  # the weights the fine-tuning started from were self-supervised
+        origin_text = pretrain_text(pre[-1])
     detail = f"{what}; {source}; origin: {origin_text}"
     if is_untrained(lineage):
         return f"random + fine-tuned ({detail})"
@@ -157,6 +218,12 @@ def lineage_summary(lineage: Sequence[Mapping[str, Any]]) -> str:
                 f"{step['loss']} {step['epochs']}ep {step.get('which', 'last')} "
                 f"(run {run}, sha {str(step.get('sha256'))[:8]})"
             )
+        elif kind == "pretrain":
+            run = (step.get("mlflow_run_id") or "no run")[:8]
+            parts.append(
+                f"{step.get('method')} {step.get('epochs')}ep on {step.get('data')} "
+                f"(run {run}, sha {str(step.get('sha256'))[:8]})"
+            )
         elif kind == "pretrained":
             parts.append(f"pretrained {step.get('tag')}")
         elif kind in ("checkpoint", "hf-hub"):
@@ -170,16 +237,18 @@ def lineage_params(lineage: Sequence[Mapping[str, Any]], status: str) -> dict[st
     """MLflow params that describe the weights a run actually used."""
     origin = lineage[0] if lineage else {"kind": "unknown"}
     steps = [s for s in lineage if s.get("kind") == "finetune"]
+    trained = [s for s in lineage if s.get("kind") in ("finetune", "pretrain")]
     params = {
         "weights.used": status,
         "weights.untrained": str(is_untrained(lineage)).lower(),
         "weights.origin": str(origin.get("kind")),
         "weights.finetune_steps": str(len(steps)),
+        "weights.pretrain_steps": str(sum(s.get("kind") == "pretrain" for s in lineage)),
         "weights.lineage": lineage_summary(lineage),
     }
-    if steps:
-        params["weights.checkpoint"] = str(steps[-1]["checkpoint"])
-        params["weights.sha256"] = str(steps[-1]["sha256"])
+    if trained:
+        params["weights.checkpoint"] = str(trained[-1]["checkpoint"])
+        params["weights.sha256"] = str(trained[-1]["sha256"])
     return params
 
 
@@ -224,8 +293,8 @@ def resolve_run_weights(weights: str, tracking_uri: str | None = None) -> str:
         )
         raise CraterlabError(
             f"MLflow run {run_id} recorded no {which!r} checkpoint (it has: "
-            f"{', '.join(recorded) or 'none; it was not a fine-tuning run'}). Use run:{run_id}"
-            f"{'/' + recorded[0] if recorded else ''} or another run."
+            f"{', '.join(recorded) or 'none; it was not a fine-tuning or pretraining run'}). "
+            f"Use run:{run_id}{'/' + recorded[0] if recorded else ''} or another run."
         )
     if os.path.isfile(path) and (sha is None or file_sha256(path) == sha):
         return path
@@ -242,7 +311,8 @@ def resolve_run_weights(weights: str, tracking_uri: str | None = None) -> str:
     raise CraterlabError(
         f"MLflow run {run_id} recorded its {which} checkpoint at {path} (sha256 {sha}), but that "
         "file is missing or changed and the run holds no uploaded copy. Restore the file, or "
-        "fine-tune again with train.log_checkpoints=artifact so the run keeps a copy."
+        "train again with train.log_checkpoints=artifact (pretrain.log_checkpoints=artifact) so "
+        "the run keeps a copy."
     )
 
 

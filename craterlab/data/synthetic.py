@@ -273,6 +273,23 @@ class SyntheticCraters:
             out += [ImageRecord(f"t{c:05d}_{v}", c, "train") for v in range(self.train_views)]
         return out
 
+    def with_train_views(self, train_views: int) -> SyntheticCraters:
+        """The same benchmark with ``train_views`` query-like views (sun azimuth and
+        elevation, placement, gain, gamma, blur, noise) per train identity (multi-view
+        fine-tuning); gallery and queries are unchanged."""
+        if train_views < 0:
+            raise ValueError(f"train_views must be >= 0, got {train_views}")
+        return SyntheticCraters(
+            self.size,
+            n_identities=self.n_identities,
+            n_query_craters=self.n_query_craters,
+            views_per_query=self.views_per_query,
+            train_views=train_views,
+            image_size=self.image_size,
+            crater_density=self.field.lam,
+            seed=self.seed,
+        )
+
     def load_image(self, record: ImageRecord) -> Image.Image:
         view = self.view_of(record.image_id)
 

@@ -3,6 +3,8 @@
 The losses are registered through the same ``register_losses`` hook a third-party plugin uses.
 The training loop lives in :mod:`craterlab.train.finetune` (imported on demand, since it pulls
 in torchvision); its config is checked by :func:`craterlab.train.config.validate_train_config`.
+Self-supervised (DINO) pretraining lives in :mod:`craterlab.train.pretrain`, its command
+(``python -m craterlab pretrain``) in :mod:`craterlab.train.cli`.
 """
 
 from __future__ import annotations
@@ -10,9 +12,37 @@ from __future__ import annotations
 from typing import Any
 
 from craterlab.hookspecs import hookimpl
-from craterlab.train.losses import ArcFaceLoss, BatchHardTripletLoss, SupConLoss
+from craterlab.train.losses import (
+    ArcFaceLoss,
+    BatchHardTripletLoss,
+    LateInteractionContrastiveLoss,
+    SupConLoss,
+)
 
-__all__ = ["ArcFaceLoss", "BatchHardTripletLoss", "SupConLoss", "register_losses"]
+__all__ = [
+    "ArcFaceLoss",
+    "BatchHardTripletLoss",
+    "LateInteractionContrastiveLoss",
+    "SupConLoss",
+    "register_commands",
+    "register_losses",
+]
+
+
+def pretrain_command(argv: list[str]) -> int:
+    """``python -m craterlab pretrain``: imported when it runs (it pulls in lightly)."""
+    from craterlab.train.cli import pretrain_command as command
+
+    return command(argv)
+
+
+@hookimpl
+def register_commands(register: Any) -> None:
+    register(
+        "pretrain",
+        pretrain_command,
+        "self-supervised DINO pretraining on unlabeled crater images (a new backbone)",
+    )
 
 
 @hookimpl
@@ -31,4 +61,9 @@ def register_losses(register: Any) -> None:
         "triplet",
         BatchHardTripletLoss,
         "Batch-hard triplet loss (Hermans et al. 2017) on L2-normalized embeddings, margin 0.2",
+    )
+    register(
+        "late_interaction",
+        LateInteractionContrastiveLoss,
+        "Token-aware: SupCon over late-interaction (Eq. 1) scores of instance/selected tokens",
     )

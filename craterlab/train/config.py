@@ -51,6 +51,7 @@ class TrainConfig:
     local_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
     flip: bool = True
     color_jitter: float = 0.4  # brightness / contrast strength (saturation half of it)
+    train_views: int | None = None  # multi-view: rendered views per train identity (null: data's)
     val_fraction: float = 0.1  # train identities held out for validation mAP (0: none)
     val_every: int | None = None  # validate every N steps (null: at the end of each epoch)
     log_checkpoints: Literal["auto", "artifact", "path"] = "auto"  # how MLflow records them
@@ -111,6 +112,8 @@ def _check_values(c: TrainConfig) -> None:
             problems.append(f"{key} must be >= 1")
     if c.local_crops < 0:
         problems.append("local_crops must be >= 0")
+    if c.train_views is not None and c.train_views < 0:
+        problems.append("train_views must be >= 0 or null")
     for key in ("steps_per_epoch", "val_every"):
         if getattr(c, key) is not None and getattr(c, key) < 1:
             problems.append(f"{key} must be >= 1 or null")

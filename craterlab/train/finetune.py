@@ -224,6 +224,7 @@ def finetune(
             "train=none means a frozen backbone; there is nothing to fine-tune. Choose a loss "
             "config (train=supcon, train=arcface or train=triplet) or skip fine-tuning."
         )
+    dataset = with_train_views(dataset, cfg.train_views)
     records = list(dataset.records("train"))
     label_of = _labels(records, dataset)
     labels = [label_of[r.crater_id] for r in records]
@@ -326,7 +327,10 @@ def finetune(
                     x, y = _load_batch(rows, records, labels, dataset, backbone, views)
                     with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                         features = backbone.forward_features(x.to(device))
-                    loss = loss_fn(neck(pooling(features).float()), y.to(device))
+                    if getattr(loss_fn, "takes_features", False):  # token-aware losses
+                        loss = loss_fn(features, y.to(device))
+                    else:
+                        loss = loss_fn(neck(pooling(features).float()), y.to(device))
                     if not torch.isfinite(loss):
                         raise CraterlabError(
                             f"Fine-tuning loss became {loss.item()} at epoch {epoch + 1}, step "
@@ -395,6 +399,27 @@ def finetune(
     (out / "history.json").write_text(json.dumps(history, indent=1))
     _write_lineages(out, parent, cfg, {"best_map": best_map, "best_step": best_step}, run_id)
     return checkpoint
+
+
+def with_train_views(dataset: CraterDataset, views: int | None) -> CraterDataset:
+    """The dataset with ``views`` rendered illumination/placement views per train identity
+    (``train.train_views``, the multi-view option); unchanged for None.
+
+    Only a dataset that can render new views of an identity has ``with_train_views`` (the
+    synthetic benchmark); any other is refused rather than silently trained as it is.
+    """
+    if views is None:
+        return dataset
+    render = getattr(dataset, "with_train_views", None)
+    if not callable(render):
+        name = getattr(dataset, "name", type(dataset).__name__)
+        raise ConfigError(
+            f"train.train_views={views} asks for rendered views per identity, but dataset "
+            f"{name!r} holds fixed images and cannot render new ones (only the synthetic "
+            "benchmark can). Remove train.train_views, or add more views per crater to the "
+            "dataset's train split (several crops/illuminations per crater id in the manifest)."
+        )
+    return render(views)
 
 
 def best_checkpoint(checkpoint: str | os.PathLike[str]) -> Path | None:
@@ -474,6 +499,7 @@ def _build_loss(cfg: TrainConfig, registry: Registry | None) -> torch.nn.Module:
     if not isinstance(loss, torch.nn.Module):  # a plain callable from a plugin
         wrapper = torch.nn.Module()
         wrapper.forward = loss  # type: ignore[method-assign]
+        wrapper.takes_features = getattr(loss, "takes_features", False)  # type: ignore[assignment]
         return wrapper
     return loss
 

@@ -1,14 +1,18 @@
-"""Metric-learning losses for the fine-tuning baselines: SupCon, ArcFace, batch-hard triplet.
+"""Metric-learning losses for the fine-tuning baselines: SupCon, ArcFace, batch-hard triplet,
+and a token-aware one: SupCon over late-interaction scores.
 
 Each loss maps embeddings (B, D) and integer labels (B,) to a scalar (the
-:class:`craterlab.types.Loss` protocol). Embeddings are L2-normalized inside every loss, so
-passing already-normalized vectors is harmless. A batch with nothing to learn from (no positive
-pair, no negative) gives a zero loss that is still attached to the graph, so ``backward`` works.
+:class:`craterlab.types.Loss` protocol); the token-aware loss also takes the backbone's
+features (``takes_features``), so it sees every patch token. Embeddings are L2-normalized
+inside every loss, so passing already-normalized vectors is harmless. A batch with nothing to
+learn from (no positive pair, no negative) gives a zero loss that is still attached to the
+graph, so ``backward`` works.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,26 @@ def _check(embeddings: torch.Tensor, labels: torch.Tensor) -> None:
         )
 
 
+def supcon_from_scores(
+    scores: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> torch.Tensor | None:
+    """SupCon (L_out) on a (B, B) similarity matrix: row i is anchor i, every other
+    same-label column a positive, every column but i in the softmax. None when no anchor has
+    a positive."""
+    b = scores.shape[0]
+    self_mask = torch.eye(b, dtype=torch.bool, device=scores.device)
+    logits = (scores / temperature).masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    n_pos = positives.sum(1)
+    anchors = n_pos > 0
+    if not anchors.any():
+        return None
+    # where() (not multiplication) keeps the -inf diagonal out of the sum.
+    pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(1)
+    return -(pos_log_prob[anchors] / n_pos[anchors]).mean()
+
+
 class SupConLoss(nn.Module):
     """Supervised contrastive loss (Khosla et al. 2020, L_out): every same-label sample of an
     anchor is a positive; anchors without a positive in the batch are skipped."""
@@ -41,18 +65,66 @@ class SupConLoss(nn.Module):
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         _check(embeddings, labels)
         z = F.normalize(embeddings.float(), dim=-1)
-        b = z.shape[0]
-        self_mask = torch.eye(b, dtype=torch.bool, device=z.device)
-        logits = (z @ z.T / self.temperature).masked_fill(self_mask, float("-inf"))
-        log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
-        positives = (labels[:, None] == labels[None, :]) & ~self_mask
-        n_pos = positives.sum(1)
-        anchors = n_pos > 0
-        if not anchors.any():
-            return _zero(embeddings)
-        # where() (not multiplication) keeps the -inf diagonal out of the sum.
-        pos_log_prob = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(1)
-        return -(pos_log_prob[anchors] / n_pos[anchors]).mean()
+        loss = supcon_from_scores(z @ z.T, labels, self.temperature)
+        return _zero(embeddings) if loss is None else loss
+
+
+class LateInteractionContrastiveLoss(nn.Module):
+    """Token-aware contrastive loss: SupCon over late-interaction scores (Eq. 1).
+
+    Every view in the batch is a token set (``tokens``: K instance tokens with attention
+    seeds, the top-K tokens by attention, or all patch tokens; L2-normalized). Its score
+    against every other view is ``s(q, g) = mean_i max_j <q_i, g_j>`` (query tokens against
+    gallery tokens, the retrieval score itself), and SupCon at ``temperature`` pulls the
+    same-identity views' scores up against the rest of the batch. Input: the backbone's
+    ``Features`` (``takes_features``), a (B, K, D) tensor of token sets, or (B, D) embeddings
+    (one token each: the loss is then plain SupCon on cosines).
+    """
+
+    takes_features = True
+
+    def __init__(self, temperature: float = 0.05, tokens: str = "instance", k: int = 32) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if tokens not in ("instance", "attention", "all"):
+            raise ValueError(f"tokens must be 'instance', 'attention' or 'all', got {tokens!r}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.temperature, self.tokens, self.k = temperature, tokens, k
+
+    def token_sets(self, features: Any) -> torch.Tensor:
+        """(B, K, D) unit token sets of a batch's features (K capped at the token count)."""
+        from craterlab.tokens.aggregation import InstanceAggregator
+        from craterlab.tokens.selection import AttentionSelector
+
+        n_tokens = features.tokens.shape[1]
+        k = min(self.k, n_tokens)
+        if self.tokens == "all" or k == n_tokens:
+            return F.normalize(features.tokens.float(), dim=-1)
+        if self.tokens == "instance":
+            return InstanceAggregator(k=k)(features).vectors
+        return AttentionSelector(k=k)(features).vectors
+
+    def forward(self, inputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        if isinstance(inputs, torch.Tensor) and inputs.ndim == 2:
+            _check(inputs, labels)
+            z = F.normalize(inputs.float(), dim=-1).unsqueeze(1)
+        elif isinstance(inputs, torch.Tensor):
+            z = F.normalize(inputs.float(), dim=-1)
+        else:
+            z = self.token_sets(inputs)
+        if z.ndim != 3 or z.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"late_interaction loss needs token sets (B, K, D) and labels (B,); got "
+                f"{tuple(z.shape)} and {tuple(labels.shape)}"
+            )
+        from craterlab.retrieval.late_interaction import late_interaction
+        from craterlab.types import Tokens
+
+        t = Tokens(z)
+        loss = supcon_from_scores(late_interaction(t, t), labels, self.temperature)
+        return z.sum() * 0.0 if loss is None else loss
 
 
 class ArcFaceLoss(nn.Module):

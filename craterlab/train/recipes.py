@@ -46,3 +46,38 @@ def from_scratch_config(loss: str, augment: str, **overrides: Any) -> dict[str, 
         "augment": augment,
         **overrides,
     }
+
+
+PRETRAIN_CPU_RECIPE: dict[str, Any] = {
+    "batch_size": 32,
+    "lr": 1e-3,
+    "min_lr": 1e-5,
+    "warmup": 0.1,
+    "weight_decay": 0.04,
+    "weight_decay_end": 0.1,
+    "out_dim": 1024,
+    "hidden_dim": 256,
+    "bottleneck_dim": 64,
+    "global_crops": 2,
+    "local_crops": 2,
+    "global_scale": [0.5, 1.0],
+    "local_scale": [0.2, 0.5],
+    "momentum": 0.95,
+    "momentum_end": 0.995,
+    "teacher_temp": 0.04,
+    "warmup_teacher_temp": 0.02,
+    "teacher_temp_warmup": 0.2,
+    "freeze_last_layer": 0.0,
+    "blur_sigma": [0.1, 1.0],
+    "eval_every": None,
+    "progress": False,
+}
+"""DINO from random init on a few CPU cores (benchmarks/bench_pretrain.py and its slow test):
+a small head, 2 global + 2 local crops, a short teacher-temperature warmup, teacher momentum
+0.95 -> 0.995 (DINO's 0.996 -> 1 averages over ~250 steps: a run of a few hundred steps would
+end with a teacher close to its random init)."""
+
+
+def pretrain_cpu_config(steps: int, **overrides: Any) -> dict[str, Any]:
+    """The CPU pretraining recipe for ``steps`` optimizer steps (one epoch of that length)."""
+    return {**PRETRAIN_CPU_RECIPE, "epochs": 1, "steps_per_epoch": steps, **overrides}
