@@ -239,17 +239,17 @@ def options(group: str) -> set[str]:
     return {p.stem for p in (CONF / group).glob("*.yaml")}
 
 
-LOSSES = ("arcface", "supcon", "triplet")
+LOSSES = ("arcface", "late_interaction", "supcon", "triplet")
 LOSS_ROWS = {(loss, f"{mode}_crop") for loss in LOSSES for mode in ("single", "multi")}
 
 
 def test_finetune_rows_are_the_frozen_backbone_and_each_loss_and_crop_mode():
-    """7 rows (frozen + 3 losses x 2 crop modes), each with CLS and GeM: no "frozen,
+    """9 rows (frozen + 4 losses x 2 crop modes), each with CLS and GeM: no "frozen,
     multi-crop" duplicate; the study's recipe in the full preset, the CPU recipe in the smoke."""
     full = jobs("finetune")
     rows = {(c.train.name, c.train.get("augment"), c.pooling.name) for c in full}
     expected = {(t, a) for t, a in LOSS_ROWS} | {("none", None)}
-    assert len(full) == 14 and rows == {(t, a, p) for t, a in expected for p in ("cls", "gem")}
+    assert len(full) == 18 and rows == {(t, a, p) for t, a in expected for p in ("cls", "gem")}
     for cfg in full:  # the study: ViT-S/16 MarsDINO, every train identity, LI at K=32
         assert cfg.k == 32 and cfg.report.table == "finetune"
         assert (cfg.backbone.name, cfg.backbone.size) == ("marsdino", "s")
@@ -264,7 +264,7 @@ def test_finetune_rows_are_the_frozen_backbone_and_each_loss_and_crop_mode():
 
 @pytest.mark.slow
 def test_the_finetune_table_in_miniature_runs_offline(tmp_path: Path):
-    """`-m experiment=finetune_smoke`: 8 jobs, one fine-tuning per loss (each checkpoint
+    """`-m experiment=finetune_smoke`: 10 jobs, one fine-tuning per loss (each checkpoint
     evaluated with CLS and GeM), and a report with the frozen row and every loss side by side."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CRATERLAB_CACHE": str(tmp_path / "cache")}
     sweep_dir = tmp_path / "sweep"
@@ -274,14 +274,14 @@ def test_the_finetune_table_in_miniature_runs_offline(tmp_path: Path):
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     checkpoints = list((tmp_path / "outputs" / "finetune").glob("*/model.pt"))
-    assert len(checkpoints) == 3  # one per loss, shared by its CLS and GeM jobs
+    assert len(checkpoints) == 4  # one per loss, shared by its CLS and GeM jobs
     table = (sweep_dir / "report" / "table.md").read_text().splitlines()
     assert table[2].startswith("| train | augment | weights | cls R@1 | cls mAP | gem R@1")
     assert table[2].endswith("| LI K=8 R@1 | LI K=8 mAP |")
-    body = [line.split(" | ")[:3] for line in table[4:8]]
+    body = [line.split(" | ")[:3] for line in table[4:9]]
     tuned = [[f"| {loss}", "single_crop", "[random + fine-tuned weights]"] for loss in LOSSES]
     assert body == [["| none", "-", "[random weights]"], *tuned]
-    assert all("—" not in line for line in table[4:8])  # every cell filled
+    assert all("—" not in line for line in table[4:9])  # every cell filled
 
 
 @pytest.mark.slow

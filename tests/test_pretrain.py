@@ -266,7 +266,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     with pytest.raises(PretrainDiverged, match=r"became nan at step 3 \(epoch 2, batch 1\)") as e:
         pretrain({**TINY, "epochs": 2}, vit(), data, device="cpu", seed=0, out_dir=tmp_path)
     assert e.value.checkpoint == ckpt and file_sha256(ckpt) == good
-    assert "Lower pretrain.lr" in str(e.value) and str(ckpt) in str(e.value)
+    assert "lower pretrain.lr" in str(e.value) and str(ckpt) in str(e.value)
 
 
 def test_the_command_composes_the_pretrain_group() -> None:

@@ -287,7 +287,13 @@ def pretrain(
         with warnings.catch_warnings():  # lightly's head uses the older weight_norm API
             warnings.simplefilter("ignore", FutureWarning)
             return DINOProjectionHead(
-                dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.out_dim, False, -1, cfg.norm_last_layer
+                dim,
+                cfg.hidden_dim,
+                cfg.bottleneck_dim,
+                cfg.out_dim,
+                cfg.head_batch_norm,
+                -1,
+                cfg.norm_last_layer,
             ).to(device)
 
     with torch.random.fork_rng(devices=_rng_devices(device)):

@@ -54,6 +54,7 @@ class PretrainConfig:
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
     norm_last_layer: bool = True
+    head_batch_norm: bool = False  # BatchNorm in the head's MLP (against collapse from scratch)
     freeze_last_layer: float = 0.01  # share of steps with the head's last layer frozen
     student_temp: float = 0.1
     teacher_temp: float = 0.04  # reached after teacher_temp_warmup
