@@ -17,14 +17,14 @@ import torch
 from PIL import Image
 
 from craterlab.backbones import timm_vit
-from craterlab.errors import ConfigError, CraterlabError, DataError
-from craterlab.hashing import file_sha256
 from craterlab.backbones.lineage import (
     is_untrained,
     lineage_params,
     read_lineage,
     status_of,
 )
+from craterlab.errors import ConfigError, CraterlabError, DataError
+from craterlab.hashing import file_sha256
 from craterlab.train.pretrain import (
     STATE_FILE,
     ImageSource,
@@ -273,8 +273,18 @@ def test_the_command_composes_the_pretrain_group() -> None:
     from craterlab.train.cli import compose_pretrain_config
 
     cfg = compose_pretrain_config(["pretrain=dino_cpu", "backbone.image_size=64"])
-    assert cfg.pretrain.name == "dino" and cfg.pretrain.out_dim == 2048
+    assert cfg.pretrain.name == "dino" and cfg.pretrain.out_dim == 1024
     assert cfg.backbone.image_size == 64
     validate_pretrain_config(cfg.pretrain)
     with pytest.raises(ConfigError, match="not an override"):
         compose_pretrain_config(["dino"])
+
+
+def test_the_cpu_config_is_the_benchmarks_recipe() -> None:
+    from craterlab.train.cli import compose_pretrain_config
+    from craterlab.train.recipes import PRETRAIN_CPU_RECIPE
+
+    group = compose_pretrain_config(["pretrain=dino_cpu"]).pretrain
+    for key, value in PRETRAIN_CPU_RECIPE.items():
+        if key not in ("eval_every", "progress"):  # logging only
+            assert group[key] == value, key

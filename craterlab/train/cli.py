@@ -63,16 +63,16 @@ def compose_pretrain_config(overrides: Sequence[str]) -> DictConfig:
 
 def run_pretrain(cfg: DictConfig) -> dict[str, Any]:
     """Pretrain as configured, inside one tracked run; returns checkpoint, run id, status."""
-    from craterlab.devices import resolve_device
-    from craterlab.plugins import get_registry
-    from craterlab.run import seed_everything
-    from craterlab.tracking import tracked_run
-    from craterlab.train.evaluation import retrieval_suite
     from craterlab.backbones.lineage import (
         describe_checkpoint,
         lineage_params,
         record_checkpoints,
     )
+    from craterlab.devices import resolve_device
+    from craterlab.experiment import seed_everything
+    from craterlab.plugins import get_registry
+    from craterlab.tracking import tracked_run
+    from craterlab.train.evaluation import retrieval_suite
     from craterlab.train.pretrain import (
         ImageSource,
         PretrainDiverged,

@@ -39,9 +39,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from craterlab.backbones.lineage import lineage_of, pretrain_step, start_text, write_lineage
 from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError, CraterlabError, DataError
-from craterlab.backbones.lineage import lineage_of, pretrain_step, start_text, write_lineage
 from craterlab.train.pretrain_config import PretrainConfig, run_key, validate_pretrain_config
 from craterlab.train.ssl_views import MultiCrop
 from craterlab.types import Backbone, CraterDataset
