@@ -288,3 +288,43 @@ def test_the_cpu_config_is_the_benchmarks_recipe() -> None:
     for key, value in PRETRAIN_CPU_RECIPE.items():
         if key not in ("eval_every", "progress"):  # logging only
             assert group[key] == value, key
+
+
+def test_the_command_records_a_run_whose_weights_load_as_run_id(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from craterlab.backbones.lineage import resolve_run_weights
+    from craterlab.train.cli import compose_pretrain_config, run_pretrain
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    overrides = [f"pretrain.{k}={v}" for k, v in TINY.items() if k not in ("eval_every",)]
+    overrides = [o.replace("None", "null").replace("False", "false") for o in overrides]
+    cfg = compose_pretrain_config(
+        [
+            *overrides,
+            "pretrain.eval_k=4",
+            "backbone.model=test_vit",
+            "backbone.pretrained_tag=r160_in1k",
+            "backbone.weights=random",
+            "backbone.precision=fp32",
+            "backbone.image_size=32",
+            "dataset.size=tiny",
+            "dataset.image_size=32",
+            f"tracking.uri={uri}",
+            f"tracking.artifact_location={tmp_path / 'artifacts'}",
+        ]
+    )
+    result = run_pretrain(cfg)
+    assert result["weights"].startswith("self-supervised on synthetic-tiny [train, ")
+    assert "from random init" in result["weights"]
+    path = resolve_run_weights(f"run:{result['run_id']}")
+    assert file_sha256(path) == file_sha256(result["checkpoint"])
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(uri).get_run(result["run_id"])
+    assert run.data.tags["craterlab.kind"] == "pretrain"
+    assert run.data.params["weights.untrained"] == "false"
+    assert {"pretrain/loss", "pretrain/lr", "pretrain/teacher_temp"} <= set(run.data.metrics)
+    assert "pretrain/epoch_li_mAP" in run.data.metrics  # the labelled query/gallery check
