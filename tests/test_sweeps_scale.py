@@ -172,3 +172,62 @@ def test_four_writers_on_one_sqlite_store_lose_nothing(tmp_path) -> None:
     for r in runs:
         history = client.get_metric_history(r.info.run_id, "m49")
         assert sorted(m.step for m in history) == [0, 1, 2, 3, 4]
+
+
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_joblib_workers_exit_when_the_launcher_is_killed(tmp_path) -> None:
+    """Hydra's real joblib launcher, two jobs running in two loky workers: ``kill -9`` of the
+    launcher and every worker exits within seconds (the launcher watchdog), never orphaned."""
+    import threading
+
+    from craterlab.sweeps.orphans import alive
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CRATERLAB_CACHE=str(tmp_path / "cache"))
+    env.pop("CRATERLAB_LAUNCHER_PID", None)
+    argv = [sys.executable, "-m", "craterlab", "-m", *TINY, "k=4,8", "tracking=none"]
+    argv += [f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra/launcher=joblib"]
+    argv += ["hydra.launcher.n_jobs=2"]
+    proc = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            if sum(line.startswith("[sweep] job") and ":" in line for line in lines) >= 2:
+                break  # both jobs started: each worker's watchdog runs (on_job_start)
+            time.sleep(0.2)
+        assert proc.poll() is None, "".join(lines)[-3000:]
+        workers = children_of(proc.pid)
+        assert len(workers) >= 2, f"expected the loky workers as children: {workers}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed_at = time.monotonic()
+        while time.monotonic() - killed_at < 15 and any(alive(w) for w in workers):
+            time.sleep(0.2)
+        left = [w for w in workers if alive(w)]
+        assert not left, f"workers {left} outlived their killed launcher"
+        print(f"{len(workers)} workers gone {time.monotonic() - killed_at:.1f} s after the kill")
+        assert not (tmp_path / "sweep" / "0" / "results.json").exists()  # killed mid-job
+    finally:
+        for w in workers:
+            if alive(w):
+                os.kill(w, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
