@@ -179,8 +179,10 @@ def previous_run(config: Mapping[str, Any]) -> FinishedRun | None:
 def allowed_roots(run_dir: Path) -> list[Path]:
     """Where an earlier run's directory may lie: the folder the sweep was launched from (Hydra's
     relative ``outputs/`` lives there) and the folder holding this job's sweep folder (another
-    launch with its own ``hydra.sweep.dir`` beside this one)."""
-    return [Path.cwd(), run_dir.absolute().parent.parent]
+    launch with its own ``hydra.sweep.dir`` beside this one). A filesystem root (a sweep
+    launched from ``/``) is never one: it would let a tag name any folder."""
+    roots = [Path.cwd(), run_dir.absolute().parent.parent]
+    return [r for r in roots if Path(os.path.realpath(r)) != Path(r.anchor)]
 
 
 def earlier_run_dir(found: FinishedRun, run_dir: Path) -> Path | None:

@@ -278,6 +278,15 @@ def test_a_run_dir_tag_outside_the_sweeps_outputs_is_not_reused_and_nothing_is_r
     assert not (job / "rankings.json").exists()
 
 
+def test_a_sweep_launched_from_the_filesystem_root_trusts_no_outside_tag(monkeypatch) -> None:
+    from craterlab.sweeps import resume
+
+    monkeypatch.chdir("/")
+    assert resume.allowed_roots(Path("/sweep/0")) == []
+    with pytest.raises(DataError, match="outside the sweep's outputs"):
+        resume.earlier_run_dir(_crafted_run("/etc"), Path("/sweep/0"))
+
+
 def test_a_run_dir_tag_inside_the_outputs_is_reused(tmp_path, monkeypatch) -> None:
     from craterlab.sweeps import resume
 
