@@ -200,7 +200,12 @@ def test_plain_float_stores_score_in_place(key: str) -> None:
     same = LateInteraction("cpu", threads=2, kernel="bf16" if key == "bf16" else "fp32")
     torch.testing.assert_close(li.score_store(q, store), same.score(q, dec))
     cand = torch.tensor([[3, 0, -1], [11, 3, 5], [2, 2, 7]])
-    torch.testing.assert_close(li.rerank_store(q, store, cand), same.rerank(q, dec, cand))
+    # A BF16 store reranks through the fused kernel where it is available, which accumulates
+    # in fp32, while decoded fp32 rows take the blocked bf16 path, which rounds similarities to
+    # bf16: equal within that rounding (both are checked against the fp64 reference in
+    # test_fused_rerank.py).
+    tol = {"rtol": 0, "atol": 4e-3} if key == "bf16" else {}
+    torch.testing.assert_close(li.rerank_store(q, store, cand), same.rerank(q, dec, cand), **tol)
 
 
 def test_pq_decode_matches_faiss_and_beats_a_mean_codebook() -> None:
