@@ -1,8 +1,8 @@
 """Command line: ``python -m craterlab [hydra overrides]`` runs an experiment.
 
 ``python -m craterlab COMMAND [args]`` runs a subcommand instead. Subcommands come from the
-``register_commands`` hook, so the built-in ones (``plugins``, ``cache``, ``dataset``, in
-:mod:`craterlab.commands`) and those of installed plugins are found the same way.
+``register_commands`` hook, so the built-in ones (:mod:`craterlab.commands`) and those of
+installed plugins are found the same way.
 ``python -m craterlab --help`` lists them. A bare word that is neither an override (``KEY=VALUE``)
 nor a command is refused in one line that names the commands, before Hydra sees it.
 """
@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from craterlab.errors import CraterlabError, closest, disk_full_message
+from craterlab.kinds import GROUP_KINDS
 from craterlab.plugins import config_dir, plugin_config_dirs
-from craterlab.registry import GROUP_KINDS
 
 __all__ = ["config_dir", "main", "plugin_config_dirs"]
 

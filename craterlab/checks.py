@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from craterlab.errors import ConfigError, CraterlabError
+from craterlab.metrics import resolve_depth
 from craterlab.types import Features, Ranking, Tokens
 
 log = logging.getLogger("craterlab")
@@ -41,8 +42,6 @@ def _integer(value: Any) -> int | None:
 
 def check_run_settings(cfg: Any) -> None:
     """``seed`` an integer, ``depth`` valid, ``batch_size`` positive, ``num_workers`` >= 0."""
-    from craterlab.metrics import resolve_depth
-
     if "depth" in cfg:
         resolve_depth(cfg["depth"], 1)  # raises ConfigError naming the valid values
     rules = {

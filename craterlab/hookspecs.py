@@ -1,6 +1,8 @@
 """Hook specifications: how plugins add components and commands to craterlab and observe runs.
 
-Each ``register_*`` hook receives a ``register(name, factory, description="", schema=None)``
+There is one ``register_*`` hook per component kind, made from the table of kinds
+(:data:`craterlab.kinds.KIND_TABLE`: kind, hook, config group, protocol, documentation). Each
+``register_*`` hook receives a ``register(name, factory, description="", schema=None)``
 callback. ``factory`` is called with the component's validated config as keyword arguments;
 when ``schema`` (a dataclass) is omitted, the factory's signature is the schema: its parameters
 are the valid config keys, their annotations the expected types, their defaults the optional
@@ -12,9 +14,12 @@ documents every hook with an example; a test fails when a hook has no section th
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from pluggy import HookimplMarker, HookspecMarker
+
+from craterlab.kinds import KIND_TABLE, Kind
 
 hookspec = HookspecMarker("craterlab")
 hookimpl = HookimplMarker("craterlab")
@@ -28,61 +33,21 @@ class Register(Protocol):
     ) -> None: ...
 
 
-@hookspec
-def register_datasets(register: Register) -> None:
-    """Register datasets: factories returning a :class:`craterlab.types.CraterDataset`.
+def _registration_hook(kind: Kind) -> Callable[[Register], None]:
+    """The hookspec of one kind's registration hook (``register_<kinds>(register)``)."""
 
-    Called once per process, when the registry is first built; ``dataset=NAME`` builds one.
-    """
+    def hook(register: Register) -> None:
+        pass
 
-
-@hookspec
-def register_backbones(register: Register) -> None:
-    """Register backbones: factories returning a :class:`craterlab.types.Backbone`.
-
-    ``backbone=NAME`` builds one; the run passes ``seed`` to factories that declare it.
-    """
+    hook.__name__ = hook.__qualname__ = kind.hook
+    hook.__doc__ = kind.doc
+    return hookspec(hook)
 
 
-@hookspec
-def register_poolings(register: Register) -> None:
-    """Register poolings: ``Features -> (N, D)`` L2-normalized single vectors."""
-
-
-@hookspec
-def register_selectors(register: Register) -> None:
-    """Register token selectors: ``Features -> Tokens``, K of the patch tokens, L2-normalized."""
-
-
-@hookspec
-def register_aggregators(register: Register) -> None:
-    """Register token aggregators: ``Features -> Tokens``, K aggregated L2-normalized tokens.
-
-    A factory may return None ('use the selector's tokens'); a component with ``fit`` is fitted
-    on the gallery features first.
-    """
-
-
-@hookspec
-def register_matchers(register: Register) -> None:
-    """Register matchers: ``score(queries, gallery)`` and ``rerank(queries, gallery, candidates)``
-    over token sets (:class:`craterlab.types.Matcher`)."""
-
-
-@hookspec
-def register_quantizers(register: Register) -> None:
-    """Register quantizers: ``fit(tokens)`` then ``encode(tokens) -> TokenStore``."""
-
-
-@hookspec
-def register_stages(register: Register) -> None:
-    """Register retrieval stages: ``search(RetrievalInputs) -> Ranking`` (single-vector search,
-    rerank, exhaustive). Each value of ``retrieval.stages`` builds one."""
-
-
-@hookspec
-def register_losses(register: Register) -> None:
-    """Register metric-learning losses for fine-tuning: ``(embeddings, labels) -> scalar``."""
+# One registration hook per component kind, from the one table of kinds.
+for _kind in KIND_TABLE:
+    globals()[_kind.hook] = _registration_hook(_kind)
+del _kind
 
 
 @hookspec
@@ -90,17 +55,6 @@ def register_commands(register: Register) -> None:
     """Register subcommands of ``python -m craterlab``: ``register(name, handler, description)``
     where ``handler(args: list[str]) -> int`` gets the arguments after the name and returns an
     exit status. Called when the command line starts, before Hydra sees the arguments."""
-
-
-@hookspec
-def register_trackers(register: Register) -> None:
-    """Register experiment trackers: factories returning a :class:`craterlab.tracking.Tracker`
-    (``start``, ``log_params``, ``log_metrics``, ``log_artifact``, ``set_tags``, ``finish``).
-
-    ``tracking=NAME`` picks one (built in: ``mlflow``, ``none``); its config keys are the
-    factory's parameters. A tracker must never raise on tracking trouble: it records what it
-    could not log in ``not_logged`` instead.
-    """
 
 
 @hookspec

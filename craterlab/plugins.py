@@ -31,6 +31,7 @@ import pluggy
 
 from craterlab import hookspecs
 from craterlab.errors import CraterlabError, closest
+from craterlab.kinds import REGISTER_HOOKS
 from craterlab.registry import Registry
 
 log = logging.getLogger("craterlab.plugins")
@@ -46,23 +47,8 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "craterlab.retrieval",  # matchers, quantizers and stages
     "craterlab.train",
     "craterlab.commands",
-    "craterlab.workflows.cli",
     "craterlab.tracking",
 )
-
-# hook name -> registry kind
-REGISTER_HOOKS: dict[str, str] = {
-    "register_datasets": "dataset",
-    "register_backbones": "backbone",
-    "register_poolings": "pooling",
-    "register_selectors": "selector",
-    "register_aggregators": "aggregator",
-    "register_matchers": "matcher",
-    "register_quantizers": "quantizer",
-    "register_stages": "stage",
-    "register_losses": "loss",
-    "register_trackers": "tracking",
-}
 
 # The hook that adds ``python -m craterlab <name>`` subcommands (not a registry kind).
 COMMAND_HOOK = "register_commands"

@@ -20,23 +20,7 @@ from typing import Any, Literal, get_args, get_origin
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from craterlab.errors import ConfigError, UnknownComponentError, closest
-
-KINDS: tuple[str, ...] = (
-    "dataset",
-    "backbone",
-    "pooling",
-    "selector",
-    "aggregator",
-    "matcher",
-    "quantizer",
-    "stage",
-    "loss",
-    "tracking",
-)
-
-# Kinds chosen by a config group of the same name (stages are configured inside the
-# `retrieval` group, losses inside `train`).
-GROUP_KINDS: tuple[str, ...] = tuple(k for k in KINDS if k not in ("stage", "loss"))
+from craterlab.kinds import GROUP_KINDS, KINDS  # noqa: F401 (GROUP_KINDS: re-exported)
 
 # Config keys every component node may carry that are not factory parameters.
 RESERVED_KEYS = frozenset({"name"})

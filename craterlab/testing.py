@@ -56,6 +56,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from craterlab.errors import ConfigError
+from craterlab.kinds import GROUP_KINDS, KIND_GROUPS, KINDS
 from craterlab.plugins import (
     config_dir,
     fill_registry,
@@ -63,7 +64,7 @@ from craterlab.plugins import (
     make_manager,
     plugin_config_dirs,
 )
-from craterlab.registry import GROUP_KINDS, KINDS, Registry
+from craterlab.registry import Registry
 from craterlab.types import Features, Fittable, Ranking, RetrievalInputs, Tokens
 
 SEED = 0
@@ -196,10 +197,6 @@ def component_configs(cfg: DictConfig) -> list[tuple[str, dict[str, Any]]]:
     if train.get("name", "none") != "none" and "loss" in train:
         pairs.append(("loss", resolved("train", "loss")))
     return pairs
-
-
-# The config group that configures each kind, where it is not the kind's own name.
-KIND_GROUPS = {"stage": "retrieval", "loss": "train"}
 
 
 def config_options() -> dict[str, list[str]]:

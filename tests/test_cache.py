@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from craterlab.backbones.extract import extract_features
-from craterlab.cache import cache_info, clear_cache, cli
+from craterlab.cache import cache_info, clear_cache
+from craterlab.commands.cache import cli
 from craterlab.types import Features, ImageRecord
 
 

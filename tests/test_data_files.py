@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from craterlab.data.cli import main as cli_main
+from craterlab.commands.dataset import main as cli_main
 from craterlab.data.craterbench import CraterBenchR
 from craterlab.data.export import export_dataset
 from craterlab.data.manifest import ManifestDataset

@@ -10,8 +10,9 @@ import random
 
 import pytest
 
+from craterlab.commands.plan import main
 from craterlab.errors import CraterlabError
-from craterlab.sweeps.plan import Candidate, best_within, main, pareto_front
+from craterlab.sweeps.plan import Candidate, best_within, pareto_front
 from craterlab.sweeps.resume import OVERRIDES_TAG
 
 

@@ -18,7 +18,7 @@ import pytest
 import craterlab
 from craterlab import __main__ as cli
 from craterlab import hookimpl, hookspecs, plugins
-from craterlab.commands import plugins_command
+from craterlab.commands.plugins import main as plugins_command
 from craterlab.plugins import (
     DEFAULT_PLUGINS,
     REGISTER_HOOKS,

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from craterlab.commands.report import main as report_main
 from craterlab.errors import CraterlabError
 from craterlab.report.build import sweep_name
-from craterlab.report.cli import main as report_main
 from craterlab.report.figures import write_figures
 from craterlab.report.runs import RunRecord, load_sweep_dir, run_view, unflatten_metrics
 from craterlab.report.tables import (

@@ -194,7 +194,7 @@ def test_report_on_an_experiment_from_any_directory_keeps_datasets_apart(
     of two datasets are two rows; --dataset keeps one."""
     from mlflow.tracking import MlflowClient
 
-    from craterlab.report.cli import main
+    from craterlab.commands.report import main
 
     store = tmp_path / "outputs" / "mlflow.db"
     store.parent.mkdir()

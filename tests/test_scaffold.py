@@ -18,7 +18,7 @@ from conftest import TINY
 
 from craterlab import plugins
 from craterlab.__main__ import check_plugin_options
-from craterlab.commands import plugins_command
+from craterlab.commands.plugins import main as plugins_command
 from craterlab.errors import ConfigError, CraterlabError
 from craterlab.plugins import fill_registry, make_manager, missing_configs
 from craterlab.scaffold import KINDS, new_plugin

@@ -8,7 +8,7 @@
 - :mod:`~craterlab.report.figures`: mAP vs K, bytes, parameters and shortlist size (matplotlib).
 - :mod:`~craterlab.report.pages`: the self-contained HTML page of what was retrieved.
 - :mod:`~craterlab.report.build`: the report of a set of runs (table and figures).
-- :mod:`~craterlab.report.cli`: ``python -m craterlab report SOURCE``.
+- ``python -m craterlab report SOURCE`` is :mod:`craterlab.commands.report`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A report of runs: the study table beside the paper's numbers (Markdown + CSV) and figures.
 
-Used by ``python -m craterlab report`` (:mod:`craterlab.report.cli`) and, at the end of every
+Used by ``python -m craterlab report`` (:mod:`craterlab.commands.report`) and, at the end of every
 multirun, by :func:`craterlab.sweeps.report.finish_sweep`.
 """
 

@@ -26,6 +26,7 @@ import torch
 from craterlab.backbones.extract import entry_meta, extract_features
 from craterlab.cache import FeatureCache, entry_name, load_entry
 from craterlab.errors import ConfigError
+from craterlab.plugins import get_registry
 from craterlab.types import CraterDataset, Features, ImageRecord
 
 log = logging.getLogger("craterlab")
@@ -157,8 +158,6 @@ def shard_of(cfg: Any) -> tuple[int, int] | None:
 def run_extract_shard(cfg: Any, device: torch.device) -> dict[str, float]:
     """The job ``extract.shard=i extract.num_shards=N``: encode shard i of every split in
     ``extract.splits`` into the cache, merge when all shards are there; timings returned."""
-    from craterlab.plugins import get_registry
-
     shard, num_shards = shard_of(cfg)  # type: ignore[misc]
     if not cfg.cache.enabled:
         raise ConfigError(

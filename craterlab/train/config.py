@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from craterlab.errors import ConfigError
 from craterlab.hashing import stable_hash
+from craterlab.plugins import get_registry
 from craterlab.registry import Registry, check_config, schema_params, to_plain
 
 DEFAULT_IMAGES_PER_CLASS = 4
@@ -149,8 +150,6 @@ def _check_values(c: TrainConfig) -> None:
 
 def _check_loss(c: TrainConfig, registry: Registry | None) -> None:
     if registry is None:
-        from craterlab.plugins import get_registry
-
         registry = get_registry()
     registry.build("loss", c.loss)  # raises ConfigError naming the valid loss keys
 

@@ -43,6 +43,7 @@ from craterlab.backbones.lineage import finetune_step, lineage_of, read_lineage,
 from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError, CraterlabError, DataError
 from craterlab.metrics import evaluate, rank_scores
+from craterlab.plugins import get_registry
 from craterlab.registry import Registry
 from craterlab.tokens.pooling import ClsPooling, GeMPooling
 from craterlab.train.augment import make_views
@@ -492,8 +493,6 @@ def _labels(records: list[Any], dataset: CraterDataset) -> dict[int, int]:
 
 def _build_loss(cfg: TrainConfig, registry: Registry | None) -> torch.nn.Module:
     if registry is None:
-        from craterlab.plugins import get_registry
-
         registry = get_registry()
     loss = registry.build("loss", cfg.loss)
     if not isinstance(loss, torch.nn.Module):  # a plain callable from a plugin

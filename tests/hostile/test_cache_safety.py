@@ -13,7 +13,8 @@ from test_cache import CountingBackbone, TinyDataset, run
 
 import craterlab.cache as cache_module
 from craterlab.backbones.extract import extract_features
-from craterlab.cache import ENTRY_MARKER, cache_info, cli
+from craterlab.cache import ENTRY_MARKER, cache_info
+from craterlab.commands.cache import cli
 from craterlab.errors import CraterlabError
 
 

@@ -19,9 +19,10 @@ import pytest
 from PIL import Image
 
 from craterlab.cache import EntryWriter
+from craterlab.commands import workflows as cli
 from craterlab.errors import ConfigError, CraterlabError, DataError
 from craterlab.types import Features
-from craterlab.workflows import cli, storage
+from craterlab.workflows import storage
 from craterlab.workflows.api import CraterIndex as Index
 from craterlab.workflows.ingest import ingest_folder
 

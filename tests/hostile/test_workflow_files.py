@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 
 from craterlab.cache import CorruptEntry, load_entry
+from craterlab.commands import workflows as cli
 from craterlab.errors import CraterlabError, DataError
 from craterlab.hashing import sha256_of
 from craterlab.report.runs import RunRecord
 from craterlab.report.tables import LAYOUTS, build_table, to_markdown
 from craterlab.retrieval import EncodedGallery, Int8Quantizer
 from craterlab.testing import random_tokens
-from craterlab.workflows import cli
 from craterlab.workflows.api import CraterIndex as Index
 
 TINY = [

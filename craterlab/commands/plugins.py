@@ -1,25 +1,21 @@
-"""Built-in subcommands of ``python -m craterlab``, registered like a third-party plugin's.
-
-Each handler takes the arguments after the subcommand's name and returns an exit status; a
-:class:`craterlab.errors.CraterlabError` it raises is printed as one paragraph, without a
-traceback. Implementations are imported only when their command runs.
-"""
+"""``python -m craterlab plugins [--json]``: installed plugins, their components and commands,
+the broken ones and the components whose config option was not shipped; ``plugins new NAME
+--kind KIND`` writes a plugin package."""
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 
-from craterlab.hookspecs import Register, hookimpl
+from craterlab.errors import ConfigError
+from craterlab.plugins import broken_plugins, get_commands, missing_configs, plugin_table
 
 
-def plugins_command(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:
     """Installed plugins: their components, commands, the broken ones and the components whose
     config option was not shipped (``--json``); ``plugins new NAME --kind KIND`` writes one."""
     if argv[:1] == ["new"]:
         return plugins_new(argv[1:])
-    from craterlab.plugins import broken_plugins, get_commands, missing_configs, plugin_table
-
     rows = plugin_table()
     rows += [(c.plugin, "command", c.name, c.description) for c in get_commands().values()]
     broken = broken_plugins()
@@ -52,9 +48,6 @@ def plugins_command(argv: list[str]) -> int:
 
 def plugins_new(argv: list[str]) -> int:
     """``plugins new NAME --kind KIND [--dir DIR]``: write a plugin package skeleton."""
-    import argparse
-
-    from craterlab.errors import ConfigError
     from craterlab.scaffold import KINDS, new_plugin
 
     class Parser(argparse.ArgumentParser):
@@ -79,49 +72,3 @@ def plugins_new(argv: list[str]) -> int:
     print(f"  python -m pytest {root}/tests")
     print(f"  python -m craterlab {args.kind}={args.name}")
     return 0
-
-
-def cache_command(argv: list[str]) -> int:
-    """Inspect or clear the feature cache: ``cache info [--verify]``, ``cache clear [PATTERN]``."""
-    from craterlab.cache import cli
-
-    return cli(argv, os.environ.get("CRATERLAB_CACHE", "outputs/cache"))
-
-
-def dataset_command(argv: list[str]) -> int:
-    """Export, inspect, fetch or build datasets: ``dataset export|info|fetch|build ...``."""
-    from craterlab.data.cli import main
-
-    return main(argv)
-
-
-def report_command(argv: list[str]) -> int:
-    """Tables (ours beside the paper's) and figures of a sweep: ``report SOURCE [--out DIR]``."""
-    from craterlab.report.cli import main
-
-    return main(argv)
-
-
-def plan_command(argv: list[str]) -> int:
-    """``plan --bytes-per-image B --ms-per-query T``: Pareto front of measured runs and the
-    best configuration within the budget (:mod:`craterlab.sweeps.plan`)."""
-    from craterlab.sweeps.plan import main
-
-    return main(argv)
-
-
-@hookimpl
-def register_commands(register: Register) -> None:
-    register(
-        "plugins",
-        plugins_command,
-        "installed plugins, their components and commands; plugins new NAME --kind KIND",
-    )
-    register("cache", cache_command, "inspect or clear the feature cache (info, clear)")
-    register(
-        "dataset",
-        dataset_command,
-        "export, inspect, fetch or build a dataset (export, info, fetch, build)",
-    )
-    register("report", report_command, "tables beside the paper's numbers, and figures, of a sweep")
-    register("plan", plan_command, "Pareto front of tracked runs; best config within a budget")

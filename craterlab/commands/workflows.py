@@ -1,6 +1,6 @@
 """The workflow commands of ``python -m craterlab``: ingest, index, search, dedup, match.
 
-Registered through the ``register_commands`` hook. Arguments of the form ``key=value`` are
+Registered in :mod:`craterlab.commands`. Arguments of the form ``key=value`` are
 experiment overrides (``backbone=dino_s16 k=32 quantizer=int8``); everything else is an
 option of the command. Heavy modules are imported only when a command runs.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +16,6 @@ from typing import TYPE_CHECKING
 from craterlab.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from craterlab.errors import ConfigError
 from craterlab.geo.options import add_mosaic_options, mosaic_kwargs
-from craterlab.hookspecs import Register, hookimpl
 from craterlab.workflows.options import finite, fraction, positive_int
 from craterlab.workflows.options import geometry as check_geometry
 
@@ -607,27 +605,3 @@ def match_command(argv: list[str]) -> int:
         f"{result.craters_b} of B -> {', '.join(str(w) for w in written)}"
     )
     return 0
-
-
-COMMANDS = {
-    "ingest": (ingest_command, "crops, or a tile + crater catalog -> a manifest"),
-    "index": (
-        index_command,
-        "encode crops into a searchable index (also add, remove, info, log)",
-    ),
-    "search": (search_command, "search query crops in an index (CSV + JSON)"),
-    "dedup": (dedup_command, "duplicate craters in an index (pairs, groups, calibration)"),
-    "match": (match_command, "mutual best matches between two indexes"),
-}
-
-
-@hookimpl
-def register_commands(register: Register) -> None:
-    for name, (handler, description) in COMMANDS.items():
-        register(name, handler, description)
-
-
-def main(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - manual use
-    argv = list(sys.argv[1:] if argv is None else argv)
-    name, rest = argv[0], argv[1:]
-    return COMMANDS[name][0](rest)
