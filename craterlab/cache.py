@@ -32,7 +32,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,32 @@ def entry_name(
     label = backbone_identity.get("label") or backbone_identity.get("model") or "backbone"
     key = entry_key(backbone_identity, dataset_identity, split)
     return f"{slug(label)}__{slug(dataset_name)}__{slug(split, 16)}__{key}"
+
+
+def dataset_label(dataset: Any) -> str:
+    """The readable dataset part of an entry's name: the dataset's ``name``, else its class."""
+    return str(getattr(dataset, "name", type(dataset).__name__))
+
+
+def entry_of(backbone: Any, dataset: Any, split: str) -> str:
+    """The entry that holds ``backbone``'s features of ``dataset``'s ``split`` (or of a shard
+    view of it): the one rule that names entries."""
+    return entry_name(backbone.identity(), dataset_label(dataset), dataset.identity(), split)
+
+
+def entry_meta(backbone: Any, dataset: Any, split: str, records: Sequence[Any]) -> dict[str, Any]:
+    """What an entry records it was computed from (its meta.json)."""
+    identity = backbone.identity()
+    dataset_identity = dataset.identity()
+    return {
+        "key": entry_key(identity, dataset_identity, split),
+        "backbone": identity,
+        "weights_status": getattr(backbone, "weights_status", ""),
+        "dataset_name": dataset_label(dataset),
+        "dataset": dataset_identity,
+        "split": split,
+        "image_ids": [r.image_id for r in records],
+    }
 
 
 def _fsync_file(path: Path) -> None:
@@ -468,10 +494,18 @@ class FeatureCache:
             shutil.rmtree(trash, ignore_errors=True)
             return None
 
-    def writer(self, name: str, images: int, meta: dict[str, Any]) -> EntryWriter:
+    def writer(
+        self, backbone: Any, dataset: Any, split: str, records: Sequence[Any]
+    ) -> EntryWriter:
+        """A writer of the entry of ``backbone`` x ``dataset``'s ``split`` (:func:`entry_of`),
+        its meta recording what it is computed from (:func:`entry_meta`); resumes a partial
+        entry."""
+        name = entry_of(backbone, dataset, split)
         if self.read_only or not writable_dir(self.root):
             raise read_only_error(self.root, name, "write")
-        return EntryWriter(self.path(name), images, meta)
+        return EntryWriter(
+            self.path(name), len(records), entry_meta(backbone, dataset, split, records)
+        )
 
 
 # --------------------------------------------------------------------------- listing

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from craterlab.backbones.extract import extract_features
+from craterlab.backbones.extract import ExtractInfo, extract_features
 from craterlab.checks import check_features, check_scores, check_tokens, check_vectors
 from craterlab.errors import ConfigError
 from craterlab.metrics import confidence_intervals, evaluate, resolve_depth
@@ -75,18 +75,30 @@ class Evaluation:
     reports: dict[str, StageReport]
 
 
-def cache_dir(cfg: DictConfig) -> str | None:
-    """The feature cache dir, or None when caching is off."""
-    return str(cfg.cache.dir) if cfg.cache.enabled else None
+def cache_dir(config: Mapping[str, Any]) -> str | None:
+    """The feature cache dir of a config (its ``cache`` node), or None when caching is off."""
+    cache = config.get("cache") or {}
+    return str(cache.get("dir")) if cache.get("enabled", True) else None
+
+
+def build_token_methods(
+    config: Mapping[str, Any], registry: Registry, seed: int
+) -> tuple[Any, Any, str]:
+    """The pooling, what makes the K tokens (the aggregator, else the selector) and its name,
+    built from the config's ``pooling``, ``selector`` and ``aggregator`` (in that order)."""
+    pooling = registry.build("pooling", config["pooling"], seed=seed)
+    selector = registry.build("selector", config["selector"], seed=seed)
+    aggregator = registry.build("aggregator", config["aggregator"], seed=seed)
+    if aggregator is None:
+        return pooling, selector, str(config["selector"]["name"])
+    return pooling, aggregator, str(config["aggregator"]["name"])
 
 
 def build_components(cfg: DictConfig, registry: Registry, seed: int) -> Components:
     """Every component from the registry: config mistakes surface in a second. (Built in the
     order a run has always built them, so seeded components draw the same numbers.)"""
     dataset = registry.build("dataset", cfg.dataset, seed=seed)
-    pooling = registry.build("pooling", cfg.pooling, seed=seed)
-    selector = registry.build("selector", cfg.selector, seed=seed)
-    aggregator = registry.build("aggregator", cfg.aggregator, seed=seed)
+    pooling, selector_or_aggregator, token_method = build_token_methods(cfg, registry, seed)
     matcher = registry.build("matcher", cfg.matcher, seed=seed)
     # cache_dir: where a PQ codebook is kept for the other jobs of a sweep
     quantizer = registry.build("quantizer", cfg.quantizer, seed=seed, cache_dir=cache_dir(cfg))
@@ -96,14 +108,13 @@ def build_components(cfg: DictConfig, registry: Registry, seed: int) -> Componen
     }
     if not stages:
         raise ConfigError("retrieval.stages is empty: choose retrieval=all, single, ... ")
-    selector_or_aggregator = selector if aggregator is None else aggregator
     if selector_or_aggregator is None:
         _check_vector_only(cfg)
     return Components(
         dataset=dataset,
         pooling=pooling,
         selector_or_aggregator=selector_or_aggregator,
-        token_method=str(cfg.selector.name if aggregator is None else cfg.aggregator.name),
+        token_method=token_method,
         matcher=matcher,
         quantizer=quantizer,
         stages=stages,
@@ -131,15 +142,7 @@ def encode(
     features: dict[str, Features] = {}
     timings: dict[str, float] = {}
     for split in SPLITS:
-        feats, info = extract_features(
-            backbone,
-            dataset,
-            split,
-            device=device,
-            batch_size=int(cfg.batch_size),
-            num_workers=int(cfg.num_workers),
-            cache_dir=cache_dir(cfg),
-        )
+        feats, info = encode_split(backbone, dataset, split, cfg, device)
         check_features(feats, split)
         features[split] = feats
         timings[f"encode_{split}_seconds"] = float(info.seconds)
@@ -147,6 +150,39 @@ def encode(
         state = "feature cache hit" if info.cache_hit else "encoded"
         log.info("%s: %d images, %s in %.1f s", split, len(feats), state, info.seconds)
     return features, timings
+
+
+def encode_split(
+    backbone: Backbone,
+    dataset: CraterDataset,
+    split: str,
+    config: Mapping[str, Any],
+    device: torch.device,
+    *,
+    progress: bool = True,
+) -> tuple[Features, ExtractInfo]:
+    """Features of one split (through the feature cache the config names), with the config's
+    ``batch_size`` and ``num_workers``."""
+    return extract_features(
+        backbone,
+        dataset,
+        split,
+        device=device,
+        batch_size=int(config.get("batch_size", 32)),
+        num_workers=int(config.get("num_workers", 0)),
+        cache_dir=cache_dir(config),
+        progress=progress,
+    )
+
+
+def pool(pooling: Any, features: Features, device: torch.device) -> torch.Tensor:
+    """Single vectors (N, D) of ``features``, in batches of :data:`TOKEN_BATCH`."""
+    return apply_batched(pooling, features, device, TOKEN_BATCH)
+
+
+def make_tokens(selector_or_aggregator: Any, features: Features, device: torch.device) -> Tokens:
+    """Token sets (N, K, D) of ``features``, in batches of :data:`TOKEN_BATCH`."""
+    return apply_batched(selector_or_aggregator, features, device, TOKEN_BATCH)
 
 
 def apply_batched(
@@ -188,8 +224,8 @@ def represent(
         if isinstance(component, Fittable):
             component.fit(gallery)
     t0 = time.perf_counter()
-    g_vectors = apply_batched(components.pooling, gallery, device, TOKEN_BATCH)
-    q_vectors = apply_batched(components.pooling, query, device, TOKEN_BATCH)
+    g_vectors = pool(components.pooling, gallery, device)
+    q_vectors = pool(components.pooling, query, device)
     for split, vecs in (("gallery", g_vectors), ("query", q_vectors)):
         check_vectors(vecs, split, f"pooling ({pooling_name})")
     if components.selector_or_aggregator is None:  # no token method: single vectors only
@@ -201,8 +237,8 @@ def represent(
         }
         seconds = time.perf_counter() - t0
         return Representation(g_vectors, q_vectors, None, None, None, storage, seconds)
-    g_tokens = apply_batched(components.selector_or_aggregator, gallery, device, TOKEN_BATCH)
-    q_tokens = apply_batched(components.selector_or_aggregator, query, device, TOKEN_BATCH)
+    g_tokens = make_tokens(components.selector_or_aggregator, gallery, device)
+    q_tokens = make_tokens(components.selector_or_aggregator, query, device)
     seconds = time.perf_counter() - t0
     for split, toks in (("gallery", g_tokens), ("query", q_tokens)):
         check_tokens(toks, split, f"tokens ({components.token_method})")

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from craterlab.cache import FeatureCache, entry_key, entry_name, renders_dir
+from craterlab.cache import FeatureCache, dataset_label, entry_of, renders_dir
 from craterlab.checks import check_batch_before_caching
 from craterlab.data.base import listing
 from craterlab.devices import resolve_device
@@ -218,23 +218,6 @@ def _batches(
         raise bad_images_error(bad, desc.removeprefix("encode "), total)
 
 
-def entry_meta(
-    backbone: Backbone, dataset: CraterDataset, split: str, records: Sequence[ImageRecord]
-) -> dict[str, Any]:
-    """What a cache entry of ``split`` records it was computed from (its meta.json)."""
-    identity = backbone.identity()
-    dataset_identity = dataset.identity()
-    return {
-        "key": entry_key(identity, dataset_identity, split),
-        "backbone": identity,
-        "weights_status": getattr(backbone, "weights_status", ""),
-        "dataset_name": getattr(dataset, "name", type(dataset).__name__),
-        "dataset": dataset_identity,
-        "split": split,
-        "image_ids": [r.image_id for r in records],
-    }
-
-
 def extract_features(
     backbone: Backbone,
     dataset: CraterDataset,
@@ -260,7 +243,7 @@ def extract_features(
     records = list(dataset.records(split))
     n = len(records)
     backbone.to(device)
-    name = getattr(dataset, "name", type(dataset).__name__)
+    name = dataset_label(dataset)
     desc = f"encode {name}/{split}"
     if n == 0:
         return _empty(backbone), ExtractInfo(False, time.perf_counter() - t0, 0, None)
@@ -289,11 +272,9 @@ def extract_features(
         )
         return feats, ExtractInfo(False, time.perf_counter() - t0, n, None, computed=n)
 
-    identity = backbone.identity()
-    dataset_identity = dataset.identity()
     if callable(cache_renders := getattr(dataset, "cache_renders", None)):
-        cache_renders(renders_dir(cache_dir, dataset_identity))  # render each image once
-    entry = entry_name(identity, name, dataset_identity, split)
+        cache_renders(renders_dir(cache_dir, dataset.identity()))  # render each image once
+    entry = entry_of(backbone, dataset, split)
     cache = FeatureCache(cache_dir)
     with cache.lock(entry):
         cached = cache.load(entry, verify=verify)
@@ -310,8 +291,7 @@ def extract_features(
                 secs = time.perf_counter() - t0
                 log.info("Feature cache hit: %s (%d images, %.2f s)", cache.path(entry), n, secs)
                 return cached, ExtractInfo(True, secs, n, str(cache.path(entry)), computed=0)
-        meta = entry_meta(backbone, dataset, split, records)
-        writer = cache.writer(entry, n, meta)
+        writer = cache.writer(backbone, dataset, split, records)
         start = writer.done
         every = commit_every or max(batch_size, 1024)
         since = 0

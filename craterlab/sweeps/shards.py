@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from craterlab.backbones.extract import entry_meta, extract_features
-from craterlab.cache import FeatureCache, entry_name, load_entry
+from craterlab.backbones.extract import extract_features
+from craterlab.cache import FeatureCache, dataset_label, entry_of, load_entry
 from craterlab.errors import ConfigError
 from craterlab.plugins import get_registry
 from craterlab.types import CraterDataset, Features, ImageRecord
@@ -55,7 +55,7 @@ class ShardView:
         self.dataset = dataset
         self.split = split
         self.lo, self.hi = lo, hi
-        self.name = getattr(dataset, "name", type(dataset).__name__)
+        self.name = dataset_label(dataset)
         self.label = of  # "shard i/N"
 
     def records(self, split: str) -> Sequence[ImageRecord]:
@@ -84,7 +84,7 @@ def shard_views(
 
 def part_path(cache: FeatureCache, backbone: Any, view: ShardView) -> Path:
     """Where shard ``view``'s part lives in the cache (a content-keyed entry)."""
-    return cache.path(entry_name(backbone.identity(), view.name, view.identity(), view.split))
+    return cache.path(entry_of(backbone, view, view.split))
 
 
 def merge_shards(
@@ -103,8 +103,8 @@ def merge_shards(
     """
     cache = FeatureCache(cache_dir)
     records = list(dataset.records(split))
-    name = getattr(dataset, "name", type(dataset).__name__)
-    entry = entry_name(backbone.identity(), name, dataset.identity(), split)
+    name = dataset_label(dataset)
+    entry = entry_of(backbone, dataset, split)
     views = shard_views(dataset, split, batch_size, num_shards)
     parts = [part_path(cache, backbone, v) for v in views]
     with cache.lock(entry):
@@ -118,7 +118,7 @@ def merge_shards(
         if missing:
             log.info("Shards %s of %s/%s are not done yet: no merge", missing, name, split)
             return None
-        writer = cache.writer(entry, len(records), entry_meta(backbone, dataset, split, records))
+        writer = cache.writer(backbone, dataset, split, records)
         for view, part in zip(views, parts, strict=True):
             if view.hi == view.lo:
                 continue

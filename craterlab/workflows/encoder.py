@@ -1,6 +1,6 @@
-"""Encode crater crops exactly as an experiment does: registry components, the feature cache,
-and the same pooling / token methods applied in the same batches as an experiment
-(:mod:`craterlab.pipeline`).
+"""Encode crater crops exactly as an experiment does: the experiment's own steps
+(:mod:`craterlab.pipeline`: the components built from the registry, the feature cache, the same
+pooling and token method applied in the same batches).
 """
 
 from __future__ import annotations
@@ -11,11 +11,10 @@ from typing import Any
 
 import torch
 
-from craterlab.backbones.extract import extract_features
 from craterlab.checks import check_features, check_tokens, check_vectors
 from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError
-from craterlab.pipeline import TOKEN_BATCH, apply_batched
+from craterlab.pipeline import build_token_methods, encode_split, make_tokens, pool
 from craterlab.plugins import get_registry
 from craterlab.results import is_untrained
 from craterlab.types import Fittable, Tokens
@@ -44,10 +43,9 @@ class Encoder:
         self.config = config
         self.seed = seed
         self.device = resolve_device(str(config.get("device", "auto")))
-        self.pooling = registry.build("pooling", config["pooling"], seed=seed)
-        selector = registry.build("selector", config["selector"], seed=seed)
-        aggregator = registry.build("aggregator", config["aggregator"], seed=seed)
-        self.selector_or_aggregator = selector if aggregator is None else aggregator
+        self.pooling, self.selector_or_aggregator, self.token_method = build_token_methods(
+            config, registry, seed
+        )
         self.quantizer_config = config["quantizer"]
         self.matcher = registry.build("matcher", config["matcher"], seed=seed)
         token_method = ("token method", self.selector_or_aggregator)
@@ -81,20 +79,12 @@ class Encoder:
 
     def encode(self, items: ItemSet, *, progress: bool = True) -> Encoded:
         """Vectors and tokens of every item (through the feature cache when enabled)."""
-        cache = self.config.get("cache") or {}
-        feats, info = extract_features(
-            self.backbone,
-            items,
-            "gallery",
-            device=self.device,
-            batch_size=int(self.config.get("batch_size", 32)),
-            num_workers=int(self.config.get("num_workers", 0)),
-            cache_dir=str(cache.get("dir")) if cache.get("enabled", True) else None,
-            progress=progress,
+        feats, info = encode_split(
+            self.backbone, items, "gallery", self.config, self.device, progress=progress
         )
         check_features(feats, items.name)  # NaN stops; all-identical features are warned
-        vectors = apply_batched(self.pooling, feats, self.device, TOKEN_BATCH)
+        vectors = pool(self.pooling, feats, self.device)
         check_vectors(vectors, items.name)
-        tokens = apply_batched(self.selector_or_aggregator, feats, self.device, TOKEN_BATCH)
+        tokens = make_tokens(self.selector_or_aggregator, feats, self.device)
         check_tokens(tokens, items.name)
         return Encoded(vectors.float(), tokens, bool(info.cache_hit), float(info.seconds))
