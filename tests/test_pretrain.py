@@ -270,7 +270,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
 
 
 def test_the_command_composes_the_pretrain_group() -> None:
-    from craterlab.train.cli import compose_pretrain_config
+    from craterlab.commands.pretrain import compose_pretrain_config
 
     cfg = compose_pretrain_config(["pretrain=dino_cpu", "backbone.image_size=64"])
     assert cfg.pretrain.name == "dino" and cfg.pretrain.out_dim == 1024
@@ -281,7 +281,7 @@ def test_the_command_composes_the_pretrain_group() -> None:
 
 
 def test_the_cpu_config_is_the_benchmarks_recipe() -> None:
-    from craterlab.train.cli import compose_pretrain_config
+    from craterlab.commands.pretrain import compose_pretrain_config
     from craterlab.train.recipes import PRETRAIN_CPU_RECIPE
 
     group = compose_pretrain_config(["pretrain=dino_cpu"]).pretrain
@@ -294,7 +294,7 @@ def test_the_command_records_a_run_whose_weights_load_as_run_id(
     tmp_path: Path, monkeypatch
 ) -> None:
     from craterlab.backbones.lineage import resolve_run_weights
-    from craterlab.train.cli import compose_pretrain_config, run_pretrain
+    from craterlab.commands.pretrain import compose_pretrain_config, run_pretrain
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -12,6 +12,7 @@ traceback. Installed plugins add commands through the same hook, ``register_comm
 - :mod:`~craterlab.commands.dataset`: ``dataset export|info|fetch``
 - :mod:`~craterlab.commands.report`: ``report SOURCE`` (a sweep's tables and figures)
 - :mod:`~craterlab.commands.plan`: ``plan`` (the budget planner)
+- :mod:`~craterlab.commands.pretrain`: ``pretrain`` (self-supervised DINO pretraining)
 - :mod:`~craterlab.commands.workflows`: ``ingest``, ``index``, ``search``, ``dedup``, ``match``
 """
 
@@ -55,6 +56,10 @@ BUILTIN: dict[str, tuple[LazyCommand, str]] = {
         "tables beside the paper's numbers, and figures, of a sweep",
     ),
     "plan": (_command("plan"), "Pareto front of tracked runs; best config within a budget"),
+    "pretrain": (
+        _command("pretrain", "pretrain_command"),
+        "self-supervised DINO pretraining on unlabeled crater images (a new backbone)",
+    ),
     "ingest": (
         _command("workflows", "ingest_command"),
         "crops, or a tile + crater catalog -> a manifest",

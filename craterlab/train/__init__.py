@@ -4,7 +4,7 @@ The losses are registered through the same ``register_losses`` hook a third-part
 The training loop lives in :mod:`craterlab.train.finetune` (imported on demand, since it pulls
 in torchvision); its config is checked by :func:`craterlab.train.config.validate_train_config`.
 Self-supervised (DINO) pretraining lives in :mod:`craterlab.train.pretrain`, its command
-(``python -m craterlab pretrain``) in :mod:`craterlab.train.cli`.
+(``python -m craterlab pretrain``) in :mod:`craterlab.commands.pretrain`.
 """
 
 from __future__ import annotations
@@ -24,25 +24,8 @@ __all__ = [
     "BatchHardTripletLoss",
     "LateInteractionContrastiveLoss",
     "SupConLoss",
-    "register_commands",
     "register_losses",
 ]
-
-
-def pretrain_command(argv: list[str]) -> int:
-    """``python -m craterlab pretrain``: imported when it runs (it pulls in lightly)."""
-    from craterlab.train.cli import pretrain_command as command
-
-    return command(argv)
-
-
-@hookimpl
-def register_commands(register: Any) -> None:
-    register(
-        "pretrain",
-        pretrain_command,
-        "self-supervised DINO pretraining on unlabeled crater images (a new backbone)",
-    )
 
 
 @hookimpl
