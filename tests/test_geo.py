@@ -370,6 +370,16 @@ def cli(name, *args):
     return get_commands()[name].handler([str(a) for a in args])
 
 
+def manifest_places(manifest):
+    """image_id -> (lat, lon, diameter_km) as the manifest writes them."""
+    keys = ("lat", "lon", "diameter_km")
+    return {r["image_id"]: tuple(float(r[k]) for k in keys) for r in read_rows(manifest)}
+
+
+def csv_place(row, prefix="", suffix=""):
+    return tuple(float(row[f"{prefix}{k}{suffix}"]) for k in ("lat", "lon", "diameter_km"))
+
+
 def assert_mars_lonlat(frame):
     assert frame.crs.is_geographic and body_of(frame.crs).name == "Mars"
     assert frame.crs.ellipsoid.semi_major_metre == pytest.approx(MARS_R)
@@ -383,6 +393,11 @@ def test_search_dedup_and_match_write_layers_that_read_back(observed, tmp_path, 
     assert cli("search", str(root / "idxA"), str(sum_a.manifest), "--top", "3",
                  "--out", str(tmp_path / "hits"), "--geojson") == 0  # fmt: skip
     hits_csv = read_rows(tmp_path / "hits.csv")
+    # the CSV itself carries the manifest's lat/lon/diameter_km of the hit and of the query
+    place = manifest_places(sum_a.manifest)
+    for r in hits_csv:
+        assert csv_place(r, "") == place[r["gallery_id"]]
+        assert csv_place(r, "query_") == place[r["query"]]
     for suffix in (".gpkg", ".geojson"):
         layer = gpd.read_file(tmp_path / f"hits{suffix}", engine="pyogrio")
         assert_mars_lonlat(layer)
@@ -402,6 +417,14 @@ def test_search_dedup_and_match_write_layers_that_read_back(observed, tmp_path, 
     assert len(groups) == sum(int(g["size"]) for g in group_rows) > 0
     for _, r in groups.iterrows():
         assert (r.geometry.x, r.geometry.y) == pytest.approx(truth[r["crater"]], abs=1e-6)
+    crater_place = {m["crater_id"]: place[m["image_id"]] for m in read_rows(sum_a.manifest)}
+    for g in group_rows:
+        members = g["craters"].split(";")
+        cells = zip(*(g[c].split(";") for c in ("lat", "lon", "diameter_km")), strict=True)
+        assert [tuple(map(float, c)) for c in cells] == [crater_place[m] for m in members]
+    for r in read_rows(tmp_path / "dedup" / "pairs.csv"):
+        assert csv_place(r, "", "_a") == place[r["item_a"]]
+        assert csv_place(r, "", "_b") == place[r["item_b"]]
 
     assert cli("match", str(root / "idxA"), str(root / "idxB"),
                  "--out", str(tmp_path / "m.csv")) == 0  # fmt: skip
@@ -409,6 +432,10 @@ def test_search_dedup_and_match_write_layers_that_read_back(observed, tmp_path, 
     assert_mars_lonlat(lines)
     assert len(lines) == len(read_rows(tmp_path / "m.csv")) > 0
     truth_b = catalog_positions(obs["B"][0].catalog)
+    place_b = manifest_places(obs["B"][1].manifest)
+    for r in read_rows(tmp_path / "m.csv"):
+        assert csv_place(r, "", "_a") == place[r["item_a"]]
+        assert csv_place(r, "", "_b") == place_b[r["item_b"]]
     for _, r in lines.iterrows():
         (lon_a, lat_a), (lon_b, lat_b) = r.geometry.coords
         assert (lon_a, lat_a) == pytest.approx(truth[r["crater_a"]], abs=1e-6)

@@ -22,6 +22,9 @@ from craterlab.workflows.ingest import ingest_catalog, ingest_folder
 from craterlab.workflows.match import match
 from craterlab.workflows.pairs import CraterPair
 
+MAP = ["lat", "lon", "diameter_km", "query_lat", "query_lon", "query_diameter_km"]
+PAIR_MAP = ["lat_a", "lon_a", "diameter_km_a", "lat_b", "lon_b", "diameter_km_b"]
+
 TINY = [
     "backbone.model=test_vit",
     "backbone.pretrained_tag=null",
@@ -189,10 +192,15 @@ def test_search_finds_each_crop_itself_and_reports_both_scores(built, tmp_path) 
         expected = float(qv[row_of[h.query]] @ qv[row_of[h.gallery_id]])
         assert h.stage1_score == pytest.approx(expected, abs=1e-4)
     csv_rows = read_csv(hits.to_csv(tmp_path / "r.csv"))
-    assert list(csv_rows[0]) == ["query", "rank", "gallery_id", "score", "stage1_score"]
+    assert list(csv_rows[0]) == ["query", "rank", "gallery_id", "score", "stage1_score", *MAP]
     assert len(csv_rows) == 3 * len(index)
+    # crops in pixels of a plain tile have no map position: empty cells, NaN in Python
+    assert all(r[c] == "" for r in csv_rows for c in MAP)
+    assert all(np.isnan(h.lat) and np.isnan(h.query_lon) for h in hits.hits)
     data = json.loads(hits.to_json(tmp_path / "r.json").read_text())
-    assert data["queries"][csv_rows[0]["query"]][0]["gallery_id"] == csv_rows[0]["gallery_id"]
+    first = data["queries"][csv_rows[0]["query"]][0]
+    assert first["gallery_id"] == csv_rows[0]["gallery_id"]
+    assert all(first[c] is None for c in MAP)
 
 
 def test_search_refuses_another_encoder_but_takes_runtime_knobs(built) -> None:
@@ -336,6 +344,11 @@ def test_dedup_calibrates_a_threshold_and_finds_the_duplicates(duplicated, tmp_p
     assert Image.open(png).size[0] > 100
     pairs_csv = read_csv(result.to_csv(tmp_path / "pairs.csv"))
     assert len(pairs_csv) == len(result.pairs)
+    assert list(pairs_csv[0])[-7:] == ["group", *PAIR_MAP]
+    assert all(r[c] == "" for r in pairs_csv for c in PAIR_MAP)  # pixel crops: no map
+    groups_csv = read_csv(result.groups_csv(tmp_path / "groups.csv"))
+    assert list(groups_csv[0]) == ["group", "size", "craters", "lat", "lon", "diameter_km"]
+    assert all(r["lat"] == r["lon"] == r["diameter_km"] == "" for r in groups_csv)
     # The geometry pre-filter proposes only nearby craters of similar size: every duplicate
     # (1 px apart) is a candidate, and the calibrated point can only get better.
     flt = GeometryFilter(max_offset=0.25, max_ratio=1.2)
@@ -348,6 +361,88 @@ def test_dedup_calibrates_a_threshold_and_finds_the_duplicates(duplicated, tmp_p
     geo = dedup(index, labels=labelled, geometry=flt)
     assert geo.calibration is not None and geo.calibration.chosen.f1 >= cal.chosen.f1
     assert geo.groups and all(len(g) == 2 for g in geo.groups)
+
+
+def test_results_csv_carry_each_craters_lat_lon_and_leave_pixel_crops_empty(tmp_path) -> None:
+    """Search hits, dedup pairs and groups and match pairs carry the lat/lon/diameter_km of
+    the right crop's crater (read back as the same float), empty where a crop has none."""
+    from craterlab.workflows.dedup import DedupResult
+    from craterlab.workflows.items import Item, crater_places
+    from craterlab.workflows.match import MatchResult
+    from craterlab.workflows.pairs import PAIR_FIELDS, crater_pairs
+    from craterlab.workflows.results import Hit, SearchHits
+
+    mars = "IAU_2015:49900"
+    g1 = dict(lat=-12.25, lon=179.9, diameter_km=3.5, crs=mars)
+    gallery = [
+        Item("g1_2x", "g1_2x.png", "g1", "2x", **g1),
+        Item("g1_3x", "g1_3x.png", "g1", "3x", **g1),
+        Item("g2_2x", "g2.png", "g2", lat=0.1 + 0.2, lon=-179.95, crs=mars),  # no km size
+        Item("p_2x", "p.png", "p", x=10.0, y=20.0, diameter=5.0),  # pixels only
+        Item("u", "u.png", "u"),
+        Item("v", "v.png", "v", lat=1.0, lon=2.0),  # lat/lon without a CRS: not placed
+    ]
+    queries = [
+        Item("q1", "q1.png", "q1", lat=45.5, lon=-0.125, diameter_km=7.0, crs=mars),
+        Item("q2", "q2.png", "q2"),
+    ]
+    hits = SearchHits(
+        [
+            Hit("q1", 1, "g2_2x", 0.9, 0.8, 2),
+            Hit("q1", 2, "p_2x", 0.5, 0.4, 3),
+            Hit("q2", 1, "g1_3x", 0.7, 0.6, 0),  # a stale row: found by id
+        ]
+    ).place(queries, gallery)
+    rows = read_csv(hits.to_csv(tmp_path / "hits.csv"))
+    assert list(rows[0]) == ["query", "rank", "gallery_id", "score", "stage1_score", *MAP]
+    assert [r["gallery_id"] for r in rows] == ["g2_2x", "p_2x", "g1_3x"]
+    r = rows[0]
+    assert (float(r["lat"]), float(r["lon"]), r["diameter_km"]) == (0.1 + 0.2, -179.95, "")
+    q1 = (float(r["query_lat"]), float(r["query_lon"]), float(r["query_diameter_km"]))
+    assert q1 == (45.5, -0.125, 7.0) and rows[1]["query_lat"] == "45.5"
+    assert [rows[1][c] for c in MAP[:3]] == ["", "", ""]
+    assert [float(rows[2][c]) for c in MAP[:3]] == [-12.25, 179.9, 3.5]
+    assert [rows[2][c] for c in MAP[3:]] == ["", "", ""]
+    assert (hits.hits[2].lat, hits.hits[0].query_diameter_km) == (-12.25, 7.0)
+    data = json.loads(hits.to_json(tmp_path / "hits.json").read_text())["queries"]
+    assert data["q1"][0]["lat"] == 0.1 + 0.2 and data["q1"][0]["diameter_km"] is None
+    assert data["q1"][1]["lat"] is None and data["q2"][0]["query_lat"] is None
+    assert data["q2"][0]["lon"] == 179.9
+
+    # crop rows: (g1_2x, g2_2x), (g2_2x, p_2x), (g1_3x, p_2x), (u, v), (g1_3x, g2_2x)
+    ia, ib = np.array([0, 2, 1, 4, 1]), np.array([2, 3, 3, 5, 2])
+    index = type("Items", (), {"items": gallery})()
+    pairs = crater_pairs(index, index, ia, ib, np.array([0.9, 0.8, 0.7, 0.6, 0.95]), same=True)
+    assert [(p.crater_a, p.crater_b, p.item_a) for p in pairs][:1] == [("g1", "g2", "g1_3x")]
+    groups = connected_groups(pairs)
+    group_of = {c: g for g, members in enumerate(groups) for c in members}
+    result = DedupResult(pairs, groups, 0.0, len(pairs), None, group_of, crater_places(gallery))
+    rows = read_csv(result.to_csv(tmp_path / "pairs.csv"))
+    assert list(rows[0]) == [*PAIR_FIELDS, "group", *PAIR_MAP]
+    by = {(r["crater_a"], r["crater_b"]): r for r in rows}
+    assert [float(by["g1", "g2"][c]) for c in PAIR_MAP[:5]] == [
+        -12.25,
+        179.9,
+        3.5,
+        0.1 + 0.2,
+        -179.95,
+    ]
+    assert by["g1", "g2"]["diameter_km_b"] == ""
+    assert [by["g1", "p"][c] for c in PAIR_MAP[3:]] == ["", "", ""]
+    assert float(by["g1", "p"]["lat_a"]) == -12.25
+    assert all(by["u", "v"][c] == "" for c in PAIR_MAP)
+    assert (pairs[0].lat_a, pairs[0].lon_b) == (-12.25, -179.95)
+    rows = read_csv(result.groups_csv(tmp_path / "groups.csv"))
+    assert list(rows[0]) == ["group", "size", "craters", "lat", "lon", "diameter_km"]
+    assert rows[0]["craters"] == "g1;g2;p"
+    assert [float(v) if v else None for v in rows[0]["lat"].split(";")] == [-12.25, 0.1 + 0.2, None]
+    assert rows[0]["diameter_km"] == "3.5;;" and rows[1]["craters"] == "u;v"
+    assert rows[1]["lat"] == rows[1]["lon"] == rows[1]["diameter_km"] == ""
+    assert result.group_places(0)[0] == (-12.25, 179.9, 3.5)
+
+    rows = read_csv(MatchResult(pairs, 3, 3).to_csv(tmp_path / "m.csv"))
+    assert list(rows[0]) == [*PAIR_FIELDS, *PAIR_MAP]
+    assert float(rows[0]["lat_b"]) == 0.1 + 0.2 and rows[0]["item_b"] == "g2_2x"
 
 
 def test_calibration_and_groups_against_hand_computed_values() -> None:

@@ -397,6 +397,7 @@ class CraterIndex:
             max_image_pixels=max_image_pixels,
         )
         hits = self.search_encoded([it.id for it in items], vectors, tokens, top, shortlist)
+        hits.place(queries=items)
         hits.skipped = skipped
         return hits
 
@@ -412,7 +413,9 @@ class CraterIndex:
         """Two-stage search of already encoded queries (stage 1 top-S, late-interaction
         rerank); stage 1 is the index's retrieval config's (:func:`search_stage`: the pooled
         shortlist, or a multi-vector generator when built with ``retrieval=muvera`` /
-        ``retrieval=token_ivf``). ``exclude_self`` drops a result whose id equals the query's."""
+        ``retrieval=token_ivf``). ``exclude_self`` drops a result whose id equals the
+        query's. Hits carry their crater's map position; :meth:`SearchHits.place` fills the
+        queries'."""
         self.require_items()
         positive_int("top", top)
         positive_int("shortlist", shortlist)
@@ -429,7 +432,7 @@ class CraterIndex:
             matcher=self.matcher(),
             options=options,
         )
-        return SearchHits.from_ranking(
+        hits = SearchHits.from_ranking(
             list(query_ids),
             result.ids,
             result.ranking,
@@ -438,6 +441,7 @@ class CraterIndex:
             top,
             exclude_self,
         )
+        return hits.place(gallery=self.items)
 
     def require_items(self) -> None:
         """Searching an empty index (every item removed) is an error, not a FAISS assert."""

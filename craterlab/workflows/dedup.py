@@ -23,7 +23,7 @@ import numpy as np
 
 from craterlab.errors import ConfigError, DataError
 from craterlab.workflows.geometry import GeometryFilter
-from craterlab.workflows.items import load_items
+from craterlab.workflows.items import NO_PLACE, Place, crater_places, load_items
 from craterlab.workflows.options import finite, fraction, positive_int
 from craterlab.workflows.pairs import (
     CraterPair,
@@ -100,6 +100,13 @@ class DedupResult:
     candidates: int
     calibration: Calibration | None = None
     group_of: dict[str, int] = field(default_factory=dict)
+    places: dict[str, Place] = field(default_factory=dict)
+    """crater -> map position, for the craters of the groups that have one."""
+
+    def group_places(self, g: int) -> list[Place]:
+        """Map positions of group ``g``'s members, in the order of ``groups[g]`` (NaNs for a
+        member without one)."""
+        return [self.places.get(c, NO_PLACE) for c in self.groups[g]]
 
     def to_csv(self, path: str | os.PathLike[str]) -> Path:
         group = self.group_of.get
@@ -109,10 +116,25 @@ class DedupResult:
         p = Path(path)
         with open(p, "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(("group", "size", "craters"))
+            w.writerow(GROUP_FIELDS)
             for g, members in enumerate(self.groups):
-                w.writerow((g, len(members), ";".join(members)))
+                places = self.group_places(g)
+                w.writerow(
+                    (g, len(members), ";".join(members), *(_members(places, i) for i in range(3)))
+                )
         return p
+
+
+GROUP_FIELDS = ("group", "size", "craters", "lat", "lon", "diameter_km")
+"""groups.csv: ``lat, lon, diameter_km`` list the members' values in the order of
+``craters`` (';'-separated, an empty entry for a member without a map position; an empty cell
+when no member has one)."""
+
+
+def _members(places: list[Place], i: int) -> str:
+    """Field ``i`` of every member, ';'-joined in member order (empty when none is placed)."""
+    cells = [p.cells()[i] for p in places]
+    return ";".join(cells) if any(cells) else ""
 
 
 def dedup(
@@ -148,7 +170,8 @@ def dedup(
     kept = [p for p in pairs if p.score >= threshold]
     groups = connected_groups(kept)
     group_of = {c: g for g, members in enumerate(groups) for c in members}
-    return DedupResult(kept, groups, float(threshold), len(pairs), calibration, group_of)
+    places = {c: p for c, p in crater_places(index.items).items() if c in group_of}
+    return DedupResult(kept, groups, float(threshold), len(pairs), calibration, group_of, places)
 
 
 def _labels(

@@ -22,6 +22,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -39,6 +40,41 @@ from craterlab.types import ImageRecord
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 GEOMETRY_COLUMNS = ("x", "y", "diameter")
 PLACE_COLUMNS = ("lat", "lon", "diameter_km", "crs")
+
+
+class Place(NamedTuple):
+    """A crater on the map: latitude, longitude (degrees east) and diameter in km; NaN where
+    unknown. Results carry one per crater so their CSV joins in a GIS without the layer."""
+
+    lat: float
+    lon: float
+    diameter_km: float
+
+    def cells(self) -> list[str]:
+        """The CSV cells: shortest exact decimal (it reads back as the same float), or empty."""
+        return [place_cell(v) for v in self]
+
+    def values(self) -> list[float | None]:
+        """The JSON values (null where unknown)."""
+        return [None if math.isnan(v) else v for v in self]
+
+
+NO_PLACE = Place(math.nan, math.nan, math.nan)
+
+
+def place_cell(v: float) -> str:
+    """A coordinate as a CSV cell: ``repr`` (round-trips exactly), empty when NaN."""
+    return "" if math.isnan(v) else repr(float(v))
+
+
+def crater_places(items: Sequence[Item]) -> dict[str, Place]:
+    """crater -> its map position, from the first of its crops that has one (crops of one
+    crater share their catalog entry's position)."""
+    out: dict[str, Place] = {}
+    for it in items:
+        if it.has_lonlat:
+            out.setdefault(it.crater, it.place)
+    return out
 
 
 @dataclass(frozen=True)
@@ -65,6 +101,13 @@ class Item:
     def has_lonlat(self) -> bool:
         """Whether the crop's crater has a map position (lat, lon and their CRS)."""
         return bool(self.crs) and not (math.isnan(self.lat) or math.isnan(self.lon))
+
+    @property
+    def place(self) -> Place:
+        """(lat, lon, diameter_km) of the crop's crater; NaNs when it has no map position."""
+        if not self.has_lonlat:
+            return NO_PLACE
+        return Place(self.lat, self.lon, self.diameter_km)
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"id": self.id, "path": self.path, "crater": self.crater}

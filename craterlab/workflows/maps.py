@@ -92,6 +92,7 @@ def search_layer(
                 "diameter_km": _km(g.diameter_km),
                 "query_lat": q.lat if placed else None,
                 "query_lon": q.lon if placed else None,
+                "query_diameter_km": _km(q.diameter_km) if placed else None,
             }
         )
         geoms.append(point(g.lon, g.lat))

@@ -4,7 +4,9 @@ Candidates come from the geometry pre-filter when it is on, else from stage 1 (e
 ``neighbors`` nearest single vectors in the other index). Each candidate pair is scored with
 the index's own matcher in both directions (the late-interaction score is asymmetric); the
 pair score is their mean. Crops of one crater (the 2x and 3x crops of a catalog entry) are
-folded into crater pairs, keeping the best-scoring crop pair.
+folded into crater pairs, keeping the best-scoring crop pair. Each pair carries both craters'
+map positions (``lat_a, lon_a, diameter_km_a`` and ``_b``, empty in the CSV when a crop has
+none), so the CSV joins in a GIS without the layer.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from craterlab.workflows.geometry import GeometryFilter, geometric_pairs, positions
+from craterlab.workflows.items import Place
 
 if TYPE_CHECKING:
     from craterlab.workflows.api import CraterIndex
@@ -38,6 +41,22 @@ class CraterPair:
     score: float
     distance: float = float("nan")
     ratio: float = float("nan")
+    lat_a: float = float("nan")
+    lon_a: float = float("nan")
+    diameter_km_a: float = float("nan")
+    lat_b: float = float("nan")
+    lon_b: float = float("nan")
+    diameter_km_b: float = float("nan")
+
+    @property
+    def place_a(self) -> Place:
+        """Crater A on the map (NaNs when its crop has no map position)."""
+        return Place(self.lat_a, self.lon_a, self.diameter_km_a)
+
+    @property
+    def place_b(self) -> Place:
+        """Crater B on the map."""
+        return Place(self.lat_b, self.lon_b, self.diameter_km_b)
 
     def csv_row(self) -> list[str]:
         """The row under :data:`PAIR_FIELDS` (distance and ratio empty when unknown)."""
@@ -53,6 +72,8 @@ class CraterPair:
 
 
 PAIR_FIELDS = ("crater_a", "crater_b", "score", "item_a", "item_b", "distance_px", "diameter_ratio")
+PLACE_FIELDS = ("lat_a", "lon_a", "diameter_km_a", "lat_b", "lon_b", "diameter_km_b")
+"""Appended after any extra column, so the older columns keep their places."""
 
 
 def write_pairs_csv(
@@ -61,14 +82,22 @@ def write_pairs_csv(
     extra_field: str | None = None,
     extra: Callable[[CraterPair], object] | None = None,
 ) -> Path:
-    """Write pairs as CSV (``PAIR_FIELDS``, plus one extra column when given); returns the path."""
+    """Write pairs as CSV: ``PAIR_FIELDS``, one extra column when given, then
+    ``PLACE_FIELDS``; returns the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow([*PAIR_FIELDS, *([extra_field] if extra_field else [])])
+        w.writerow([*PAIR_FIELDS, *([extra_field] if extra_field else []), *PLACE_FIELDS])
         for pair in pairs:
-            w.writerow([*pair.csv_row(), *([extra(pair)] if extra else [])])
+            w.writerow(
+                [
+                    *pair.csv_row(),
+                    *([extra(pair)] if extra else []),
+                    *pair.place_a.cells(),
+                    *pair.place_b.cells(),
+                ]
+            )
     return out
 
 
@@ -141,5 +170,7 @@ def crater_pairs(
             if xa.has_geometry and xb.has_geometry:
                 dist = float(np.hypot(xa.x - xb.x, xa.y - xb.y))
                 ratio = max(xa.diameter, xb.diameter) / max(min(xa.diameter, xb.diameter), 1e-12)
-            best[key] = CraterPair(ca, cb, xa.id, xb.id, float(s), dist, ratio)
+            best[key] = CraterPair(
+                ca, cb, xa.id, xb.id, float(s), dist, ratio, *xa.place, *xb.place
+            )
     return sorted(best.values(), key=lambda p: -p.score)
