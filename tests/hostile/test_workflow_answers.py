@@ -20,12 +20,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from craterlab.commands import plan as plan_command
+from craterlab.commands import workflows as cli
 from craterlab.errors import ConfigError, CraterlabError, DataError
 from craterlab.metrics import evaluate
 from craterlab.pipeline import ranked_depth
-from craterlab.sweeps import plan
 from craterlab.sweeps.resume import config_identity
-from craterlab.workflows import cli
 from craterlab.workflows.api import CraterIndex
 from craterlab.workflows.geometry import GeometryFilter
 from craterlab.workflows.ingest import ingest_catalog, read_catalog
@@ -241,7 +241,7 @@ def test_plan_on_a_dead_server_is_a_message_within_the_timeout(monkeypatch) -> N
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     start = time.monotonic()
     with pytest.raises(CraterlabError, match="Could not read the MLflow store http://127.0.0.1:9"):
-        plan.main(
+        plan_command.main(
             ["--bytes-per-image", "1e4", "--ms-per-query", "5", "--tracking-uri",
              "http://127.0.0.1:9", "--timeout-s", "5"]
         )  # fmt: skip
@@ -252,7 +252,7 @@ def test_plan_on_a_garbage_database_is_a_message(tmp_path) -> None:
     db = tmp_path / "mlflow.db"
     db.write_bytes(b"this is not an SQLite database at all" * 30)
     with pytest.raises(CraterlabError, match="Could not read the MLflow store sqlite:///"):
-        plan.main(
+        plan_command.main(
             ["--bytes-per-image", "1e4", "--ms-per-query", "5", "--tracking-uri",
              f"sqlite:///{db}", "--timeout-s", "20"]
         )  # fmt: skip
