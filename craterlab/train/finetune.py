@@ -49,6 +49,7 @@ from craterlab.tokens.pooling import ClsPooling, GeMPooling
 from craterlab.train.augment import make_views
 from craterlab.train.config import TrainConfig, run_key, validate_train_config
 from craterlab.train.sampling import pk_batches
+from craterlab.train.training_state import atomic_save, cpu_state, epoch_seed, rng_devices
 from craterlab.types import Backbone, CraterDataset, Features
 
 log = logging.getLogger("craterlab.train")
@@ -237,7 +238,7 @@ def finetune(
     parent = lineage_of(backbone)
     if state is not None and state["epoch"] >= cfg.epochs:
         if not checkpoint.exists():
-            _atomic_save(state["model"], checkpoint)
+            atomic_save(state["model"], checkpoint)
         if read_lineage(checkpoint) is None:
             _write_lineages(out, parent, cfg, state, run_id)
         log.info("fine-tuning already finished (%d epochs): %s", state["epoch"], checkpoint)
@@ -251,7 +252,7 @@ def finetune(
     pooling = embedding_pooling(cfg.embedding, cfg.gem_p)
     loss_fn = _build_loss(cfg, registry).to(device)
     neck = training_neck(cfg.neck, backbone.dim).to(device)
-    with torch.random.fork_rng(devices=_rng_devices(device)):
+    with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)  # seeded class weights (ArcFace), sized from the data
         if callable(getattr(loss_fn, "bind", None)):
             loss_fn.bind(len(label_of), backbone.dim, device)
@@ -295,7 +296,7 @@ def finetune(
         log.info("validation at step %d: mAP %.4f", step, metrics["val_mAP"])
         if step > 0 and metrics["val_mAP"] > best_map:
             best_map, best_step = metrics["val_mAP"], step
-            _atomic_save(_cpu_state(model), out / BEST_FILE)
+            atomic_save(cpu_state(model), out / BEST_FILE)
         return metrics["val_mAP"]
 
     model.requires_grad_(True)
@@ -306,8 +307,8 @@ def finetune(
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             val_map: float | None = None
-            with torch.random.fork_rng(devices=_rng_devices(device)):
-                torch.manual_seed(_epoch_seed(seed, epoch))
+            with torch.random.fork_rng(devices=rng_devices(device)):
+                torch.manual_seed(epoch_seed(seed, epoch, salt=17))
                 batches = pk_batches(
                     train_labels, cfg.classes, cfg.images_per_class, steps, f"{seed}-{epoch}"
                 )
@@ -373,12 +374,12 @@ def finetune(
             if val_map is not None:
                 metrics["val_mAP"] = val_map
             history.append(metrics)
-            _atomic_save(
+            atomic_save(
                 {
                     "version": STATE_VERSION,
                     "run_key": key,
                     "epoch": epoch + 1,
-                    "model": _cpu_state(model),
+                    "model": cpu_state(model),
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict(),
                     "loss": loss_fn.state_dict(),
@@ -396,7 +397,7 @@ def finetune(
         model.eval()
         for p, flag in zip(model.parameters(), grad_flags, strict=True):
             p.requires_grad_(flag)
-    _atomic_save(_cpu_state(model), checkpoint)
+    atomic_save(cpu_state(model), checkpoint)
     (out / "history.json").write_text(json.dumps(history, indent=1))
     _write_lineages(out, parent, cfg, {"best_map": best_map, "best_step": best_step}, run_id)
     return checkpoint
@@ -546,23 +547,3 @@ def _load_state(out: Path, key: str, cfg: TrainConfig) -> dict[str, Any] | None:
             f"train.epochs={cfg.epochs}. Raise train.epochs or use another output directory."
         )
     return state
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _cpu_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63)
-
-
-def _rng_devices(device: torch.device) -> list[int]:
-    if device.type == "cuda":
-        return [device.index if device.index is not None else torch.cuda.current_device()]
-    return []

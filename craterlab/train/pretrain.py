@@ -44,6 +44,7 @@ from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError, CraterlabError, DataError
 from craterlab.train.pretrain_config import PretrainConfig, run_key, validate_pretrain_config
 from craterlab.train.ssl_views import MultiCrop
+from craterlab.train.training_state import atomic_save, cpu_state, epoch_seed, rng_devices
 from craterlab.types import Backbone, CraterDataset
 
 log = logging.getLogger("craterlab.pretrain")
@@ -275,7 +276,7 @@ def pretrain(
     if state is not None and state["epoch"] >= cfg.epochs:
         log.info("pretraining already finished (%d epochs): %s", state["epoch"], checkpoint)
         if not checkpoint.exists():
-            _atomic_save(state["teacher"], checkpoint)
+            atomic_save(state["teacher"], checkpoint)
             _write_lineage(checkpoint, parent, step_info, state, run_id)
         return checkpoint
 
@@ -296,7 +297,7 @@ def pretrain(
                 cfg.norm_last_layer,
             ).to(device)
 
-    with torch.random.fork_rng(devices=_rng_devices(device)):
+    with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)
         head = make_head()
     teacher = copy_without_hooks(model)
@@ -364,19 +365,19 @@ def pretrain(
             "version": STATE_VERSION,
             "run_key": key,
             "epoch": epoch,
-            "student": _cpu_state(model),
-            "teacher": _cpu_state(teacher),
-            "head": _cpu_state(head),
-            "teacher_head": _cpu_state(teacher_head),
-            "loss": _cpu_state(criterion),
+            "student": cpu_state(model),
+            "teacher": cpu_state(teacher),
+            "head": cpu_state(head),
+            "teacher_head": cpu_state(teacher_head),
+            "loss": cpu_state(criterion),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "history": history,
             "steps_per_epoch": steps,
             "seed": seed,
         }
-        _atomic_save(snapshot, out / STATE_FILE)
-        _atomic_save(snapshot["teacher"], checkpoint)
+        atomic_save(snapshot, out / STATE_FILE)
+        atomic_save(snapshot["teacher"], checkpoint)
         _write_lineage(checkpoint, parent, step_info, snapshot, run_id)
 
     model.train()
@@ -384,8 +385,8 @@ def pretrain(
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
             total_loss, seen = 0.0, 0
-            with torch.random.fork_rng(devices=_rng_devices(device)):
-                torch.manual_seed(_epoch_seed(seed, epoch))
+            with torch.random.fork_rng(devices=rng_devices(device)):
+                torch.manual_seed(epoch_seed(seed, epoch, salt=31))
                 order = list(range(len(source)))
                 random.Random(f"{seed}-{epoch}").shuffle(order)
                 bar = tqdm(
@@ -544,26 +545,6 @@ def _load_state(out: Path, key: str, cfg: PretrainConfig) -> dict[str, Any] | No
             f"pretrain.epochs={cfg.epochs}. Raise pretrain.epochs or use another out_dir."
         )
     return state
-
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7_919 + 31) % (2**63)
-
-
-def _rng_devices(device: torch.device) -> list[int]:
-    if device.type == "cuda":
-        return [device.index if device.index is not None else torch.cuda.current_device()]
-    return []
 
 
 def elapsed_minutes(history: Sequence[dict[str, float]]) -> float:

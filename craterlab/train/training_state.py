@@ -1,0 +1,36 @@
+"""What the training loops (fine-tuning and self-supervised pretraining) share to be resumable:
+atomic checkpoint writes, CPU copies of module state, and per-epoch seeds that make a resumed
+epoch draw exactly what an uninterrupted one would."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``module``'s state dict (safe to save while training goes on)."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def epoch_seed(seed: int, epoch: int, salt: int) -> int:
+    """The seed of one epoch: a function of the run's seed and the epoch only, so a resumed run
+    repeats the uninterrupted run's draws; ``salt`` keeps different loops' streams apart."""
+    return (seed * 1_000_003 + epoch * 7_919 + salt) % (2**63)
+
+
+def rng_devices(device: torch.device) -> list[int]:
+    """The CUDA devices whose RNG ``torch.random.fork_rng`` must save (none on CPU)."""
+    if device.type == "cuda":
+        return [device.index if device.index is not None else torch.cuda.current_device()]
+    return []
