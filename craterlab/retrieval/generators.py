@@ -35,12 +35,13 @@ from craterlab.retrieval.stages import (
     matcher_sync,
     on_matcher_device,
     rerank_store,
+    shortlist_rerank_report,
     store_extra,
 )
 from craterlab.retrieval.timing import single_query_latencies, timed_blocks
 from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings, build_token_ivf
 from craterlab.retrieval.vector_index import ivf_lists
-from craterlab.types import Ranking, RetrievalInputs, StageReport, Tokens, TokenStore
+from craterlab.types import Ranking, RetrievalInputs, Tokens, TokenStore
 
 
 class Generator(Protocol):
@@ -280,19 +281,10 @@ class CandidateStage:
             sync,
         )
         gen_bytes = float(gen.nbytes)
-        report = StageReport(
-            bytes_per_image=gen_bytes / max(1, ng) + inputs.gallery_store.bytes_per_image(),
-            latency_ms={
-                "stage1": lat1,
-                "rerank": lat2,
-                "total": [a + b for a, b in zip(lat1, lat2, strict=True)],
-            },
-            single_latency_ms={
-                "stage1": single1,
-                "rerank": single2,
-                "total": [a + b for a, b in zip(single1, single2, strict=True)],
-            },
-            recovers_reference=True,
+        report = shortlist_rerank_report(
+            gen_bytes / max(1, ng) + inputs.gallery_store.bytes_per_image(),
+            (lat1, lat2),
+            (single1, single2),
         )
         extra = {"generator_bytes": gen_bytes, "shortlist": float(s), "build_s": self.build_s}
         extra.update(store_extra(inputs.gallery_store))
