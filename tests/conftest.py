@@ -35,6 +35,19 @@ TINY = [
 ]
 
 
+def workflow_tiny(k: int = 8, shortlist: int = 20, batch_size: int = 16) -> list[str]:
+    """Overrides for a workflow index (ingest/index/search) on timm's tiny test ViT with random
+    weights: nothing is downloaded and a handful of crops encode in a second."""
+    return [
+        "backbone.model=test_vit",
+        "backbone.pretrained_tag=null",
+        "backbone.weights=random",
+        f"k={k}",
+        f"shortlist={shortlist}",
+        f"batch_size={batch_size}",
+    ]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """One feature cache per test session, never the repository's outputs/ (session scope, so

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import workflow_tiny
 
 rasterio = pytest.importorskip("rasterio")
 pyproj = pytest.importorskip("pyproj")
@@ -328,14 +329,7 @@ def test_ingest_counts_and_names_what_it_leaves_out(tmp_path) -> None:
 
 gpd = pytest.importorskip("geopandas")
 
-TINY = [
-    "backbone.model=test_vit",
-    "backbone.pretrained_tag=null",
-    "backbone.weights=random",
-    "k=8",
-    "shortlist=20",
-    "batch_size=16",
-]
+TINY = workflow_tiny()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
+from conftest import workflow_tiny
 
 from craterlab.errors import DataError
 from craterlab.workflows.api import CraterIndex as Index
@@ -31,14 +32,7 @@ from craterlab.workflows.mlflow_model import (
     signature,
 )
 
-TINY = [
-    "backbone.model=test_vit",
-    "backbone.pretrained_tag=null",
-    "backbone.weights=random",
-    "k=8",
-    "shortlist=20",
-    "batch_size=16",
-]
+TINY = workflow_tiny()
 
 
 @pytest.fixture(scope="module")

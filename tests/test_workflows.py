@@ -10,6 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import workflow_tiny
 from PIL import Image
 
 from craterlab.data.manifest import ManifestDataset
@@ -25,14 +26,7 @@ from craterlab.workflows.pairs import CraterPair
 MAP = ["lat", "lon", "diameter_km", "query_lat", "query_lon", "query_diameter_km"]
 PAIR_MAP = ["lat_a", "lon_a", "diameter_km_a", "lat_b", "lon_b", "diameter_km_b"]
 
-TINY = [
-    "backbone.model=test_vit",
-    "backbone.pretrained_tag=null",
-    "backbone.weights=random",
-    "k=8",
-    "shortlist=20",
-    "batch_size=16",
-]
+TINY = workflow_tiny()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import workflow_tiny
 from PIL import Image
 
 from craterlab.commands import plan as plan_command
@@ -30,14 +31,7 @@ from craterlab.workflows.api import CraterIndex
 from craterlab.workflows.geometry import GeometryFilter
 from craterlab.workflows.ingest import ingest_catalog, read_catalog
 
-TINY = [
-    "backbone.model=test_vit",
-    "backbone.pretrained_tag=null",
-    "backbone.weights=random",
-    "k=4",
-    "shortlist=4",
-    "batch_size=8",
-]
+TINY = workflow_tiny(k=4, shortlist=4, batch_size=8)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import workflow_tiny
 from PIL import Image
 
 from craterlab.cache import EntryWriter
@@ -26,14 +27,7 @@ from craterlab.workflows import storage
 from craterlab.workflows.api import CraterIndex as Index
 from craterlab.workflows.ingest import ingest_folder
 
-TINY = [
-    "backbone.model=test_vit",
-    "backbone.pretrained_tag=null",
-    "backbone.weights=random",
-    "k=4",
-    "shortlist=4",
-    "batch_size=8",
-]
+TINY = workflow_tiny(k=4, shortlist=4, batch_size=8)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import workflow_tiny
 from PIL import Image
 
 from craterlab.cache import CorruptEntry, load_entry
@@ -25,14 +26,7 @@ from craterlab.retrieval import EncodedGallery, Int8Quantizer
 from craterlab.testing import random_tokens
 from craterlab.workflows.api import CraterIndex as Index
 
-TINY = [
-    "backbone.model=test_vit",
-    "backbone.pretrained_tag=null",
-    "backbone.weights=random",
-    "k=4",
-    "shortlist=4",
-    "batch_size=8",
-]
+TINY = workflow_tiny(k=4, shortlist=4, batch_size=8)
 
 
 @pytest.fixture(scope="module")
