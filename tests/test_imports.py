@@ -16,8 +16,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "craterlab"
 
-# Floors, bottom to top (the arrows of DESIGN.md: results, types and errors at the bottom,
-# components above, pipeline and tracking above them, run / sweeps / workflows / report on top).
+# Floors, bottom to top (docs/development.md, "Import floors": results, types and errors at the
+# bottom, components above, pipeline and tracking above them, sweeps / report / workflows on top).
 FLOORS: dict[str, int] = {
     "craterlab.errors": 0,
     "craterlab.hashing": 0,
