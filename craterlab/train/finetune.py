@@ -49,7 +49,13 @@ from craterlab.tokens.pooling import ClsPooling, GeMPooling
 from craterlab.train.augment import make_views
 from craterlab.train.config import TrainConfig, run_key, validate_train_config
 from craterlab.train.sampling import pk_batches
-from craterlab.train.training_state import atomic_save, cpu_state, epoch_seed, rng_devices
+from craterlab.train.training_state import (
+    atomic_save,
+    cpu_state,
+    epoch_seed,
+    read_state,
+    rng_devices,
+)
 from craterlab.types import Backbone, CraterDataset, Features
 
 log = logging.getLogger("craterlab.train")
@@ -522,20 +528,10 @@ def _load_batch(
 
 
 def _load_state(out: Path, key: str, cfg: TrainConfig) -> dict[str, Any] | None:
-    path = out / STATE_FILE
-    if not path.exists():
+    fix = "Delete the directory to start over."
+    state = read_state(out, STATE_FILE, "fine-tuning", STATE_VERSION, fix)
+    if state is None:
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(
-            f"Cannot read the fine-tuning state {path} ({exc}). Delete it to start over."
-        ) from exc
-    if state.get("version") != STATE_VERSION:
-        raise ConfigError(
-            f"{out} holds a fine-tuning state of another format (version {state.get('version')}"
-            f", this craterlab writes {STATE_VERSION}). Delete the directory to start over."
-        )
     if state.get("run_key") != key:
         raise ConfigError(
             f"{out} holds a fine-tuning run with a different config, backbone, dataset or seed. "

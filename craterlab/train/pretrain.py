@@ -44,7 +44,13 @@ from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError, CraterlabError, DataError
 from craterlab.train.pretrain_config import PretrainConfig, run_key, validate_pretrain_config
 from craterlab.train.ssl_views import MultiCrop
-from craterlab.train.training_state import atomic_save, cpu_state, epoch_seed, rng_devices
+from craterlab.train.training_state import (
+    atomic_save,
+    cpu_state,
+    epoch_seed,
+    read_state,
+    rng_devices,
+)
 from craterlab.types import Backbone, CraterDataset
 
 log = logging.getLogger("craterlab.pretrain")
@@ -518,21 +524,10 @@ def _write_lineage(
 
 
 def _load_state(out: Path, key: str, cfg: PretrainConfig) -> dict[str, Any] | None:
-    path = out / STATE_FILE
-    if not path.exists():
+    fix = "Delete the directory or use another pretrain.out_dir."
+    state = read_state(out, STATE_FILE, "pretraining", STATE_VERSION, fix)
+    if state is None:
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataError(
-            f"Cannot read the pretraining state {path} ({exc}). Delete it to start over."
-        ) from exc
-    if state.get("version") != STATE_VERSION:
-        raise ConfigError(
-            f"{out} holds a pretraining state of another format (version "
-            f"{state.get('version')}, this craterlab writes {STATE_VERSION}). Delete the "
-            "directory or use another pretrain.out_dir."
-        )
     if state.get("run_key") != key:
         raise ConfigError(
             f"{out} holds a pretraining run with a different config, backbone (architecture or "

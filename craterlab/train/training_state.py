@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from craterlab.errors import ConfigError, DataError
+
 
 def atomic_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint."""
@@ -34,3 +36,24 @@ def rng_devices(device: torch.device) -> list[int]:
     if device.type == "cuda":
         return [device.index if device.index is not None else torch.cuda.current_device()]
     return []
+
+
+def read_state(out: Path, file: str, what: str, version: int, fix: str) -> dict[str, Any] | None:
+    """The resumable state ``out/file`` of a ``what`` run ("fine-tuning", "pretraining"), or
+    None when there is none; an unreadable file or one of another format ``version`` is an
+    error that ends with ``fix``."""
+    path = out / file
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise DataError(
+            f"Cannot read the {what} state {path} ({exc}). Delete it to start over."
+        ) from exc
+    if state.get("version") != version:
+        raise ConfigError(
+            f"{out} holds a {what} state of another format (version {state.get('version')}, "
+            f"this craterlab writes {version}). {fix}"
+        )
+    return state
