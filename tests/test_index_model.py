@@ -7,10 +7,8 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -18,7 +16,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import workflow_tiny
+from conftest import free_port, wait_for, workflow_tiny
 
 from craterlab.errors import DataError
 from craterlab.workflows.api import CraterIndex as Index
@@ -102,26 +100,6 @@ def test_signature_and_requirements_describe_the_model() -> None:
     assert sig.outputs.input_names() == list(OUTPUT_COLUMNS)
     assert {p.name: p.default for p in sig.params.params} == {"top": 10, "shortlist": 0}
     assert requirements() == [f"craterlab=={craterlab.__version__}"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the server exited ({proc.returncode}):\n{proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout_s} s")
 
 
 @pytest.mark.slow

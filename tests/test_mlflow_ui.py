@@ -8,17 +8,14 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, free_port, wait_for
 from mlflow.tracking import MlflowClient
 
 from craterlab.plugins import get_registry
@@ -175,26 +172,6 @@ BROWSER_ARGS = [
     "--no-first-run",
 ]
 ARTIFACTS = Path(os.environ.get("CRATERLAB_TEST_ARTIFACTS", ROOT / "outputs" / "test-artifacts"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(url: str, proc: subprocess.Popen, timeout_s: float = 180) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"mlflow ui exited ({proc.returncode}): {proc.stdout.read()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout_s} s")
 
 
 @pytest.mark.slow
