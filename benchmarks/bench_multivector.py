@@ -33,12 +33,16 @@ import resource
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from craterlab.plugins import get_registry
-from craterlab.retrieval.stores import Fp16Store
+from craterlab.retrieval.generators import decode_rows
+from craterlab.retrieval.quantizers import quantize_int8
+from craterlab.retrieval.stores import Fp16Store, Int8Store
+from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings, build_token_ivf
 from craterlab.types import RetrievalInputs, Tokens
 
 K, D, WORDS, CHUNK, DEPTH = 32, 384, 1024, 4096, 100
@@ -62,12 +66,17 @@ def views(protos: torch.Tensor, words: torch.Tensor, g: torch.Generator, sigma: 
     return torch.where(swap.unsqueeze(-1), context, v)
 
 
-def generate(n: int, n_queries: int, folder: Path, seed: int = 0) -> dict:
-    """Write the gallery tokens (fp16, (N, K, D)) and pooled vectors; return the queries."""
+def generate(n: int, n_queries: int, folder: Path, store: str = "fp16", seed: int = 0) -> dict:
+    """Write the gallery tokens ((N, K, D) fp16, or int8 codes with per-token scales) and
+    pooled vectors; return the queries."""
     folder.mkdir(parents=True, exist_ok=True)
     words = unit(torch.randn(WORDS, D, generator=torch.Generator().manual_seed(seed)))
     ids = n // 2
-    tok = np.lib.format.open_memmap(folder / "tokens.npy", "w+", np.float16, (n, K, D))
+    if store == "int8":
+        tok = np.lib.format.open_memmap(folder / "codes.npy", "w+", np.int8, (n, K, D))
+        scl = np.lib.format.open_memmap(folder / "scales.npy", "w+", np.float32, (n, K))
+    else:
+        tok = np.lib.format.open_memmap(folder / "tokens.npy", "w+", np.float16, (n, K, D))
     pooled = np.lib.format.open_memmap(folder / "pooled.npy", "w+", np.float32, (n, D))
     step = max(1, ids // n_queries)
     q_ids = list(range(0, ids, step))[:n_queries]
@@ -83,11 +92,18 @@ def generate(n: int, n_queries: int, folder: Path, seed: int = 0) -> dict:
         b = views(protos, words, g, 0.5, 0.4)
         q = views(protos, words, g, 0.6, 0.6)
         gal = torch.stack([a, b], 1).reshape(2 * m, K, D)  # image 2i and 2i+1: identity i
-        tok[2 * c0 : 2 * c1] = gal.half().numpy()
+        if store == "int8":
+            codes, scales = quantize_int8(gal)
+            tok[2 * c0 : 2 * c1] = codes.numpy()
+            scl[2 * c0 : 2 * c1] = scales.numpy()
+        else:
+            tok[2 * c0 : 2 * c1] = gal.half().numpy()
         pooled[2 * c0 : 2 * c1] = unit(gal.mean(1)).numpy()
         queries += [q[i - c0] for i in q_ids if c0 <= i < c1]
     tok.flush()
     pooled.flush()
+    if store == "int8":
+        scl.flush()
     qt = torch.stack(queries)
     torch.save({"tokens": qt, "identity": torch.tensor(q_ids)}, folder / "queries.pt")
     return {"n": n}
@@ -141,36 +157,63 @@ METHODS = {
         "index": "IVF1024,PQ128",
         "nprobe": 32,
     },
-    "token_ivf": {"name": "token_ivf", "nprobe": 2},
-    "token_ivf_counts": {"name": "token_ivf", "nprobe": 2, "prescore": False},
+    "muvera_hnsw": {
+        "name": "muvera",
+        "simhash_bits": 4,
+        "repetitions": 8,
+        "projection_dim": 16,
+        "index": "HNSW32",
+        "ef_search": 256,
+    },
+    "muvera_big": {
+        "name": "muvera",
+        "simhash_bits": 5,
+        "repetitions": 20,
+        "projection_dim": 16,
+        "index": "Flat",
+    },
+    "token_ivf": {"name": "token_ivf", "score": "lists"},
+    "token_ivf_zero": {"name": "token_ivf", "score": "lists", "fill": "zero"},
+    "token_ivf_centroids": {"name": "token_ivf", "score": "centroids"},
+    "token_ivf_counts": {"name": "token_ivf", "score": "counts"},
 }
 
 
 def run_size(n: int, args: argparse.Namespace) -> list[dict]:
-    folder = Path(args.data) / f"n{n}"
+    folder = Path(args.data) / f"n{n}-{args.store}"
     reg = get_registry()
     t0 = time.perf_counter()
     if not (folder / "queries.pt").is_file():
-        generate(n, args.queries, folder)
+        generate(n, args.queries, folder, args.store)
     gen_s = time.perf_counter() - t0
-    tokens = torch.from_numpy(np.load(folder / "tokens.npy", mmap_mode="r+"))
     pooled = torch.from_numpy(np.load(folder / "pooled.npy"))
     qd = torch.load(folder / "queries.pt")
+    qd = {"tokens": qd["tokens"][: args.queries], "identity": qd["identity"][: args.queries]}
     q = Tokens(qd["tokens"].float())
     qv = unit(q.vectors.mean(1))
-    store = Fp16Store({"codes": tokens}, K, D)  # memory-mapped fp16 rows
+    if args.store == "int8":  # memory-mapped int8 rows with per-token scales
+        tokens = torch.from_numpy(np.load(folder / "codes.npy", mmap_mode="r+"))
+        scales = torch.from_numpy(np.load(folder / "scales.npy", mmap_mode="r+"))
+        store: Any = Int8Store({"codes": tokens, "scales": scales}, K, D)
+    else:  # memory-mapped fp16 rows
+        tokens = torch.from_numpy(np.load(folder / "tokens.npy", mmap_mode="r+"))
+        store = Fp16Store({"codes": tokens}, K, D)
     matcher = reg.build("matcher", {"name": "late_interaction", "device": "cpu"})
-    print(f"\n## N={n:,} (generated in {gen_s:.0f} s, {len(q)} queries)", flush=True)
+    print(
+        f"\n## N={n:,} (generated in {gen_s:.0f} s, {len(q)} queries, {args.store} store, "
+        f"load average {os.getloadavg()[0]:.1f})",
+        flush=True,
+    )
 
     def inputs(gallery_store: object = store) -> RetrievalInputs:
         return RetrievalInputs(qv, pooled, q, gallery_store, matcher, DEPTH)  # type: ignore[arg-type]
 
-    ref_file = folder / "exhaustive.pt"
+    ref_file = folder / f"exhaustive-{len(q)}.pt"
     if ref_file.is_file():
         ref = torch.load(ref_file)
     else:
         t = time.perf_counter()
-        r = reg.build("stage", {"name": "exhaustive", "timing_queries": 2}).search(inputs())
+        r = reg.build("stage", {"name": "exhaustive", "timing_queries": 0}).search(inputs())
         ref = {
             "ids": r.indices,
             "ms": r.report.metrics()["ms_per_query"],
@@ -195,11 +238,38 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
         }
     ]
     prepared: dict = {}
+    variants = []
     for method in args.methods:
+        if method.startswith("token_ivf"):
+            for lists in args.lists:
+                for nprobe in args.nprobe:
+                    variants.append((method, {"lists": lists, "nprobe": nprobe}))
+        else:
+            variants.append((method, {}))
+    ivf_cache: dict[int, tuple[TokenIvf, float]] = {}
+    for method, over in variants:
+        label = method + "".join(f" {k}={v}" for k, v in over.items())
+        ivf_build = None
+        if method.startswith("token_ivf"):  # train and assign once per list count
+            if over["lists"] not in ivf_cache:
+                t = time.perf_counter()
+                base = build_token_ivf(
+                    store,
+                    decode_rows(store),
+                    TokenIvfSettings(lists=over["lists"], score="centroids"),
+                    n,
+                    K,
+                )
+                ivf_cache[over["lists"]] = (base, time.perf_counter() - t)
+                ivf_build = ivf_cache[over["lists"]][1]
+            base = ivf_cache[over["lists"]][0]
+            settings = reg.build("stage", {**METHODS[method], **over}, seed=0).ivf
+            prepared["generator:token_ivf"] = TokenIvf(
+                base.centroids, base.codes, base.mask, settings
+            )
+            label += f" ({len(base.centroids)} lists)" if not over["lists"] else ""
         for s in args.shortlists:
-            cfg = {**METHODS[method], "shortlist": s, "timing_queries": args.single}
-            if method.startswith("token_ivf") and args.lists:
-                cfg["lists"] = args.lists
+            cfg = {**METHODS[method], **over, "shortlist": s, "timing_queries": args.single}
             inp = inputs()
             inp.prepared = prepared
             t = time.perf_counter()
@@ -208,11 +278,13 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
             wall = time.perf_counter() - t
             m = r.report.metrics()
             build = r.extra.get("build_s", 0.0) if s == args.shortlists[0] else 0.0
+            if ivf_build is not None or method.startswith("token_ivf"):
+                build = (ivf_build or 0.0) if s == args.shortlists[0] else 0.0
             if method.startswith("pooled"):
                 build = wall if s == args.shortlists[0] else 0.0  # stage-1 build inside
             row = {
                 "n": n,
-                "method": method,
+                "method": label,
                 "S": s,
                 "recall10": recall_top10(r.indices, ref["ids"]),
                 "mAP": average_precision(r.indices, qd["identity"]),
@@ -232,7 +304,7 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
         if method.startswith(("muvera", "token_ivf")):
             prepared.pop(f"generator:{METHODS[method]['name']}", None)
     if args.quantization:
-        rows += quantization_table(n, tokens, q, qd["identity"], ref_map, args)
+        rows += quantization_table(n, store.decode().vectors, q, qd["identity"], ref_map, args)
     return rows
 
 
@@ -253,8 +325,8 @@ def quantization_table(
     out = []
     for label, cfg in (
         ("int8", {"name": "int8"}),
-        ("residual2", {"name": "residual", "nbits": 2, "centroids": args.lists or 1024}),
-        ("residual1", {"name": "residual", "nbits": 1, "centroids": args.lists or 1024}),
+        ("residual2", {"name": "residual", "nbits": 2, "centroids": args.lists[0] or 1024}),
+        ("residual1", {"name": "residual", "nbits": 1, "centroids": args.lists[0] or 1024}),
     ):
         t = time.perf_counter()
         qz = reg.build("quantizer", cfg, seed=0)
@@ -309,7 +381,11 @@ def main() -> None:
         default=["pooled", "muvera_flat", "muvera_ivfpq", "token_ivf"],
         choices=list(METHODS),
     )
-    ap.add_argument("--lists", type=int, default=1024, help="token IVF lists / residual centroids")
+    ap.add_argument(
+        "--lists", type=int, nargs="+", default=[0], help="token IVF lists (0: automatic)"
+    )
+    ap.add_argument("--nprobe", type=int, nargs="+", default=[4], help="token IVF probes")
+    ap.add_argument("--store", choices=["fp16", "int8"], default="fp16", help="rerank store")
     ap.add_argument("--single", type=int, default=16, help="queries also timed one at a time")
     ap.add_argument("--quantization", action="store_true", help="also the quantization table")
     ap.add_argument("--data", default="outputs/bench_multivector")
@@ -329,7 +405,7 @@ def main() -> None:
         old = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
         Path(args.json).write_text(json.dumps(old + rows, indent=1))
         if args.clean:
-            shutil.rmtree(Path(args.data) / f"n{n}")
+            shutil.rmtree(Path(args.data) / f"n{n}-{args.store}")
     print(f"load average at the end {os.getloadavg()}")
 
 

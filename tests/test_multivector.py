@@ -13,6 +13,7 @@ from craterlab.errors import ConfigError, DataError
 from craterlab.plugins import get_registry
 from craterlab.retrieval.fde import FdeEncoder, FdeSettings
 from craterlab.retrieval.late_interaction import late_interaction
+from craterlab.retrieval.list_score import score_lists, score_lists_numpy
 from craterlab.retrieval.residual import ResidualQuantizer, pack_bits, unpack_bits
 from craterlab.retrieval.stores import CodeStore
 from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings
@@ -139,7 +140,9 @@ STAGES = [
     {"name": "muvera", "simhash_bits": 2, "repetitions": 4, "projection_dim": 8},
     {"name": "muvera", "index": "HNSW16", "ef_search": 200, "final_dim": 64},
     {"name": "token_ivf", "lists": 16, "nprobe": 16},
-    {"name": "token_ivf", "lists": 16, "nprobe": 16, "prescore": False},
+    {"name": "token_ivf", "lists": 16, "nprobe": 16, "score": "centroids"},
+    {"name": "token_ivf", "lists": 16, "nprobe": 16, "score": "counts"},
+    {"name": "token_ivf", "lists": 16, "nprobe": 5, "fill": "zero", "shortlist": 90},
 ]
 
 
@@ -203,7 +206,7 @@ def test_token_ivf_candidates_and_prescores_equal_brute_force() -> None:
     q = noisy_queries(g, [1, 7, 22])
     cent = unit(torch.randn(10, 16, generator=torch.Generator().manual_seed(5)))
     codes = (g.vectors @ cent.T).argmax(-1).to(torch.int32)
-    ivf = TokenIvf(cent, codes, g.mask, TokenIvfSettings(nprobe=2))
+    ivf = TokenIvf(cent, codes, g.mask, TokenIvfSettings(nprobe=2, score="centroids"))
     want = brute_ivf(codes, g.mask, cent, q, 2)
     got = ivf.candidates(q, 40)
     for row, scores in zip(got, want, strict=True):
@@ -217,15 +220,103 @@ def test_token_ivf_candidates_and_prescores_equal_brute_force() -> None:
     np.testing.assert_allclose(pre.numpy(), [want[0][int(r)] for r in rows], atol=1e-6)
 
 
-def test_token_ivf_uses_a_residual_stores_centroids() -> None:
+def brute_list_scores(
+    codes: torch.Tensor,
+    mask: torch.Tensor,
+    cent: torch.Tensor,
+    q: Tokens,
+    i: int,
+    nprobe: int,
+    fill: str,
+) -> dict[int, float]:
+    """One query's list score by its definition: per real query token, the best probed
+    centroid's score among those with a token of the image, else the fill; summed."""
+    real = q.vectors[i][q.mask[i]]
+    sims = real @ cent.T
+    top = sims.topk(nprobe + 1, dim=1)
+    probed = [set(top.indices[a, :nprobe].tolist()) for a in range(len(real))]
+    fills = top.values[:, nprobe] if fill == "next" else torch.zeros(len(real))
+    out = {}
+    for img in range(len(codes)):
+        own = {int(codes[img, j]) for j in range(codes.shape[1]) if mask[img, j]}
+        found = [own & probed[a] for a in range(len(real))]
+        if not any(found):
+            continue
+        out[img] = sum(
+            max(float(sims[a, c]) for c in found[a]) if found[a] else float(fills[a])
+            for a in range(len(real))
+        )
+    return out
+
+
+@pytest.mark.parametrize("fill", ["next", "zero"])
+def test_token_ivf_list_scores_rank_as_brute_force(fill: str) -> None:
+    g = clustered(60)
+    q = noisy_queries(g, [2, 9, 33, 59])
+    cent = unit(torch.randn(12, 16, generator=torch.Generator().manual_seed(3)))
+    codes = (g.vectors @ cent.T).argmax(-1).to(torch.int32)
+    ivf = TokenIvf(cent, codes, g.mask, TokenIvfSettings(nprobe=3, fill=fill))
+    assert ivf.codes is None  # the list score reads only the lists
+    got = ivf.candidates(q, 60)
+    for i, row in enumerate(got):
+        want = brute_list_scores(codes, g.mask, cent, q, i, 3, fill)
+        cands = [c for c in row.tolist() if c >= 0]
+        assert set(cands) == set(want)
+        ordered = [want[c] for c in cands]
+        assert all(a >= b - 1e-5 for a, b in itertools.pairwise(ordered)), ordered
+
+
+def test_list_score_kernel_equals_numpy_and_is_order_sensitive() -> None:
+    rng = np.random.default_rng(0)
+    n, c = 500, 40
+    tokens_img = rng.integers(0, n, 4000)
+    tokens_c = rng.integers(0, c, 4000)
+    pairs = np.unique(tokens_c * n + tokens_img)
+    ids = (pairs % n).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(pairs // n, minlength=c))])
+    probes = np.stack([rng.permutation(c)[:5] for _ in range(7)]).astype(np.int32)
+    vals = -np.sort(-rng.random((7, 5)), axis=1).astype(np.float32)
+    a_ids, a_sc = score_lists(offsets, ids, n, probes, vals)
+    b_ids, b_sc = score_lists_numpy(offsets, ids, n, probes, vals)
+    oa, ob = np.argsort(a_ids), np.argsort(b_ids)
+    np.testing.assert_array_equal(a_ids[oa], b_ids[ob])
+    np.testing.assert_allclose(a_sc[oa], b_sc[ob], rtol=1e-6)
+    # by definition: per token, the value of the first probed list holding the image
+    want = np.zeros(n)
+    for t in range(7):
+        seen = set()
+        for p in range(5):
+            lst = ids[offsets[probes[t, p]] : offsets[probes[t, p] + 1]]
+            for img in set(lst.tolist()) - seen:
+                want[img] += vals[t, p]
+            seen |= set(lst.tolist())
+    np.testing.assert_allclose(a_sc[oa], want[a_ids[oa]], rtol=1e-5)
+    again_ids, again_sc = score_lists(offsets, ids, n, probes, vals)  # workspace was reset
+    np.testing.assert_allclose(np.sort(again_sc), np.sort(a_sc))
+
+
+def test_token_ivf_rejects_unknown_score_and_fill() -> None:
+    with pytest.raises(ConfigError, match="score must be one of lists, centroids, counts"):
+        TokenIvfSettings(score="plaid").check()
+    with pytest.raises(ValueError, match="fill one of next, zero"):
+        get_registry().build("stage", {"name": "token_ivf", "fill": "mean"})
+
+
+@pytest.mark.parametrize("score", ["lists", "centroids"])
+def test_token_ivf_uses_a_residual_stores_centroids(score: str) -> None:
     inp, g, q = stage_inputs({"name": "residual", "nbits": 2, "centroids": 16})
     stage = get_registry().build(
-        "stage", {"name": "token_ivf", "shortlist": 30, "timing_queries": 0}
+        "stage", {"name": "token_ivf", "shortlist": 30, "timing_queries": 0, "score": score}
     )
     stage.search(inp)
     ivf = inp.prepared["generator:token_ivf"]
-    assert ivf.codes_shared and torch.equal(ivf.codes, inp.gallery_store.codes)
-    assert ivf.identity()["lists"] == 16
+    store = inp.gallery_store
+    assert ivf.codes_shared and ivf.identity()["lists"] == 16
+    if score == "centroids":
+        assert torch.equal(ivf.codes, store.codes)
+    for c in range(16):  # list c: the images with a real token coded c
+        want = sorted(set(torch.where((store.codes == c) & store.mask)[0].tolist()))
+        assert ivf.list_ids[ivf.offsets[c] : ivf.offsets[c + 1]].tolist() == want
 
 
 # --------------------------------------------------------------------------- residual codec

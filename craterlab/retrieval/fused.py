@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,21 +74,26 @@ def cache_dir() -> Path:
     return base / "craterlab" / "kernels"
 
 
-def build(directory: Path | None = None) -> Path:
-    """Compile ``fused_maxsim.c`` (once per source version) and return the shared library."""
+def build(
+    directory: Path | None = None, source_file: Path = SOURCE, flags: tuple[str, ...] = FLAGS
+) -> Path:
+    """Compile ``source_file`` (default ``fused_maxsim.c``; once per source version and
+    flags) and return the shared library."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    source = source_file.read_bytes()
+    digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     out_dir = directory or cache_dir()
-    lib = out_dir / f"fused_maxsim-{digest}.so"
+    lib = out_dir / f"{source_file.stem}-{digest}.so"
     if lib.exists():
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = lib.with_name(f"{lib.name}.{os.getpid()}.tmp")
+    tmp = lib.with_name(f"{lib.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     done = subprocess.run(
-        [compiler, *FLAGS, str(SOURCE), "-o", str(tmp), "-lm"], capture_output=True, text=True
+        [compiler, *flags, str(source_file), "-o", str(tmp), "-lm"],
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -4,7 +4,8 @@
   token sets in a FAISS index (``Flat``, ``HNSW32``, ``IVF1024,PQ64``, ... any factory string);
   a query's FDE searches it for the top S.
 - ``token_ivf`` (:class:`TokenIvfStage`): a token-level inverted file (:mod:`.token_ivf`); the
-  union of the lists probed by the query's tokens, ordered by PLAID's centroid interaction.
+  union of the lists probed by the query's tokens, ordered by the list score (or PLAID's
+  centroid interaction, or hit counts).
 
 Both rerank their top S with the matcher (exact late interaction from the token store), as
 ``two_stage`` does for the pooled-vector shortlist, and report the same figures: bytes per
@@ -354,9 +355,11 @@ class MuveraStage(CandidateStage):
 
 
 class TokenIvfStage(CandidateStage):
-    """Token-level IVF: the union of the lists probed by each query token, pre-scored by
-    centroid interaction (``prescore``), top S reranked. ``lists`` 0 uses a residual store's
-    centroids (else picks a count); ``nprobe``: lists per query token."""
+    """Token-level IVF: the union of the lists probed by each query token, ordered by the
+    list score (``score="lists"``), PLAID's centroid interaction (``"centroids"``) or hit
+    counts (``"counts"``), top S reranked. ``lists`` 0 uses a residual store's centroids
+    (else PLAID's count, at most ``max_lists``); ``nprobe``: lists per query token; ``fill``:
+    the list score of a token that found no list holding the image (``next``, ``zero``)."""
 
     kind = "token_ivf"
 
@@ -364,16 +367,18 @@ class TokenIvfStage(CandidateStage):
         self,
         shortlist: int = 100,
         lists: int = 0,
-        nprobe: int = 2,
-        prescore: bool = True,
+        nprobe: int = 4,
+        score: str = "lists",
+        fill: str = "next",
         sample: int = 100_000,
         iters: int = 10,
         seed: int = 0,
+        max_lists: int = 8192,
         block: int = 1000,
         timing_queries: int = 16,
     ) -> None:
         super().__init__(shortlist, block, timing_queries)
-        self.ivf = TokenIvfSettings(lists, nprobe, prescore, sample, iters, seed)
+        self.ivf = TokenIvfSettings(lists, nprobe, score, fill, sample, iters, seed, max_lists)
         try:
             self.ivf.check()
         except ConfigError as exc:

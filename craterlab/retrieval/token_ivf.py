@@ -6,14 +6,18 @@ assignments, as in PLAID). The inverted list of centroid c holds the images owni
 assigned to c. A query probes, for each of its real tokens, the ``nprobe`` centroids most
 similar to it; the candidates are the union of the probed lists. They are ordered by
 
-- ``prescore=True``: PLAID's centroid interaction, (1/Kq) sum_i max_j <q_i, c(g_j)>, the late
-  interaction of the query with the image's tokens replaced by their centroids;
-- ``prescore=False``: the number of query tokens whose probed lists hold the image
+- ``score="lists"`` (default): the list score (:mod:`.list_score`): per query token, the
+  score of the best probed centroid whose list holds the image (``fill`` where none does),
+  summed over tokens; read off the lists alone, in one pass over the postings;
+- ``score="centroids"``: PLAID's exact centroid interaction, (1/Kq) sum_i max_j <q_i,
+  c(g_j)>, the late interaction of the query with the image's tokens replaced by their
+  centroids (gathers every candidate's per-token centroid ids);
+- ``score="counts"``: the number of query tokens whose probed lists hold the image
   (ColBERTv1-style union, ranked by how many query tokens found it),
 
 and the top S go to the exact late-interaction rerank. Bytes: the lists (int32 image ids per
-(centroid, image) pair) and, unless the store already holds them, the token centroid ids
-(int32 per token) that the pre-score reads; the centroids are per-gallery overhead.
+(centroid, image) pair) and, for ``centroids`` unless the store already holds them, the token
+centroid ids (int32 per token); the centroids are per-gallery overhead.
 """
 
 from __future__ import annotations
@@ -25,28 +29,54 @@ import numpy as np
 import torch
 
 from craterlab.errors import ConfigError, DataError
+from craterlab.retrieval.list_score import score_lists, top_s
 from craterlab.retrieval.residual import assign
 from craterlab.types import Tokens
 
 
 @dataclass(frozen=True)
 class TokenIvfSettings:
-    """``lists``: centroids (0: the residual store's, else 2**floor(log2(4 sqrt(tokens)))).
-    ``nprobe``: lists probed per query token. ``prescore``: centroid interaction (else hit
-    counts). ``sample``/``iters``/``seed``: k-means training when the lists are trained here."""
+    """``lists``: centroids (0: the residual store's, else PLAID's rule of thumb,
+    2**floor(log2(16 sqrt(tokens))), at most ``max_lists``). ``nprobe``: lists probed per
+    query token. ``score``: ``lists``, ``centroids`` or ``counts`` (module docstring).
+    ``fill``: a list score's value for a token that found no list holding the image,
+    ``next`` (the next centroid's score) or ``zero``. ``sample``/``iters``/``seed``: k-means
+    training when the lists are trained here."""
 
     lists: int = 0
-    nprobe: int = 2
-    prescore: bool = True
+    nprobe: int = 4
+    score: str = "lists"
+    fill: str = "next"
     sample: int = 100_000
     iters: int = 10
     seed: int = 0
+    max_lists: int = 8192
 
     def check(self) -> None:
-        if self.lists < 0 or self.nprobe < 1 or self.sample < 1 or self.iters < 1:
+        if (
+            self.lists < 0
+            or self.nprobe < 1
+            or self.sample < 1
+            or self.iters < 1
+            or self.max_lists < 1
+        ):
             raise ConfigError(
-                "token_ivf needs lists >= 0 (0: automatic), nprobe >= 1, sample >= 1, iters >= 1"
+                "token_ivf needs lists >= 0 (0: automatic), nprobe >= 1, sample >= 1, "
+                "iters >= 1, max_lists >= 1"
             )
+        if self.score not in SCORES or self.fill not in FILLS:
+            raise ConfigError(
+                f"token_ivf score={self.score!r} fill={self.fill!r}: score must be one of "
+                f"{', '.join(SCORES)} and fill one of {', '.join(FILLS)}."
+            )
+
+    def auto_lists(self, tokens: int) -> int:
+        """PLAID's list count for ``tokens`` gallery tokens, capped at ``max_lists``."""
+        return int(min(self.max_lists, 2 ** int(np.floor(np.log2(16 * np.sqrt(tokens))))))
+
+
+SCORES = ("lists", "centroids", "counts")
+FILLS = ("next", "zero")
 
 
 def train_centroids(tokens: np.ndarray, lists: int, iters: int, seed: int) -> np.ndarray:
@@ -63,7 +93,9 @@ def train_centroids(tokens: np.ndarray, lists: int, iters: int, seed: int) -> np
 
 
 class TokenIvf:
-    """Inverted lists (centroid -> images) over per-token centroid ids ``codes`` (N, K)."""
+    """Inverted lists (centroid -> images) over per-token centroid ids ``codes`` (N, K).
+
+    The per-token ids are kept only where the score reads them (``score="centroids"``)."""
 
     def __init__(
         self,
@@ -75,8 +107,9 @@ class TokenIvf:
     ) -> None:
         self.settings = settings
         self.centroids = centroids.float().contiguous()
-        self.codes = codes
-        self.mask = mask
+        keep = settings.score == "centroids"
+        self.codes = codes if keep else None
+        self.mask = mask if keep else None
         self.codes_shared = codes_shared
         self.persisted = False
         n, k = codes.shape
@@ -93,9 +126,10 @@ class TokenIvf:
 
     @property
     def nbytes(self) -> int:
-        """Per-gallery-item bytes in total: lists, offsets, and codes when not the store's."""
-        own_codes = 0 if self.codes_shared else self.codes.numel() * 4
-        return int(self.list_ids.numel() * 4 + self.offsets.size * 8 + own_codes)
+        """Per-gallery-item bytes in total: lists, offsets, and codes when read and not the
+        store's."""
+        own = 0 if self.codes is None or self.codes_shared else self.codes.numel() * 4
+        return int(self.list_ids.numel() * 4 + self.offsets.size * 8 + own)
 
     @property
     def overhead_bytes(self) -> int:
@@ -116,11 +150,22 @@ class TokenIvf:
         sims = q @ self.centroids.T  # (Nq, Kq, C)
         out = torch.full((len(q), s), -1, dtype=torch.long)
         nprobe = min(self.settings.nprobe, len(self.centroids))
-        probes = sims.topk(nprobe, dim=-1).indices  # (Nq, Kq, nprobe)
-        for i in range(len(q)):
+        extra = int(self.settings.fill == "next" and nprobe < len(self.centroids))
+        top = sims.topk(nprobe + extra, dim=-1)  # (Nq, Kq, nprobe [+1])
+
+        def one(i: int) -> None:
             real = slice(None) if queries.mask is None else queries.mask[i].bool()
-            top = self._rank(sims[i][real], probes[i][real], s)
-            out[i, : len(top)] = top
+            best = self._rank(sims[i][real], top.values[i][real], top.indices[i][real], s)
+            out[i, : len(best)] = best
+
+        if len(q) > 1 and self.settings.score == "lists" and torch.get_num_threads() > 1:
+            from concurrent.futures import ThreadPoolExecutor  # the kernel releases the GIL
+
+            with ThreadPoolExecutor(torch.get_num_threads()) as pool:
+                list(pool.map(one, range(len(q))))
+        else:
+            for i in range(len(q)):
+                one(i)
         return out
 
     def _lists(self, centroid_ids: np.ndarray) -> np.ndarray:
@@ -128,9 +173,20 @@ class TokenIvf:
         parts = [ids[self.offsets[c] : self.offsets[c + 1]] for c in centroid_ids]
         return np.concatenate(parts) if parts else np.empty(0, np.int32)
 
-    def _rank(self, sims: torch.Tensor, probes: torch.Tensor, s: int) -> torch.Tensor:
-        """Top-``s`` candidate rows of one query (its real tokens' ``sims`` and ``probes``)."""
-        if self.settings.prescore:
+    def _rank(
+        self, sims: torch.Tensor, top: torch.Tensor, probes: torch.Tensor, s: int
+    ) -> torch.Tensor:
+        """Top-``s`` candidate rows of one query from its real tokens' ``sims`` (Kq, C) and
+        best centroids (``top`` scores and ``probes`` ids, (Kq, nprobe [+1]), descending)."""
+        nprobe = min(self.settings.nprobe, len(self.centroids))
+        probes = probes[:, :nprobe]
+        if self.settings.score == "lists":
+            fill = top[:, nprobe:] if top.shape[1] > nprobe else torch.zeros(len(top), 1)
+            vals = (top[:, :nprobe] - fill).numpy()
+            ids = self.list_ids.numpy()
+            cand, score = score_lists(self.offsets, ids, self.ntotal, probes.numpy(), vals)
+            return torch.from_numpy(top_s(cand, score, s))
+        if self.settings.score == "centroids":
             cand = np.unique(self._lists(np.unique(probes.numpy())))
             if len(cand) == 0:
                 return torch.empty(0, dtype=torch.long)
@@ -150,6 +206,10 @@ class TokenIvf:
         self, sims: torch.Tensor, rows: torch.Tensor, chunk: int = 4096
     ) -> torch.Tensor:
         """(len(rows),) PLAID pre-scores: (1/Kq) sum_i max_j sims[i, code(rows, j)]."""
+        if self.codes is None:
+            raise ConfigError(
+                "This token IVF keeps no per-token codes: build it with score=centroids."
+            )
         st = sims.T.contiguous()  # (C, Kq)
         out = torch.empty(len(rows))
         for a in range(0, len(rows), chunk):
@@ -186,7 +246,8 @@ def build_token_ivf(
     sample = _real(decode(torch.from_numpy(rows)))  # type: ignore[operator]
     if len(sample) > settings.sample:
         sample = sample[rng.choice(len(sample), settings.sample, replace=False)]
-    lists = settings.lists or 2 ** int(np.floor(np.log2(4 * np.sqrt(n * k))))
+    few = 2 ** int(np.floor(np.log2(max(1, len(sample) // 4))))  # >= 4 samples per list
+    lists = settings.lists or min(settings.auto_lists(n * k), few)
     cent = train_centroids(sample, lists, settings.iters, settings.seed)
     codes_out = torch.empty(n, k, dtype=torch.int32)
     masks = []
