@@ -111,6 +111,29 @@ def test_extreme_scales_and_saturated_codes(kind, magnitude) -> None:
     assert torch.isfinite(got).all()
 
 
+@pytest.mark.parametrize("d", [384, 20, 8])  # vector path, vector + scalar tail, scalar only
+def test_query_packing_gives_the_quantizers_codes(d) -> None:
+    need("int8")
+    nq, kq = 3, 5
+    q = unit(nq, kq, d, seed=13) * 3.0
+    q[0, 0, : d // 2] = torch.arange(d // 2) * 0.5 - 2.0  # halves: round-half-even ties
+    q[0, 0, d // 2] = 127.0  # ... exactly (scale 1), so x / scale lands on .5
+    q[0, 1] = 0.0  # an all-zero token (scale 0)
+    q[1, 2] *= 1e-30  # denormal-scale token
+    q[2, 3] *= 1e30
+    mask = torch.ones(nq, kq, dtype=torch.bool)
+    mask[1, 4] = False
+    qpack, qweight, nreal, kqp = fused.pack_queries(q, mask, "int8")
+    codes, scales = quantize_int8(q)
+    got = qpack.view(nq, d // 4, kqp, 4).permute(0, 2, 1, 3).reshape(nq, kqp, d).int() - 128
+    assert torch.equal(got[:, :kq], codes.int())
+    assert torch.equal(got[:, kq:], torch.zeros(nq, kqp - kq, d, dtype=torch.int32))
+    assert torch.equal(nreal, mask.sum(1))
+    want_w = scales.clamp(min=torch.finfo(torch.float32).tiny) / mask.sum(1, keepdim=True) * mask
+    torch.testing.assert_close(qweight[:, :kq], want_w, rtol=1e-6, atol=0.0)
+    assert torch.equal(qweight[:, kq:], torch.zeros(nq, kqp - kq))
+
+
 def test_work_items_cover_every_pair_once() -> None:
     for nq, s, workers in [(1, 100, 2), (3, 7, 2), (50, 100, 2), (9, 1, 4), (2, 40, 1)]:
         seen = torch.zeros(nq, s, dtype=torch.int64)
