@@ -239,7 +239,10 @@ def test_auto_index_picks_by_gallery_size_and_searches_few_queries_on_one_thread
 
     assert V.auto_index(49_999) == ("Flat", None)
     assert V.auto_index(50_000) == ("HNSW32", None)
-    assert V.auto_index(1_000_000) == ("IVF1024,PQ48", 32)
+    assert V.auto_index(1_000_000) == ("IVF1024,PQ48np", 32)
+    spec, _ = V.auto_index(1_000_000)  # a valid factory string, without polysemous training
+    ivfpq = faiss.downcast_index(faiss.index_factory(384, spec, faiss.METRIC_INNER_PRODUCT))
+    assert isinstance(ivfpq, faiss.IndexIVFPQ) and not ivfpq.do_polysemous_training
     g = torch.nn.functional.normalize(
         torch.randn(300, 16, generator=torch.Generator().manual_seed(0)), dim=-1
     )

@@ -9,8 +9,10 @@ GPUs. Search knobs (``nprobe`` for IVF,
 
 ``index=auto`` picks by gallery size (:func:`auto_index`): exact ``Flat`` below 50,000 items,
 ``HNSW32`` from 50,000 (single queries in a fraction of a millisecond, where a Flat scan of
-50,000 x 384 floats is memory-bound at several ms), ``IVF1024,PQ48`` (nprobe 32) from 1,000,000
-(HNSW32 took 730 s to build there and lost recall; IVF-PQ built in 48 s). Searches of a few
+50,000 x 384 floats is memory-bound at several ms), ``IVF1024,PQ48np`` (nprobe 32) from
+1,000,000 (HNSW32 took 730 s to build there and lost recall; IVF-PQ built in 48 s). ``np``
+turns off FAISS's polysemous training of the PQ, which search does not use and which took
+150 s of a 155 s IVF-PQ training here. Searches of a few
 queries run FAISS on one thread (:data:`FEW_QUERIES`): a Flat search of one query at 50,000
 took 7.8 ms on two OpenMP threads and 3.6 ms on one.
 
@@ -42,7 +44,7 @@ FEW_QUERIES = 4
 def auto_index(n: int) -> tuple[str, int | None]:
     """(factory string, nprobe) that ``index=auto`` builds for a gallery of ``n`` items."""
     if n >= AUTO_IVFPQ_FROM:
-        return "IVF1024,PQ48", 32
+        return "IVF1024,PQ48np", 32
     if n >= AUTO_HNSW_FROM:
         return "HNSW32", None
     return "Flat", None
