@@ -12,6 +12,7 @@ import torch
 from craterlab.errors import ConfigError, DataError
 from craterlab.plugins import get_registry
 from craterlab.retrieval.fde import FdeEncoder, FdeSettings
+from craterlab.retrieval.generator_io import load_generator, save_generator
 from craterlab.retrieval.late_interaction import late_interaction
 from craterlab.retrieval.list_score import score_lists, score_lists_numpy
 from craterlab.retrieval.residual import ResidualQuantizer, pack_bits, unpack_bits
@@ -436,3 +437,42 @@ def test_a_gallery_index_searches_with_a_generator_and_workflows_pick_it() -> No
         }
     }
     assert search_stage(every) == ("two_stage", {})
+
+
+@pytest.mark.parametrize(
+    ("mode", "options", "other"),
+    [
+        ("token_ivf", {"lists": 8, "nprobe": 3}, {"lists": 8, "nprobe": 2}),
+        ("token_ivf", {"lists": 8, "score": "centroids"}, {"lists": 8}),
+        ("muvera", {"repetitions": 3, "index": "HNSW16"}, {"repetitions": 4}),
+    ],
+)
+def test_a_saved_index_keeps_its_generator(tmp_path, mode: str, options: dict, other: dict) -> None:
+    from craterlab.retrieval import EncodedGallery
+
+    _, g, q = stage_inputs({"name": "fp32"}, n=40)
+    store = get_registry().build("quantizer", {"name": "fp32"}).encode(g)
+    index = EncodedGallery([f"g{i}" for i in range(40)], pooled(g), store, device="cpu")
+    assert index.prepare_generator(mode, options)
+    assert not index.prepare_generator("two_stage")
+    before = index.search(pooled(q), q, mode=mode, shortlist=12, depth=5, options=options)
+    index.save(tmp_path / "idx")
+    assert (tmp_path / "idx" / "generators" / mode / "generator.json").is_file()
+    loaded = EncodedGallery.load(tmp_path / "idx")
+    gen = loaded.prepared[f"generator:{mode}"]
+    assert gen.persisted and gen.identity() == index.prepared[f"generator:{mode}"].identity()
+    after = loaded.search(pooled(q), q, mode=mode, shortlist=12, depth=5, options=options)
+    assert loaded.prepared[f"generator:{mode}"] is gen  # searched with it, not rebuilt
+    torch.testing.assert_close(after.ranking.shortlist, before.ranking.shortlist)
+    assert after.ids == before.ids
+    with pytest.raises(ConfigError, match="built with"):
+        loaded.search(pooled(q), q, mode=mode, shortlist=12, depth=5, options=other)
+    saved = tmp_path / "idx" / "generators" / mode
+    (saved / "generator.json").write_text("{")
+    with pytest.raises(DataError, match="generator.json has 1 bytes"):  # the manifest's check
+        EncodedGallery.load(tmp_path / "idx")
+    with pytest.raises(DataError, match="cannot be read"):
+        load_generator(saved, store)
+    with pytest.raises(DataError, match="covers 40 images but the gallery holds 39"):
+        save_generator(gen, mode, saved)
+        load_generator(saved, store.take(torch.arange(39)))

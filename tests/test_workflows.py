@@ -611,3 +611,17 @@ def test_search_page_marks_same_crater_hits_and_survives_a_moved_file(tmp_path) 
     folder = [Item("q1", queries[0].path, "q1"), Item("q2", queries[1].path, "q2")]
     page = search_page(hits, folder, gallery)  # a folder of crops has no crater labels
     assert 'class="correct"' not in page and "no crater labels" in page
+
+
+def test_an_index_built_with_a_generator_saves_it_and_searches_with_it(built, tmp_path) -> None:
+    root, sa, _, ia, _ = built
+    index = Index.build(sa.manifest, [*TINY, "retrieval=token_ivf"], progress=False)
+    index.save(tmp_path / "idx")
+    loaded = Index.load(tmp_path / "idx")
+    gen = loaded.gallery.prepared["generator:token_ivf"]
+    assert gen.persisted and gen.ntotal == len(loaded)  # saved at build, not rebuilt at search
+    hits = loaded.search(sa.manifest, top=3, progress=False)
+    assert loaded.gallery.prepared["generator:token_ivf"] is gen
+    assert all(rows[0].gallery_id == q for q, rows in hits.by_query().items())
+    # the pooled index of the same crops has no generator to save
+    assert "generators" not in [p.name for p in (root / "idxA" / "gallery").iterdir()]

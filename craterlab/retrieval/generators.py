@@ -216,9 +216,14 @@ class CandidateStage:
     def generator(self, inputs: RetrievalInputs) -> Generator:
         """The generator over this gallery: ``inputs.prepared``'s when it has these settings,
         else built now (refused when the kept one was loaded from a saved index)."""
+        return self.prepare(inputs.gallery_store, inputs.prepared)
+
+    def prepare(self, store: TokenStore, prepared: dict[str, Any]) -> Generator:
+        """The generator over ``store`` kept in ``prepared`` (built and kept there when
+        missing or built with other settings; see :meth:`generator`)."""
         key = f"generator:{self.kind}"
-        kept = inputs.prepared.get(key)
-        if kept is not None and kept.ntotal == len(inputs.gallery_store):
+        kept = prepared.get(key)
+        if kept is not None and kept.ntotal == len(store):
             if kept.identity() == self.identity_of_settings(kept):
                 return kept
             if kept.persisted:
@@ -229,9 +234,9 @@ class CandidateStage:
                     "queries encoded with other settings would search it silently wrong."
                 )
         t0 = time.perf_counter()
-        gen = self.build(inputs.gallery_store)
+        gen = self.build(store)
         self.build_s = time.perf_counter() - t0
-        inputs.prepared[key] = gen
+        prepared[key] = gen
         return gen
 
     def identity_of_settings(self, built: Generator) -> dict[str, Any]:

@@ -12,6 +12,7 @@ token store. ``save(dir)`` writes::
     dir/vectors.bin      (N, D) float32 single vectors
     dir/stage1/          the FAISS index (index.faiss), or vectors.bin for 'torch'
     dir/store/           the token store (CodeStore.save: meta.json + raw .bin arrays)
+    dir/generators/      multi-vector candidate generators built over it (generator_io)
 
 ``meta.json`` records every stage-1 setting (index, nprobe, ef_search, device), the caller's
 ``metadata`` (the run records its encoder and representation: backbone, weights, pooling,
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +262,7 @@ class EncodedGallery:
                     "craterlab's CodeStore formats can. Quantize with a built-in quantizer."
                 )
             self.store.save(path / "store")
+        generators = self._save_generators(path / "generators")
         files = sorted(
             p for p in path.rglob("*") if p.is_file() and p.name != "meta.json" or _is_store_meta(p)
         )
@@ -270,6 +273,7 @@ class EncodedGallery:
             "has_store": self.store is not None,
             **self.stage1.as_dict(),
             "built_by": self.metadata,
+            "generators": generators,
             "counts": {
                 "ids": len(self.ids),
                 "vectors": len(self.vectors),
@@ -326,6 +330,35 @@ class EncodedGallery:
             settings = Stage1Settings(settings.index, settings.nprobe, settings.ef_search, device)
         out = cls(ids, vectors, store, stage1=settings, metadata=meta.get("built_by") or {})
         out.vindex = settings.make().load(path / "stage1", n, dim)
+        for kind in meta.get("generators") or {}:
+            from craterlab.retrieval.generator_io import load_generator
+
+            kind, gen = load_generator(path / "generators" / str(kind), store)
+            out.prepared[f"generator:{kind}"] = gen
+        return out
+
+    def prepare_generator(self, mode: str, options: Mapping[str, Any] | None = None) -> bool:
+        """Build (and keep, so :meth:`save` writes it) the candidate generator that searches
+        with ``mode`` and ``options`` use; False when ``mode`` has none (e.g. two_stage)."""
+        stage = get_registry().build("stage", self._stage_config(mode, 100, options))
+        prepare = getattr(stage, "prepare", None)
+        if prepare is None or self.store is None or not self.ids:
+            return False
+        prepare(self.store, self.prepared)
+        return True
+
+    def _save_generators(self, directory: Path) -> dict[str, Any]:
+        """Write the generators kept over these rows; returns {kind: identity}."""
+        from craterlab.retrieval.generator_io import save_generator
+
+        if directory.exists():
+            shutil.rmtree(directory)  # an older save's generators
+        out = {}
+        for key, gen in self.prepared.items():
+            if key.startswith("generator:") and gen.ntotal == len(self.ids):
+                kind = key.split(":", 1)[1]
+                save_generator(gen, kind, directory / kind)
+                out[kind] = gen.identity()
         return out
 
 

@@ -124,6 +124,40 @@ class TokenIvf:
         counts = np.bincount(pairs // n, minlength=len(centroids))
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
+    @classmethod
+    def from_lists(
+        cls,
+        centroids: torch.Tensor,
+        list_ids: np.ndarray,
+        offsets: np.ndarray,
+        ntotal: int,
+        settings: TokenIvfSettings,
+        codes: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        codes_shared: bool = False,
+    ) -> TokenIvf:
+        """A token IVF from its saved lists (:mod:`.generator_io`); ``codes`` (N, K) are
+        needed only for ``score="centroids"``."""
+        if settings.score == "centroids" and codes is None:
+            raise ValueError("score=centroids needs the per-token codes")
+        if len(offsets) != len(centroids) + 1 or int(offsets[-1]) != len(list_ids):
+            raise ValueError(
+                f"{len(offsets)} list offsets ending at {int(offsets[-1])} for "
+                f"{len(centroids)} lists of {len(list_ids)} postings"
+            )
+        out = cls.__new__(cls)
+        out.settings = settings
+        out.centroids = centroids.float().contiguous()
+        keep = settings.score == "centroids"
+        out.codes = codes if keep else None
+        out.mask = mask if keep else None
+        out.codes_shared = codes_shared
+        out.persisted = False
+        out.ntotal = ntotal
+        out.list_ids = torch.from_numpy(np.ascontiguousarray(list_ids, np.int32))
+        out.offsets = np.ascontiguousarray(offsets, np.int64)
+        return out
+
     @property
     def nbytes(self) -> int:
         """Per-gallery-item bytes in total: lists, offsets, and codes when read and not the

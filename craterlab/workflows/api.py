@@ -187,6 +187,9 @@ class CraterIndex:
         tmp = clear_partial(final)
         try:
             tmp.mkdir(parents=True)
+            mode, options = search_stage(self.config)
+            if mode != "two_stage" and self.items:  # saved, so a load searches at once
+                self.gallery.prepare_generator(mode, options)
             self.gallery.save(tmp / "gallery")
             meta = {
                 "format": WORKFLOW_FORMAT,
