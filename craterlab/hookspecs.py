@@ -6,7 +6,10 @@ There is one ``register_*`` hook per component kind, made from the table of kind
 callback. ``factory`` is called with the component's validated config as keyword arguments;
 when ``schema`` (a dataclass) is omitted, the factory's signature is the schema: its parameters
 are the valid config keys, their annotations the expected types, their defaults the optional
-keys. ``description`` defaults to the first line of the factory's docstring.
+keys. ``description`` defaults to the first line of the factory's docstring. ``factory`` and
+``schema`` may also be named as ``"package.module:attribute"`` strings, imported only when the
+component is built or its schema is read (the built-ins do this, so ``--help`` and ``plugins``
+import no model code).
 
 Built-in components use these same hooks (see :mod:`craterlab.plugins`). ``docs/plugins.md``
 documents every hook with an example; a test fails when a hook has no section there.
@@ -29,7 +32,7 @@ class Register(Protocol):
     """The callback a ``register_*`` hook receives."""
 
     def __call__(
-        self, name: str, factory: Any, description: str = "", schema: type | None = None
+        self, name: str, factory: Any, description: str = "", schema: type | str | None = None
     ) -> None: ...
 
 

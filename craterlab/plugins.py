@@ -32,7 +32,7 @@ import pluggy
 from craterlab import hookspecs
 from craterlab.errors import CraterlabError, closest
 from craterlab.kinds import REGISTER_HOOKS
-from craterlab.registry import Registry
+from craterlab.registry import LazyFactory, Registry, first_doc_line
 
 log = logging.getLogger("craterlab.plugins")
 
@@ -222,7 +222,7 @@ class _Call:
     name: str
     factory: Any
     description: str
-    schema: type | None
+    schema: type | str | None
 
 
 def collect(pm: pluggy.PluginManager) -> dict[str, list[_Call]]:
@@ -243,10 +243,12 @@ def collect(pm: pluggy.PluginManager) -> dict[str, list[_Call]]:
                 name: str,
                 factory: Any,
                 description: str = "",
-                schema: type | None = None,
+                schema: type | str | None = None,
                 _kind: str = kind,
                 _out: list[_Call] = out,
             ) -> None:
+                if isinstance(factory, str) and _kind != "command":
+                    factory = LazyFactory(factory)  # a malformed name fails in the plugin's hook
                 _out.append(_Call(_kind, name, factory, description, schema))
 
             if plugin in DEFAULT_PLUGINS:
@@ -292,7 +294,7 @@ def _conflict(
                 f"fix the plugin's {hook}: command names never contain '=' ({DOCS}).",
             )
         owner = owners.get((call.kind, call.name))
-        if owner is not None and owner[1] is not call.factory:
+        if owner is not None and owner[1] != call.factory:
             return (
                 hook,
                 f"{call.kind} {call.name!r} is already registered by {owner[0]!r}.",
@@ -335,14 +337,9 @@ def fill_commands(pm: pluggy.PluginManager) -> dict[str, Command]:
     for plugin, calls in collect(pm).items():
         for call in calls:
             if call.kind == "command":
-                description = call.description or _first_line(call.factory)
+                description = call.description or first_doc_line(call.factory)
                 commands[call.name] = Command(call.name, call.factory, description, plugin)
     return dict(sorted(commands.items()))
-
-
-def _first_line(obj: Any) -> str:
-    doc = inspect.getdoc(obj) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
 # ------------------------------------------------------------------ process-wide state

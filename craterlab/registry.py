@@ -4,17 +4,23 @@ A component is registered under a kind and a name with a factory. Its schema is 
 explicit dataclass or the factory's own signature: parameter names are the valid config keys,
 annotations the expected types, defaults the optional keys. ``build`` looks the name up,
 validates the config against the schema, and calls the factory with it.
+
+A factory may be named by a string, ``"package.module:attribute"`` (a :class:`LazyFactory`):
+its module is imported only when the component is built or its schema is read, so listing
+components (``--help``, ``plugins``) imports no model code. The built-ins register this way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib
 import inspect
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal, get_args, get_origin
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -40,15 +46,77 @@ class Param:
 
 
 @dataclass(frozen=True)
+class LazyFactory:
+    """A factory named by ``"package.module:attribute"``, imported when first called or read."""
+
+    target: str
+
+    def __post_init__(self) -> None:
+        module, sep, attribute = self.target.partition(":")
+        if not (sep and module and attribute):
+            raise ValueError(
+                f"factory {self.target!r} is a string but not 'package.module:attribute'; "
+                "pass the callable itself or name it as 'package.module:attribute'"
+            )
+
+    def resolve(self) -> Callable[..., Any]:
+        """The named callable (imports its module)."""
+        return import_target(self.target)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.resolve()(*args, **kwargs)
+
+
+def import_target(target: str) -> Any:
+    """The object named by ``"package.module:attribute"`` (imports its module)."""
+    module_name, _, attribute = target.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(
+            f"The component {target!r} could not be imported ({type(exc).__name__}: {exc}). "
+            "Install what its plugin needs, or fix the 'package.module:attribute' it was "
+            "registered with."
+        ) from exc
+    return obj
+
+
+def resolve_factory(factory: Any) -> Any:
+    """The callable behind a factory (a :class:`LazyFactory` is imported)."""
+    return factory.resolve() if isinstance(factory, LazyFactory) else factory
+
+
+def first_doc_line(obj: Any) -> str:
+    """The first line of an object's docstring ('' without one)."""
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+@dataclass(frozen=True)
 class Component:
-    """A registered component: where it came from, how to build it, what it accepts."""
+    """A registered component: where it came from, how to build it, what it accepts.
+
+    ``params`` (the schema) and, when none was given, ``description`` are read on first use,
+    so a lazily named factory is imported only when they are needed.
+    """
 
     kind: str
     name: str
     factory: Callable[..., Any]
-    params: tuple[Param, ...]
-    description: str = ""
+    schema: type | str | None = None
+    given_description: str = ""
     plugin: str = ""
+
+    @cached_property
+    def params(self) -> tuple[Param, ...]:
+        schema = import_target(self.schema) if isinstance(self.schema, str) else self.schema
+        return schema_params(resolve_factory(self.factory), schema)
+
+    @cached_property
+    def description(self) -> str:
+        return self.given_description or first_doc_line(resolve_factory(self.factory))
 
     def param(self, key: str) -> Param | None:
         return next((p for p in self.params if p.name == key), None)
@@ -209,25 +277,24 @@ class Registry:
         self,
         kind: str,
         name: str,
-        factory: Callable[..., Any],
+        factory: Callable[..., Any] | str,
         description: str = "",
-        schema: type | None = None,
+        schema: type | str | None = None,
         plugin: str = "",
     ) -> None:
+        """Register ``factory`` as kind/name; ``factory`` and ``schema`` may be named
+        ``"package.module:attribute"`` to be imported on first use."""
         if kind not in self._components:
             raise ValueError(f"Unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
+        if isinstance(factory, str):
+            factory = LazyFactory(factory)
         existing = self._components[kind].get(name)
-        if existing is not None and existing.factory is not factory:
+        if existing is not None and existing.factory != factory:
             raise ValueError(
                 f"{kind} {name!r} is registered twice: by {existing.plugin!r} and by {plugin!r}. "
                 "Uninstall one of the plugins or rename the component."
             )
-        if not description:
-            doc = inspect.getdoc(factory) or ""
-            description = doc.strip().splitlines()[0] if doc.strip() else ""
-        self._components[kind][name] = Component(
-            kind, name, factory, schema_params(factory, schema), description, plugin
-        )
+        self._components[kind][name] = Component(kind, name, factory, schema, description, plugin)
 
     def kinds(self) -> tuple[str, ...]:
         return tuple(self._components)

@@ -25,6 +25,7 @@ FLOORS: dict[str, int] = {
     "craterlab.types": 0,
     "craterlab.kinds": 0,
     "craterlab.hookspecs": 0,
+    "craterlab.lazy": 0,
     "craterlab.registry": 1,
     "craterlab.devices": 1,
     "craterlab.plugins": 1,

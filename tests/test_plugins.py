@@ -19,15 +19,17 @@ import craterlab
 from craterlab import __main__ as cli
 from craterlab import hookimpl, hookspecs, plugins
 from craterlab.commands.plugins import main as plugins_command
+from craterlab.errors import ConfigError
 from craterlab.plugins import (
     DEFAULT_PLUGINS,
     REGISTER_HOOKS,
     fill_commands,
     fill_registry,
+    get_registry,
     hook_names,
     make_manager,
 )
-from craterlab.registry import KINDS
+from craterlab.registry import KINDS, LazyFactory, resolve_factory
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = [ROOT / "plugins" / "craterlab-center", ROOT / "plugins" / "craterlab-qe"]
@@ -371,6 +373,83 @@ def test_import_craterlab_is_cheap() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+HEAVY = ("torch", "torchvision", "timm", "faiss", "mlflow", "lightly", "rasterio", "geopandas")
+
+
+def test_help_and_plugins_import_no_heavy_library() -> None:
+    """``--help``, ``plugins`` and every command's ``--help`` print without torch, timm, FAISS or
+    MLflow (they would cost seconds): built-ins are registered by name, imported when built."""
+    from craterlab.commands import BUILTIN
+
+    invocations = [["--help"], ["plugins"], *([name, "--help"] for name in BUILTIN)]
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from craterlab.__main__ import main\n"
+        f"heavy, out = {HEAVY!r}, {{}}\n"
+        f"for argv in {invocations!r}:\n"
+        "    sys.argv = ['craterlab', *argv]\n"
+        "    with contextlib.redirect_stdout(io.StringIO()) as text:\n"
+        "        try:\n"
+        "            main()\n"
+        "        except SystemExit as exc:\n"
+        "            assert exc.code in (0, None), (argv, exc.code)\n"
+        "    assert len(text.getvalue()) > 100, (argv, text.getvalue())\n"
+        "    out[' '.join(argv)] = [m for m in heavy if m in sys.modules]\n"
+        "print(json.dumps(out))\n"
+    )
+    env = dict(os.environ, CRATERLAB_LOAD_PLUGINS="0")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    imported = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(imported) == {" ".join(argv) for argv in invocations}
+    assert {argv: mods for argv, mods in imported.items() if mods} == {}
+
+
+def test_every_builtin_component_named_lazily_resolves() -> None:
+    """Each built-in factory and schema named as 'module:attribute' imports, with a schema and
+    a description (a typo in a name would otherwise surface only when that component is built)."""
+    lazy = [c for c in get_registry() if isinstance(c.factory, LazyFactory)]
+    assert len(lazy) > 30
+    for component in get_registry():
+        assert callable(resolve_factory(component.factory)), component
+        assert component.description, component
+        names = [p.name for p in component.params]
+        assert len(names) == len(set(names)), component
+
+
+def test_a_plugin_can_name_its_factory_lazily(monkeypatch) -> None:
+    """A third-party ``register("gem2", "package.module:attribute")`` builds the named class;
+    a name that does not import is one message naming it; a malformed one marks the plugin
+    broken."""
+    from craterlab.tokens.pooling import GeMPooling
+
+    ep = fake_plugin(
+        monkeypatch,
+        "craterlab_lazy",
+        register_poolings=lambda register: (
+            register("gem2", "craterlab.tokens.pooling:GeMPooling", "GeM, named lazily"),
+            register("gone", "craterlab.tokens.pooling:NoSuchPooling", "a typo"),
+        ),
+    )
+    registry = fill_registry(make_manager(load_entry_points=True, entry_points=[ep]))
+    component = registry.get("pooling", "gem2")
+    assert isinstance(component.factory, LazyFactory) and component.plugin == "craterlab-lazy"
+    assert "p" in [p.name for p in component.params]
+    assert isinstance(registry.build("pooling", {"name": "gem2"}), GeMPooling)
+    with pytest.raises(ConfigError, match=r"'craterlab.tokens.pooling:NoSuchPooling'.*import"):
+        registry.build("pooling", {"name": "gone"})
+
+    bad = fake_plugin(
+        monkeypatch,
+        "craterlab_malformed",
+        register_poolings=lambda register: register("x", "no_colon_here"),
+    )
+    pm = make_manager(load_entry_points=True, entry_points=[bad])
+    registry = fill_registry(pm)
+    assert "x" not in registry.names("pooling")
+    assert "package.module:attribute" in pm.broken[0].message()
 
 
 # ------------------------------------------------------------------ the example packages

@@ -12,11 +12,13 @@ registry's schema and the factories' keywords.
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from craterlab.backbones.options import MarsDinoOptions, TimmOptions, WeightsOptions
-from craterlab.backbones.timm_backbone import EXTRACTOR_VERSION, TimmCNN, TimmViT
 from craterlab.hookspecs import hookimpl
+from craterlab.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from craterlab.backbones.timm_backbone import TimmCNN, TimmViT
 
 __all__ = [
     "EXTRACTOR_VERSION",
@@ -29,6 +31,18 @@ __all__ = [
     "timm_cnn",
     "timm_vit",
 ]
+# The factories below import their models on first call, so loading plugins imports no torch.
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        **dict.fromkeys(
+            ("MarsDinoOptions", "TimmOptions", "WeightsOptions"), "craterlab.backbones.options"
+        ),
+        **dict.fromkeys(
+            ("EXTRACTOR_VERSION", "TimmCNN", "TimmViT"), "craterlab.backbones.timm_backbone"
+        ),
+    },
+)
 
 
 def timm_vit(model: str, pretrained_tag: str | None = None, **options: Any) -> TimmViT:
@@ -36,11 +50,17 @@ def timm_vit(model: str, pretrained_tag: str | None = None, **options: Any) -> T
 
     ``options`` are the other keys of :class:`TimmOptions` (weights, seed, precision...).
     """
+    from craterlab.backbones.options import TimmOptions
+    from craterlab.backbones.timm_backbone import TimmViT
+
     return TimmViT(TimmOptions(model=model, pretrained_tag=pretrained_tag, **options))
 
 
 def timm_cnn(model: str, pretrained_tag: str | None = None, **options: Any) -> TimmCNN:
     """A timm CNN: final feature map cells as tokens, their mean as the global vector."""
+    from craterlab.backbones.options import TimmOptions
+    from craterlab.backbones.timm_backbone import TimmCNN
+
     return TimmCNN(TimmOptions(model=model, pretrained_tag=pretrained_tag, **options))
 
 
@@ -54,6 +74,9 @@ def marsdino(**options: Any) -> TimmViT:
     ``backbone.`` prefixes) or 'hf-hub:ORG/NAME[/FILE]'. The weights are not public yet, so
     without one this is an error, or random weights with allow_random_weights.
     """
+    from craterlab.backbones.options import MarsDinoOptions, TimmOptions, WeightsOptions
+    from craterlab.backbones.timm_backbone import TimmViT
+
     opts = MarsDinoOptions(**options)
     reason = None
     weights = opts.weights
@@ -78,17 +101,17 @@ def register_backbones(register) -> None:  # type: ignore[no-untyped-def]
         "timm_vit",
         timm_vit,
         "timm Vision Transformer (CLS, patch tokens, CLS attention)",
-        schema=TimmOptions,
+        schema="craterlab.backbones.options:TimmOptions",
     )
     register(
         "timm_cnn",
         timm_cnn,
         "timm CNN (feature-map cells as tokens, GAP global vector)",
-        schema=TimmOptions,
+        schema="craterlab.backbones.options:TimmOptions",
     )
     register(
         "marsdino",
         marsdino,
         "MarsDINO ViT-S/16 or B/16 from a DINO-style checkpoint",
-        schema=MarsDinoOptions,
+        schema="craterlab.backbones.options:MarsDinoOptions",
     )

@@ -11,7 +11,6 @@ import os
 import sys
 from pathlib import Path
 
-from craterlab.cache import cache_info, clear_cache, human_bytes, other_items, select_entries
 from craterlab.errors import CraterlabError
 
 
@@ -36,6 +35,8 @@ def cli(argv: list[str], cache_dir: str) -> int:
     )
     p_clear.add_argument("--yes", "-y", action="store_true", help="don't ask for confirmation")
     args = parser.parse_args(argv or ["info"])
+    from craterlab.cache import cache_info, human_bytes  # after parsing: --help imports no torch
+
     root = Path(args.dir)
     if args.command in (None, "info"):
         entries = cache_info(root, verify=getattr(args, "verify", False))
@@ -57,6 +58,8 @@ def cli(argv: list[str], cache_dir: str) -> int:
 
 def clear_command(root: Path, pattern: str, status: str | None, yes: bool) -> int:
     """List what `cache clear` would delete, ask (unless ``yes``), then delete only that."""
+    from craterlab.cache import clear_cache, human_bytes, other_items, select_entries
+
     chosen = select_entries(root, pattern=pattern, status=status)
     others = other_items(root)
     print(f"Feature cache: {root.resolve()}")

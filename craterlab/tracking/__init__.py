@@ -18,13 +18,18 @@ hooks (``run_started``, ``run_finished``) receive the active tracker.
 from __future__ import annotations
 
 from craterlab.hookspecs import Register, hookimpl
+from craterlab.lazy import lazy_exports
 from craterlab.tracking.base import PARENT_RUN_ENV, Tracker, make_tracker, no_tracking, tracked_run
-from craterlab.tracking.mlflow import MlflowTracker
 
 __all__ = ["PARENT_RUN_ENV", "MlflowTracker", "Tracker", "make_tracker", "tracked_run"]
+__getattr__ = lazy_exports(__name__, {"MlflowTracker": "craterlab.tracking.mlflow"})
 
 
 @hookimpl
 def register_trackers(register: Register) -> None:
     register("none", no_tracking)
-    register("mlflow", MlflowTracker, description="MLflow runs, grouped under a run per sweep")
+    register(
+        "mlflow",
+        "craterlab.tracking.mlflow:MlflowTracker",
+        description="MLflow runs, grouped under a run per sweep",
+    )

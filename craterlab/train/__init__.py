@@ -12,12 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from craterlab.hookspecs import hookimpl
-from craterlab.train.losses import (
-    ArcFaceLoss,
-    BatchHardTripletLoss,
-    LateInteractionContrastiveLoss,
-    SupConLoss,
-)
+from craterlab.lazy import lazy_exports
 
 __all__ = [
     "ArcFaceLoss",
@@ -26,27 +21,28 @@ __all__ = [
     "SupConLoss",
     "register_losses",
 ]
+__getattr__ = lazy_exports(__name__, dict.fromkeys(__all__[:-1], "craterlab.train.losses"))
 
 
 @hookimpl
 def register_losses(register: Any) -> None:
     register(
         "supcon",
-        SupConLoss,
+        "craterlab.train.losses:SupConLoss",
         "Supervised contrastive loss (Khosla et al. 2020), all same-label samples positive",
     )
     register(
         "arcface",
-        ArcFaceLoss,
+        "craterlab.train.losses:ArcFaceLoss",
         "ArcFace additive angular margin (s=64, m=0.5); class weights sized from the train split",
     )
     register(
         "triplet",
-        BatchHardTripletLoss,
+        "craterlab.train.losses:BatchHardTripletLoss",
         "Batch-hard triplet loss (Hermans et al. 2017) on L2-normalized embeddings, margin 0.2",
     )
     register(
         "late_interaction",
-        LateInteractionContrastiveLoss,
+        "craterlab.train.losses:LateInteractionContrastiveLoss",
         "Token-aware: SupCon over late-interaction (Eq. 1) scores of instance/selected tokens",
     )
