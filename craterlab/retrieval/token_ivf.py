@@ -284,14 +284,51 @@ def build_token_ivf(
     lists = settings.lists or min(settings.auto_lists(n * k), few)
     cent = train_centroids(sample, lists, settings.iters, settings.seed)
     codes_out = torch.empty(n, k, dtype=torch.int32)
-    masks = []
+    int8 = _int8_rows(gallery)
     for a in range(0, n, 8192):
-        t = decode(torch.arange(a, min(n, a + 8192)))  # type: ignore[operator]
+        rows = torch.arange(a, min(n, a + 8192))
+        if int8 is not None:  # the store's int8 codes against int8 centroids (VNNI)
+            codes_out[a : a + len(rows)] = assign_int8(int8[a : a + len(rows)], cent)
+            continue
+        t = decode(rows)  # type: ignore[operator]
         flat = t.vectors.float().reshape(-1, t.vectors.shape[-1]).numpy()
         codes_out[a : a + len(t)] = torch.from_numpy(assign(flat, cent)).view(len(t), -1)
-        masks.append(None if t.mask is None else t.mask.bool())
-    full_mask = None if all(m is None for m in masks) else torch.cat(masks)
-    return TokenIvf(torch.from_numpy(cent), codes_out, full_mask, settings)
+    return TokenIvf(torch.from_numpy(cent), codes_out, mask, settings)
+
+
+def _int8_rows(gallery: object) -> torch.Tensor | None:
+    """The (N, K, D) int8 codes of an int8 store with positive per-token scales, else None."""
+    payload = getattr(gallery, "payload", None)
+    if not isinstance(payload, dict) or getattr(gallery, "format", "") != "int8":
+        return None
+    codes = payload.get("codes")
+    if (
+        not isinstance(codes, torch.Tensor)
+        or codes.dtype != torch.int8
+        or codes.device.type != "cpu"
+    ):
+        return None
+    return codes
+
+
+def assign_int8(codes: torch.Tensor, centroids: np.ndarray) -> torch.Tensor:
+    """Nearest centroid (max inner product) of int8-coded tokens (n, K, D), as int32 (n, K).
+
+    A token is its codes times a positive scale, so its best centroid is the argmax of
+    codes . c; the centroids are quantized to int8 with one scale each and the products run
+    as an int8 matmul (about 3x an fp32 one on VNNI CPUs). Ties closer than the centroids'
+    rounding may pick the other centroid, which only moves a token between two lists it is
+    equally near."""
+    c = torch.from_numpy(np.ascontiguousarray(centroids, np.float32))
+    scale = c.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    cq = torch.round(c / scale.unsqueeze(1)).to(torch.int8).T.contiguous()  # (D, C)
+    flat = codes.reshape(-1, codes.shape[-1]).contiguous()
+    try:
+        dots = torch._int_mm(flat, cq).float()
+    except RuntimeError:  # shapes or a build without the int8 CPU kernel
+        dots = flat.float() @ cq.float()
+    best = (dots * scale.unsqueeze(0)).argmax(dim=1)
+    return best.to(torch.int32).view(codes.shape[0], codes.shape[1])
 
 
 def _real(tokens: Tokens) -> np.ndarray:
