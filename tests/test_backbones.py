@@ -7,16 +7,19 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from craterlab import devices, precision_probe
 from craterlab.backbones import TimmViT, timm_cnn, timm_vit
 from craterlab.devices import autocast, compute_dtype, cpu_flags_from_cpuinfo, resolve_precision
 from craterlab.errors import ConfigError, CraterlabError
 from craterlab.plugins import get_registry
+from craterlab.types import ImageRecord
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "backbone"
 CONFIGS = sorted(p.stem for p in CONF.glob("*.yaml"))
@@ -157,6 +160,72 @@ def test_random_weights_are_seeded() -> None:
     pa, pb, pc = (next(iter(x.model.parameters())) for x in (a, b, c))
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
     assert a.identity() == b.identity() != c.identity()
+
+
+@pytest.mark.parametrize(
+    ("factory", "model", "tag"),
+    [(timm_vit, "test_vit", "r160_in1k"), (timm_cnn, "resnet18", None)],
+)
+def test_random_weights_are_made_on_first_use_equal_to_eager_ones(factory, model, tag) -> None:
+    """A seeded random backbone builds its weights only when first used (a run whose features
+    are cached never pays the init), and they equal timm's eager model under the same seed."""
+    lazy = factory(model, tag, weights="random", seed=3, precision="fp32")
+    identity, dim, grid = lazy.identity(), lazy.dim, lazy.grid
+    assert not lazy.materialized
+    assert next(lazy._model.parameters()).is_meta  # the architecture only, no memory
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        name = f"{model}.{tag}" if tag else model
+        eager = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    size = lazy.data_config["input_size"]
+    images = torch.randn(2, *size)
+    feats = lazy.encode(images)
+    assert lazy.materialized and lazy.identity() == identity
+    assert (lazy.dim, lazy.grid) == (dim, grid)
+    with torch.inference_mode():
+        ref = eager.forward_features(images)
+    if factory is timm_vit:
+        ref = ref[:, eager.num_prefix_tokens :]
+    else:
+        ref = ref.flatten(2).transpose(1, 2)
+    # (the ViT's last block computes attention explicitly to read it: equal up to rounding)
+    assert torch.allclose(feats.tokens, ref.float(), atol=1e-5)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(lazy.model.state_dict().values(), eager.state_dict().values(), strict=True)
+    )
+
+
+class FourImages:
+    """Four deterministic grey 40x40 crops."""
+
+    name = "four"
+
+    def records(self, split: str) -> list[ImageRecord]:
+        return [ImageRecord(f"{split}-{i}", i) for i in range(4)]
+
+    def load_image(self, record: ImageRecord) -> Image.Image:
+        rng = np.random.default_rng(record.crater_id)
+        return Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).convert("RGB")
+
+    def identity(self) -> str:
+        return "four-v1"
+
+
+def test_a_cache_hit_never_makes_the_random_weights(tmp_path: Path) -> None:
+    from craterlab.backbones.extract import extract_features
+
+    def extract(backbone: TimmViT) -> tuple:
+        return extract_features(
+            backbone, FourImages(), "gallery", device="cpu", cache_dir=tmp_path, progress=False
+        )
+
+    first, info = extract(timm_vit("test_vit", "r160_in1k", weights="random", precision="fp32"))
+    assert not info.cache_hit
+    again = timm_vit("test_vit", "r160_in1k", weights="random", precision="fp32")
+    second, info = extract(again)
+    assert info.cache_hit and not again.materialized
+    assert torch.equal(first.tokens, second.tokens)
 
 
 def test_transform_follows_pretrained_config() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import timm
@@ -84,7 +85,12 @@ class TimmBackbone:
         if image_size is not None and self.sized_model:
             kwargs["img_size"] = image_size
         self._weights_id: dict[str, Any]
-        self.model = self._create(
+        self._device = torch.device("cpu")
+        self._moved = False  # whether to() placed the model (else it stays where it was made)
+        # Random weights are made when the model is first used (a cached run never uses it);
+        # until then ``_model`` is the same architecture on the meta device (no memory, no init).
+        self._materialize: Callable[[], torch.nn.Module] | None = None
+        self._model = self._create(
             weights,
             options.allow_random_weights,
             seed,
@@ -92,13 +98,38 @@ class TimmBackbone:
             kwargs,
             unavailable_reason,
         )
-        self.model.eval().requires_grad_(False)
-        self._device = torch.device("cpu")
+        self._model.eval().requires_grad_(False)
         data_cfg_args: dict[str, Any] = {}
         if image_size is not None:
             data_cfg_args["input_size"] = (3, image_size, image_size)
-        self.data_config = timm.data.resolve_data_config(data_cfg_args, model=self.model)
+        self.data_config = timm.data.resolve_data_config(data_cfg_args, model=self._model)
         self._transform = timm.data.create_transform(**self.data_config, is_training=False)
+        self._prepare(self._model)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The timm model; seeded random weights are initialized here, on first use."""
+        if self._materialize is not None:
+            model = self._materialize()
+            self._materialize = None
+            model.eval().requires_grad_(False)
+            self._prepare(model)
+            self._model = model.to(self._device) if self._moved else model
+        return self._model
+
+    @model.setter
+    def model(self, model: torch.nn.Module) -> None:
+        self._materialize = None
+        self._model = model
+
+    @property
+    def materialized(self) -> bool:
+        """Whether the model's weights exist yet (False: random weights not yet needed)."""
+        return self._materialize is None
+
+    def _prepare(self, model: torch.nn.Module) -> None:
+        """Read the architecture and set up hooks on ``model`` (meta or real)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ weights
 
@@ -114,7 +145,7 @@ class TimmBackbone:
         if weights == "random":
             self.weights_status = "random (requested)"
             self._weights_id = {"weights": "random", "seed": seed}
-            return self._random(seed, kwargs)
+            return self._deferred_random(seed, kwargs)
         if weights == "pretrained":
             try:
                 if unavailable_reason:
@@ -173,6 +204,17 @@ class TimmBackbone:
             torch.manual_seed(seed)
             return timm.create_model(self.full_name, pretrained=False, **kwargs)
 
+    def _deferred_random(self, seed: int, kwargs: dict[str, Any]) -> torch.nn.Module:
+        """The architecture on the meta device; :attr:`model` makes the seeded weights when
+        first used. Falls back to making them now if the model cannot be built on meta."""
+        try:
+            with torch.device("meta"):
+                skeleton = timm.create_model(self.full_name, pretrained=False, **kwargs)
+        except Exception:  # an architecture whose construction computes with its tensors
+            return self._random(seed, kwargs)
+        self._materialize = lambda: self._random(seed, kwargs)
+        return skeleton
+
     def _fallback(
         self, reason: str, allow_random: bool, seed: int, kwargs: dict[str, Any]
     ) -> torch.nn.Module:
@@ -195,7 +237,7 @@ class TimmBackbone:
             reason,
         )
         self._weights_id = {"weights": "random", "seed": seed}
-        return self._random(seed, kwargs)
+        return self._deferred_random(seed, kwargs)
 
     # ------------------------------------------------------------------ protocol
 
@@ -214,7 +256,9 @@ class TimmBackbone:
 
     def to(self, device: torch.device | str) -> TimmBackbone:
         self._device = torch.device(device)
-        self.model.to(self._device)
+        self._moved = True
+        if self._materialize is None:  # else the model is made on this device when first used
+            self._model.to(self._device)
         return self
 
     def effective_precision(self) -> str:
@@ -270,16 +314,14 @@ class TimmViT(TimmBackbone):
     kind = "timm_vit"
     sized_model = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        m = self.model
+    def _prepare(self, m: torch.nn.Module) -> None:
         if not hasattr(m, "blocks") or not hasattr(m, "num_prefix_tokens"):
             raise ValueError(f"{self.model_name} is not a ViT (no blocks / prefix tokens)")
         self.dim = int(m.num_features)
         self.num_prefix_tokens = int(m.num_prefix_tokens)
         self.has_class_token = getattr(m, "cls_token", None) is not None
-        self.grid = tuple(int(g) for g in m.patch_embed.grid_size)
-        attn = m.blocks[-1].attn
+        self.grid = tuple(int(g) for g in m.patch_embed.grid_size)  # type: ignore[union-attr]
+        attn = m.blocks[-1].attn  # type: ignore[index]
         if not hasattr(attn, "fused_attn") or not hasattr(attn, "attn_drop"):
             raise ValueError(
                 f"{self.model_name}: the last block's attention ({type(attn).__name__}) does not "
@@ -323,11 +365,11 @@ class TimmCNN(TimmBackbone):
     has_attention = False
     kind = "timm_cnn"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def _prepare(self, m: torch.nn.Module) -> None:
         size = self.data_config["input_size"]
+        device = next(m.parameters()).device  # the meta device runs the forward on shapes only
         with torch.inference_mode():
-            fmap = self.model.forward_features(torch.zeros(1, *size))
+            fmap = m.forward_features(torch.zeros(1, *size, device=device))  # type: ignore[operator]
         if fmap.ndim != 4:
             raise ValueError(
                 f"{self.model_name}: forward_features gave {tuple(fmap.shape)}, not NCHW"
