@@ -41,7 +41,6 @@ import torch
 from craterlab.plugins import get_registry
 from craterlab.retrieval.generator_io import load_generator, save_generator
 from craterlab.retrieval.generators import decode_rows
-from craterlab.retrieval.quantizers import quantize_int8
 from craterlab.retrieval.stores import Fp16Store, Int8Store
 from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings, build_token_ivf
 from craterlab.types import RetrievalInputs, Tokens
@@ -53,23 +52,51 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(x, dim=-1)
 
 
-def noise(g: torch.Generator, shape: tuple[int, ...], norm: float) -> torch.Tensor:
-    return torch.randn(*shape, generator=g) * (norm / D**0.5)
+SHIFTS = {"proto": 0, "a": 1, "b": 2, "q": 3, "ctx_a": 5, "ctx_b": 8, "ctx_q": 13}
+"""Where each use reads its noise in one draw per chunk (see :func:`generate`)."""
 
 
-def views(protos: torch.Tensor, words: torch.Tensor, g: torch.Generator, sigma: float, ctx: float):
+def shifted(noise: torch.Tensor, use: str) -> torch.Tensor:
+    """The chunk's noise (…, D + 16) read from offset ``SHIFTS[use]``: an iid Gaussian vector
+    read at another offset is uncorrelated with it (zero-mean inner product), so one draw
+    serves every use in the chunk (the generator's cost is mostly random numbers)."""
+    o = SHIFTS[use]
+    return noise[..., o : o + D]
+
+
+def views(
+    protos: torch.Tensor,
+    words: torch.Tensor,
+    g: torch.Generator,
+    noise: torch.Tensor,
+    sigma: float,
+    ctx: float,
+    name: str,
+) -> torch.Tensor:
     """A view of each identity: its prototypes perturbed, a share ``ctx`` of the slots
     replaced by context tokens (other words)."""
     n = len(protos)
-    v = unit(protos + noise(g, (n, K, D), sigma))
-    swap = torch.rand(n, K, generator=g) < ctx
-    context = unit(words[torch.randint(0, WORDS, (n, K), generator=g)] + noise(g, (n, K, D), 0.8))
-    return torch.where(swap.unsqueeze(-1), context, v)
+    v = unit(protos + sigma * shifted(noise, name))
+    swap = torch.nonzero(torch.rand(n, K, generator=g) < ctx, as_tuple=True)
+    picked = words[torch.randint(0, WORDS, (len(swap[0]),), generator=g)]
+    v[swap] = unit(picked + 0.8 * shifted(noise, f"ctx_{name}")[swap])
+    return v
+
+
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_int8's codes and scales (round(x / s), s = max|x| / 127 per token), in one
+    pass over the chunk."""
+    scale = x.abs().amax(dim=-1) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.round(x / safe.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8), scale
 
 
 def generate(n: int, n_queries: int, folder: Path, store: str = "fp16", seed: int = 0) -> dict:
     """Write the gallery tokens ((N, K, D) fp16, or int8 codes with per-token scales) and
-    pooled vectors; return the queries."""
+    pooled vectors; return the queries. Per chunk of identities one Gaussian draw of shape
+    (m, K, D + 16), scaled by 1/sqrt(D), is read at a different offset for each use
+    (prototypes, each view, each view's context tokens); context tokens are drawn only for the
+    slots they replace, the query view only for the identities that are queries."""
     folder.mkdir(parents=True, exist_ok=True)
     words = unit(torch.randn(WORDS, D, generator=torch.Generator().manual_seed(seed)))
     ids = n // 2
@@ -86,21 +113,21 @@ def generate(n: int, n_queries: int, folder: Path, store: str = "fp16", seed: in
         c1 = min(ids, c0 + CHUNK // 2)
         g = torch.Generator().manual_seed(seed * 1_000_003 + c0)
         m = c1 - c0
-        protos = unit(
-            words[torch.randint(0, WORDS, (m, K), generator=g)] + noise(g, (m, K, D), 0.8)
-        )
-        a = views(protos, words, g, 0.5, 0.4)
-        b = views(protos, words, g, 0.5, 0.4)
-        q = views(protos, words, g, 0.6, 0.6)
+        nz = torch.randn(m, K, D + 16, generator=g).mul_(1 / D**0.5)
+        protos = unit(words[torch.randint(0, WORDS, (m, K), generator=g)] + 0.8 * nz[..., :D])
+        a = views(protos, words, g, nz, 0.5, 0.4, "a")
+        b = views(protos, words, g, nz, 0.5, 0.4, "b")
+        here = [i - c0 for i in q_ids if c0 <= i < c1]
+        if here:
+            queries += list(views(protos[here], words, g, nz[here], 0.6, 0.6, "q"))
         gal = torch.stack([a, b], 1).reshape(2 * m, K, D)  # image 2i and 2i+1: identity i
         if store == "int8":
-            codes, scales = quantize_int8(gal)
+            codes, scales = quantize(gal)
             tok[2 * c0 : 2 * c1] = codes.numpy()
             scl[2 * c0 : 2 * c1] = scales.numpy()
         else:
             tok[2 * c0 : 2 * c1] = gal.half().numpy()
         pooled[2 * c0 : 2 * c1] = unit(gal.mean(1)).numpy()
-        queries += [q[i - c0] for i in q_ids if c0 <= i < c1]
     tok.flush()
     pooled.flush()
     if store == "int8":

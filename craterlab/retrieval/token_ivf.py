@@ -277,7 +277,12 @@ def build_token_ivf(
     rng = np.random.default_rng(settings.seed)
     per_row = max(1, min(k, settings.sample // max(1, n) + 1))
     rows = np.sort(rng.choice(n, min(n, max(1, settings.sample // per_row)), replace=False))
-    sample = _real(decode(torch.from_numpy(rows)))  # type: ignore[operator]
+    parts = []
+    for a in range(0, len(rows), 4096):  # decoded a chunk of rows at a time (a 1M gallery)
+        real = _real(decode(torch.from_numpy(rows[a : a + 4096])))  # type: ignore[operator]
+        keep = min(len(real), per_row * min(4096, len(rows) - a))
+        parts.append(real[np.sort(rng.choice(len(real), keep, replace=False))])
+    sample = np.concatenate(parts)
     if len(sample) > settings.sample:
         sample = sample[rng.choice(len(sample), settings.sample, replace=False)]
     few = 2 ** int(np.floor(np.log2(max(1, len(sample) // 4))))  # >= 4 samples per list
