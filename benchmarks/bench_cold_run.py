@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -84,22 +86,30 @@ def one(config: str, n: int, renders: Path, batch: int) -> tuple[float, float]:
         extract.prefetch = REAL_PREFETCH
 
 
-def whole_run(cache: Path, out: Path) -> float:
-    """Seconds of `python -m craterlab` (default experiment) with an empty feature cache."""
-    for entry in cache.glob("vit_*"):
-        import shutil
-
-        shutil.rmtree(entry)
+def whole_run(cache: Path, out: Path) -> tuple[float, float]:
+    """(wall s, CPU s) of `python -m craterlab` (default experiment) with an empty feature
+    cache (the render cache under ``cache`` is kept); its log goes to ``out``/bench.log."""
+    for entry in cache.glob("vit_*"):  # feature caches and their lock files
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     env = dict(os.environ, CRATERLAB_CACHE=str(cache), HF_HUB_OFFLINE="1")
+    out.mkdir(parents=True, exist_ok=True)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-m", "craterlab", f"hydra.run.dir={out}", "tracking=none"],
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return time.perf_counter() - t0
+    with open(out / "bench.log", "w") as log:
+        subprocess.run(
+            [sys.executable, "-m", "craterlab", f"hydra.run.dir={out}", "tracking=none"],
+            env=env,
+            check=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, cpu
 
 
 def main() -> None:
@@ -108,6 +118,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--whole-run", action="store_true")
+    ap.add_argument(
+        "--whole-run-only", action="store_true", help="time only the whole default run, cold"
+    )
+    ap.add_argument("--keep", help="keep the runs' directories (and bench.log) here")
     args = ap.parse_args()
 
     verdict = bf16_pays(cpu_flags())
@@ -118,6 +132,9 @@ def main() -> None:
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load {os.getloadavg()}")
     with tempfile.TemporaryDirectory() as tmp:
+        if args.whole_run_only:
+            report_whole_run(Path(args.keep or tmp))
+            return
         renders = Path(tmp) / "renders"
         warm = SyntheticCraters("small")
         warm.cache_renders(renders)
@@ -141,13 +158,22 @@ def main() -> None:
                 f"| {cpu:.1f} | {spread:.2f} |"
             )
         if args.whole_run:
-            cache = Path(tmp) / "cache"
-            first = whole_run(cache, Path(tmp) / "run1")
-            second = whole_run(cache, Path(tmp) / "run2")
-            print(
-                f"\nwhole default run, empty feature cache: {first:.1f} s with no rendered "
-                f"images, {second:.1f} s with the renders cached (load {os.getloadavg()})"
-            )
+            report_whole_run(Path(args.keep or tmp))
+
+
+def report_whole_run(root: Path) -> None:
+    """The default run twice from an empty feature cache: with no rendered images (the first
+    run on a machine), then with the renders cached. Wall and CPU seconds, and the load."""
+    cache = root / "cache"
+    load0 = os.getloadavg()
+    first = whole_run(cache, root / "run1")
+    second = whole_run(cache, root / "run2")
+    print(
+        f"\nwhole default run (`python -m craterlab tracking=none`), empty feature cache:\n"
+        f"  no rendered images: {first[0]:.1f} s wall, {first[1]:.1f} s CPU\n"
+        f"  renders cached:     {second[0]:.1f} s wall, {second[1]:.1f} s CPU\n"
+        f"  load average before {load0}, after {os.getloadavg()}; logs in {root}/run*/bench.log"
+    )
 
 
 if __name__ == "__main__":
