@@ -237,12 +237,9 @@ def test_auto_index_picks_by_gallery_size_and_searches_few_queries_on_one_thread
 
     from craterlab.retrieval import vector_index as V
 
-    assert V.auto_index(49_999) == ("Flat", None)
-    assert V.auto_index(50_000) == ("HNSW32", None)
-    assert V.auto_index(1_000_000) == ("IVF1024,PQ48np", 32)
-    spec, _ = V.auto_index(1_000_000)  # a valid factory string, without polysemous training
-    ivfpq = faiss.downcast_index(faiss.index_factory(384, spec, faiss.METRIC_INNER_PRODUCT))
-    assert isinstance(ivfpq, faiss.IndexIVFPQ) and not ivfpq.do_polysemous_training
+    assert V.auto_index(49_999) == ("Flat", None, None)
+    assert V.auto_index(50_000) == ("HNSW32", None, 32)
+    assert V.auto_index(1_000_000) == ("PQ96x4fs", None, None)
     g = torch.nn.functional.normalize(
         torch.randn(300, 16, generator=torch.Generator().manual_seed(0)), dim=-1
     )
@@ -253,8 +250,23 @@ def test_auto_index_picks_by_gallery_size_and_searches_few_queries_on_one_thread
     monkeypatch.setattr(V, "AUTO_HNSW_FROM", 200)
     graph = V.SingleVectorIndex("auto").build(g)
     assert graph.spec == "HNSW32" and graph.settings.index == "HNSW32"
+    assert graph.ef_search == 32 and faiss.downcast_index(graph.faiss_index).hnsw.efSearch == 32
+    assert V.SingleVectorIndex("auto", ef_search=80).build(g).ef_search == 80  # given: kept
     _, ids, _ = graph.search(g[:20], 1)
     assert (ids[:, 0] == torch.arange(20)).float().mean() >= 0.95
+    monkeypatch.setattr(V, "AUTO_PQ_FROM", 600)  # the 1M choice: 4-bit fast-scan PQ, exhaustive
+    wide = torch.nn.functional.normalize(
+        torch.randn(640, 96, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # 96 tiny k-means: OpenMP teams cost more than they give
+    try:
+        pq = V.SingleVectorIndex("auto").build(wide)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    assert pq.spec == "PQ96x4fs" and isinstance(pq.faiss_index, faiss.IndexPQFastScan)
+    _, ids, _ = pq.search(wide[:20], 5)
+    assert (ids == torch.arange(20).unsqueeze(1)).any(1).float().mean() >= 0.9
     seen = []
     real = faiss.omp_set_num_threads
     monkeypatch.setattr(faiss, "omp_set_num_threads", lambda n: (seen.append(n), real(n)))

@@ -7,14 +7,16 @@ machine (``benchmarks/bench_retrieval.py`` times both side by side); ``torch`` i
 GPUs. Search knobs (``nprobe`` for IVF,
 ``efSearch`` for HNSW) are applied when the index has them.
 
-``index=auto`` picks by gallery size (:func:`auto_index`): exact ``Flat`` below 50,000 items,
-``HNSW32`` from 50,000 (single queries in a fraction of a millisecond, where a Flat scan of
-50,000 x 384 floats is memory-bound at several ms), ``IVF1024,PQ48np`` (nprobe 32) from
-1,000,000 (HNSW32 took 730 s to build there and lost recall; IVF-PQ built in 48 s). ``np``
-turns off FAISS's polysemous training of the PQ, which search does not use and which took
-150 s of a 155 s IVF-PQ training here. Searches of a few
-queries run FAISS on one thread (:data:`FEW_QUERIES`): a Flat search of one query at 50,000
-took 7.8 ms on two OpenMP threads and 3.6 ms on one.
+``index=auto`` picks by gallery size (:func:`auto_index`), from single-query measurements on
+noisy "families" data (``benchmarks/bench_single_query.py``, recall of the exact pipeline's
+top-10 after the rerank): exact ``Flat`` below 50,000 items; ``HNSW32`` with efSearch 32 from
+50,000 (a Flat scan of 50,000 x 384 floats is memory-bound at several ms; FAISS's default
+efSearch 16 kept 0.979 of the exact top-10, 32 keeps 0.994); ``PQ96x4fs`` from 1,000,000: an
+exhaustive scan of 4-bit fast-scan PQ codes (48 bytes per item, built in seconds), which kept
+0.997 where ``IVF1024,PQ48`` with nprobe 32 kept 0.54 (the relevant items' single vectors lie
+in other cells) and HNSW32 took 730 s to build. Its cost grows with N (about 2.5 ms per query
+and core at 1M). Searches of a few queries run FAISS on one thread (:data:`FEW_QUERIES`): a
+Flat search of one query at 50,000 took 7.8 ms on two OpenMP threads and 3.6 ms on one.
 
 :class:`Stage1Settings` is the one place these settings live: stages, the saved gallery index
 and the run all pass it around, and a saved index records every field of it.
@@ -36,18 +38,19 @@ from craterlab.errors import ConfigError, DataError
 from craterlab.retrieval.timing import timed_blocks
 
 AUTO_HNSW_FROM = 50_000
-AUTO_IVFPQ_FROM = 1_000_000
+AUTO_PQ_FROM = 1_000_000
+AUTO_EF_SEARCH = 32
 FEW_QUERIES = 4
 """Searches of at most this many queries run FAISS single-threaded (no OpenMP team)."""
 
 
-def auto_index(n: int) -> tuple[str, int | None]:
-    """(factory string, nprobe) that ``index=auto`` builds for a gallery of ``n`` items."""
-    if n >= AUTO_IVFPQ_FROM:
-        return "IVF1024,PQ48np", 32
+def auto_index(n: int) -> tuple[str, int | None, int | None]:
+    """(factory string, nprobe, efSearch) that ``index=auto`` builds for ``n`` items."""
+    if n >= AUTO_PQ_FROM:
+        return "PQ96x4fs", None, None
     if n >= AUTO_HNSW_FROM:
-        return "HNSW32", None
-    return "Flat", None
+        return "HNSW32", None, AUTO_EF_SEARCH
+    return "Flat", None, None
 
 
 def search_threads(nq: int) -> int:
@@ -119,8 +122,9 @@ class SingleVectorIndex:
         self.dim = v.shape[1]
         self.ntotal = v.shape[0]
         if self.spec.lower() == "auto":  # resolved once, by gallery size; saved resolved
-            self.spec, nprobe = auto_index(self.ntotal)
+            self.spec, nprobe, ef = auto_index(self.ntotal)
             self.nprobe = self.nprobe if self.nprobe is not None else nprobe
+            self.ef_search = self.ef_search if self.ef_search is not None else ef
         if self.is_torch:
             dt = compute_dtype(self.device)
             self.vectors = v.to(self.device, dt).contiguous()

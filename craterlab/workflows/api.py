@@ -123,7 +123,7 @@ class CraterIndex:
         ``overrides`` are experiment overrides (``backbone=...``, ``k=32``, ``quantizer=int8``);
         ``stage1`` a FAISS factory string (default: ``auto``, which picks by the number of
         items, see :func:`~craterlab.retrieval.vector_index.auto_index`: exact Flat below
-        50,000, HNSW32 for fast single queries above, IVF-PQ from 1,000,000; a retrieval
+        50,000, HNSW32 for fast single queries above, a 4-bit PQ scan from 1,000,000; a retrieval
         config whose two-stage index is not Flat is used as given). A crop over
         ``max_image_pixels`` (None: no limit) is refused, as by every reader.
         """
