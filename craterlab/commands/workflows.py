@@ -227,8 +227,9 @@ def index_command(argv: list[str]) -> int:
     p.add_argument("--out", required=True, help="index directory to write")
     p.add_argument(
         "--stage1",
-        help="FAISS factory string for stage 1 (Flat, IVF1024,PQ48, "
-        "HNSW32, or torch); default: the retrieval config's",
+        help="stage 1: auto (picked by gallery size: Flat, HNSW32 from 50K, PQ96x4fs from 1M), "
+        "a FAISS factory string (Flat, HNSW32, IVF1024,Flat, PQ96x4fs) or torch; default: the "
+        "retrieval config's",
     )
     p.add_argument("--nprobe", type=int, help="IVF lists probed per query")
     p.add_argument("--ef-search", type=int, help="HNSW search breadth")
