@@ -1,22 +1,25 @@
 """In-domain self-supervised pretraining learns: DINO from random init vs random init vs SupCon.
 
 A small timm ViT (``test_vit``: 6 blocks, width 64, patch 16; 96 px input, so 36 patch tokens)
-is trained from random init for the same wall-clock budget (default 10 minutes) two ways:
+starts from random init and is trained two ways on the synthetic benchmark's train split
+(200 identities by default, 660 images: each identity's two gallery crops and two query-like
+views):
 
 - **DINO** (:func:`craterlab.train.pretrain.pretrain`, recipe
-  :data:`craterlab.train.recipes.PRETRAIN_CPU_RECIPE`) on the synthetic benchmark's train-split
-  images, labels unused;
+  :data:`craterlab.train.recipes.PRETRAIN_CPU_RECIPE`) on the images alone, labels unused,
+  for ``--steps`` optimizer steps;
 - **SupCon fine-tuning** (:func:`craterlab.train.finetune.finetune`, the from-scratch recipe of
-  ``bench_finetune.py``) on the same images with their crater labels;
+  ``bench_finetune.py``) on the same images with their crater labels, for the same wall-clock
+  time as that seed's DINO run (its step count is set from 3 timed steps just before);
 
-then the test queries are ranked against the gallery (identities disjoint from training) with
-GeM single vectors and with late interaction over K=32 instance tokens
-(:func:`craterlab.train.evaluation.retrieval_suite`). The budget is turned into a step count by
-timing 3 steps of each method first, so both get about the same minutes on this machine; the
-table reports the minutes each actually took. Random init is the same architecture untouched.
+then the test queries (30 craters x 5 views) are ranked against the gallery (identities disjoint
+from training) with GeM single vectors and with late interaction over K=32 instance tokens
+(:func:`craterlab.train.evaluation.retrieval_suite`). Random init is the same architecture and
+seed untouched; the seed changes the synthetic set and the init. The machine's load average is
+printed with every result: wall times on a shared machine say little without it.
 
-    .venv/bin/python benchmarks/bench_pretrain.py                       # 10 min each, seed 0
-    .venv/bin/python benchmarks/bench_pretrain.py --minutes 3 --seeds 0,1,2   # seed noise
+    .venv/bin/python benchmarks/bench_pretrain.py                          # seeds 0,1,2
+    .venv/bin/python benchmarks/bench_pretrain.py --steps 400 --methods dino  # test size
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -41,9 +46,12 @@ from craterlab.train.finetune import finetune  # noqa: E402
 from craterlab.train.pretrain import ImageSource, pretrain  # noqa: E402
 from craterlab.train.recipes import from_scratch_config, pretrain_cpu_config  # noqa: E402
 
-DATA = {"n_identities": 600, "n_query_craters": 30, "image_size": 96}
+DATA = {"n_identities": 200, "n_query_craters": 30, "image_size": 96}
 IMAGE_SIZE = 96
 K = 32
+STEPS = 2000
+"""DINO steps of the default run: about 10 minutes at 0.3 s per step, the speed measured on
+this 2-core machine when it was quiet (one torch thread)."""
 
 
 class CachedImages:
@@ -62,18 +70,51 @@ class CachedImages:
         return self.dataset.identity()
 
 
+def synthetic(seed: int, identities: int = DATA["n_identities"]) -> CachedImages:
+    """The benchmark's synthetic set for ``seed``, every image rendered once."""
+    data = CachedImages(SyntheticCraters(**{**DATA, "n_identities": identities}, seed=seed))
+    for split in ("train", "gallery", "query"):
+        for r in data.records(split):
+            data.load_image(r)
+    return data
+
+
 def backbone(weights: str = "random", seed: int = 0):  # noqa: ANN201
     return timm_vit("test_vit", weights=weights, seed=seed, image_size=IMAGE_SIZE, precision="fp32")
 
 
-def run_dino(source: ImageSource, seed: int, steps: int, out: str) -> Path:
+def run_dino(data: CachedImages, seed: int, steps: int, out: str) -> Path:
+    """DINO-pretrain the seed's random init on the unlabeled train split; the teacher's weights."""
     cfg = pretrain_cpu_config(steps)
+    source = ImageSource(data, ["train"])
     return pretrain(cfg, backbone(seed=seed), source, device="cpu", seed=seed, out_dir=out)
 
 
 def run_supcon(data: CachedImages, seed: int, steps: int, out: str) -> Path:
     cfg = from_scratch_config("supcon", "single_crop", epochs=1, steps_per_epoch=steps)
     return finetune(cfg, backbone(seed=seed), data, device="cpu", seed=seed, out_dir=out)
+
+
+def trained_metrics(fn, steps: int, data: CachedImages) -> tuple[dict[str, float], Any]:  # noqa: ANN001
+    """Train ``steps`` steps with ``fn(steps, out)``; test metrics on ``data`` with the minutes
+    and the 5-minute load average at the end."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        checkpoint = fn(steps, tmp)
+        minutes = (time.perf_counter() - t0) / 60
+        trained = backbone(str(checkpoint))
+        result = retrieval_suite(trained, data, K)
+    load = os.getloadavg()[1]
+    return {**result, "minutes": minutes, "steps": steps, "load": load}, trained.weights_status
+
+
+def dino_vs_random(seed: int, steps: int, identities: int = DATA["n_identities"]):  # noqa: ANN201
+    """(random-init metrics, DINO metrics, DINO weights status) of one seed: what the slow
+    test compares."""
+    data = synthetic(seed, identities)
+    before = retrieval_suite(backbone(seed=seed), data, K)
+    after, status = trained_metrics(functools.partial(run_dino, data, seed), steps, data)
+    return before, after, status
 
 
 def seconds_per_step(fn, steps: int = 3) -> float:  # noqa: ANN001
@@ -85,10 +126,16 @@ def seconds_per_step(fn, steps: int = 3) -> float:  # noqa: ANN001
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10.0, help="training budget per method")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds (noise: 0,1,2)")
+    parser.add_argument("--steps", type=int, default=STEPS, help="DINO optimizer steps")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     parser.add_argument("--methods", default="dino,supcon")
     parser.add_argument("--identities", type=int, default=DATA["n_identities"])
+    parser.add_argument(
+        "--supcon-minutes",
+        type=float,
+        default=None,
+        help="SupCon's budget when DINO is not run (default: the seed's DINO minutes)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -100,70 +147,73 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
+    unknown = set(methods) - {"dino", "supcon"}
+    if unknown:
+        raise SystemExit(f"unknown method(s) {sorted(unknown)}: use dino, supcon")
     rows: dict[str, list[dict[str, float]]] = {"random init": []}
     for seed in seeds:
-        data = CachedImages(
-            SyntheticCraters(**{**DATA, "n_identities": args.identities}, seed=seed)
-        )
-        source = ImageSource(data, ["train"])
         t0 = time.perf_counter()
-        for i in range(len(source)):
-            source.grey(i)
-        for split in ("gallery", "query"):
-            for r in data.records(split):
-                data.load_image(r)
-        render = time.perf_counter() - t0
+        data = synthetic(seed, args.identities)
+        train = data.records("train")
         print(
-            f"seed {seed}: {len(source)} unlabeled train images "
-            f"({len({r.crater_id for r in data.records('train')})} identities), "
-            f"{len(data.records('query'))} queries, {len(data.records('gallery'))} gallery; "
-            f"rendered in {render:.0f} s; torch threads {args.threads}",
+            f"seed {seed}: {len(train)} unlabeled train images "
+            f"({len({r.crater_id for r in train})} identities), {len(data.records('query'))} "
+            f"queries, {len(data.records('gallery'))} gallery; rendered in "
+            f"{time.perf_counter() - t0:.0f} s; torch threads {args.threads}",
             flush=True,
         )
         rows["random init"].append(
             {**retrieval_suite(backbone(seed=seed), data, K), "minutes": 0.0, "steps": 0}
         )
         print(f"  random init: {rows['random init'][-1]}", flush=True)
-        for method in methods:
+        dino_minutes = args.supcon_minutes
+        for method in ("dino", "supcon"):
+            if method not in methods:
+                continue
             if method == "dino":
-                fn = functools.partial(run_dino, source, seed)
-            elif method == "supcon":
-                fn = functools.partial(run_supcon, data, seed)
+                fn = functools.partial(run_dino, data, seed)
+                steps = args.steps
+                label = "DINO (unlabeled)"
             else:
-                raise SystemExit(f"unknown method {method!r}: use dino, supcon")
-            per_step = seconds_per_step(fn)
-            steps = max(10, int(args.minutes * 60 / per_step))
-            with tempfile.TemporaryDirectory() as tmp:
-                t0 = time.perf_counter()
-                checkpoint = fn(steps, tmp)
-                minutes = (time.perf_counter() - t0) / 60
-                trained = backbone(str(checkpoint), seed=seed)
-                result = retrieval_suite(trained, data, K)
-            label = {"dino": "DINO (unlabeled)", "supcon": "SupCon (labelled)"}[method]
-            rows.setdefault(label, []).append({**result, "minutes": minutes, "steps": steps})
-            print(f"  {label}: {rows[label][-1]} ({per_step:.2f} s/step)", flush=True)
-            print(f"    weights: {trained.weights_status}", flush=True)
+                fn = functools.partial(run_supcon, data, seed)
+                budget = 60 * (dino_minutes if dino_minutes is not None else 10.0)
+                steps = max(10, int(budget / seconds_per_step(fn)))
+                label = "SupCon (labelled)"
+            result, status = trained_metrics(fn, steps, data)
+            if method == "dino":
+                dino_minutes = result["minutes"]
+            rows.setdefault(label, []).append(result)
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
+            print(f"  {label}: {shown}\n    weights: {status}", flush=True)
 
     def mean_sd(values: list[float]) -> str:
         if len(values) == 1:
             return f"{values[0]:.3f}"
         return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
-    base_gem = statistics.mean(r["gem_mAP"] for r in rows["random init"])
-    base_li = statistics.mean(r["li_mAP"] for r in rows["random init"])
+    base = rows["random init"]
     print()
     print(f"test_vit {IMAGE_SIZE} px, {args.identities} identities, seeds {args.seeds}")
-    print("| weights | GeM mAP | x random | LI K=32 mAP | x random | GeM R@1 | minutes | steps |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| weights | GeM mAP | x random | LI K=32 mAP | x random | GeM R@1 | minutes | steps "
+        "| load |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, runs in rows.items():
         gem = [r["gem_mAP"] for r in runs]
         li = [r["li_mAP"] for r in runs]
+        # the ratio per seed (same data and init), then averaged
+        x_gem = statistics.mean(
+            r["gem_mAP"] / b["gem_mAP"] for r, b in zip(runs, base, strict=True)
+        )
+        x_li = statistics.mean(r["li_mAP"] / b["li_mAP"] for r, b in zip(runs, base, strict=True))
+        load = [r["load"] for r in runs if "load" in r]
         print(
-            f"| {label} | {mean_sd(gem)} | {statistics.mean(gem) / base_gem:.2f}x | "
-            f"{mean_sd(li)} | {statistics.mean(li) / base_li:.2f}x | "
+            f"| {label} | {mean_sd(gem)} | {x_gem:.2f}x | {mean_sd(li)} | {x_li:.2f}x | "
             f"{statistics.mean(r['gem_R@1'] for r in runs):.3f} | "
             f"{statistics.mean(r['minutes'] for r in runs):.1f} | "
-            f"{statistics.mean(r['steps'] for r in runs):.0f} |"
+            f"{statistics.mean(r['steps'] for r in runs):.0f} | "
+            f"{f'{statistics.mean(load):.1f}' if load else '-'} |"
         )
 
 
