@@ -18,8 +18,8 @@ from training) with GeM single vectors and with late interaction over K=32 insta
 seed untouched; the seed changes the synthetic set and the init. The machine's load average is
 printed with every result: wall times on a shared machine say little without it.
 
-    .venv/bin/python benchmarks/bench_pretrain.py                          # seeds 0,1,2
-    .venv/bin/python benchmarks/bench_pretrain.py --steps 400 --methods dino  # test size
+    .venv/bin/python benchmarks/bench_pretrain.py                   # 500 steps, seeds 0,1,2
+    .venv/bin/python benchmarks/bench_pretrain.py --steps 1000 --methods dino --seeds 0
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ from craterlab.train.recipes import from_scratch_config, pretrain_cpu_config  # 
 DATA = {"n_identities": 200, "n_query_craters": 30, "image_size": 96}
 IMAGE_SIZE = 96
 K = 32
-STEPS = 2000
-"""DINO steps of the default run: about 10 minutes at 0.3 s per step, the speed measured on
-this 2-core machine when it was quiet (one torch thread)."""
+STEPS = 500
+"""DINO steps of the default run: 12 minutes on this shared 2-core machine at load average 9.5
+(three seeds at once, one torch thread each), about 3 minutes when it was quiet."""
 
 
 class CachedImages:

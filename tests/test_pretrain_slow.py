@@ -7,8 +7,15 @@ the gallery with GeM. Asserted: the teacher's test GeM mAP beats the same seed's
 more than MARGIN, a margin set from the spread measured over seeds (below), and the weights
 load as a backbone reported as self-supervised.
 
-Measured (STEPS steps, one torch thread; test GeM mAP, random init -> DINO):
-    MEASURED_PLACEHOLDER
+Measured (500 steps, one torch thread, `bench_pretrain.py --steps 500`; test GeM mAP):
+- DINO's gain over the same seed's random init: seed 0 0.058 -> 0.098 (+0.040, the seed this
+  test runs), seed 1 0.052 -> 0.085 (+0.033), seed 2 0.080 -> 0.099 (+0.018; its init started
+  at the top of the random-init range, its DINO result matches seed 0's).
+- The noise a gain must clear: random inits on seed 0's data (init seeds 0-9, no training)
+  give GeM mAP 0.065 +- 0.008 (sd), range 0.057-0.080. MARGIN = 0.025 is 3 sd of that; seed
+  0's trained teacher (0.098) is above every random init measured, by 0.018.
+A run took 12 minutes on the shared 2-core machine at load average 9.5 (3 such runs at once),
+about 3 minutes when it was quiet (0.3-0.4 s per step).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 STEPS = 500
-MARGIN = 0.02
+MARGIN = 0.025
 
 
 @pytest.mark.slow
