@@ -107,6 +107,29 @@ class TokenIvf:
         settings: TokenIvfSettings,
         codes_shared: bool = False,
     ) -> None:
+        n, k = codes.shape
+        c = codes.reshape(-1).numpy().astype(np.int64)
+        img = np.repeat(np.arange(n, dtype=np.int64), k)
+        if mask is not None:
+            real = mask.reshape(-1).numpy().astype(bool)
+            c, img = c[real], img[real]
+        pairs = np.unique(c * n + img)  # sorted by centroid, then image; duplicates merged
+        counts = np.bincount(pairs // n, minlength=len(centroids))
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        self._set(centroids, pairs % n, offsets, n, settings, codes, mask, codes_shared)
+
+    def _set(
+        self,
+        centroids: torch.Tensor,
+        list_ids: np.ndarray,
+        offsets: np.ndarray,
+        ntotal: int,
+        settings: TokenIvfSettings,
+        codes: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        codes_shared: bool,
+    ) -> None:
+        """Every field, from the lists (built from the codes or read from a saved index)."""
         self.settings = settings
         self.centroids = centroids.float().contiguous()
         keep = settings.score == "centroids"
@@ -114,17 +137,9 @@ class TokenIvf:
         self.mask = mask if keep else None
         self.codes_shared = codes_shared
         self.persisted = False
-        n, k = codes.shape
-        self.ntotal = n
-        c = codes.reshape(-1).numpy().astype(np.int64)
-        img = np.repeat(np.arange(n, dtype=np.int64), k)
-        if mask is not None:
-            real = mask.reshape(-1).numpy().astype(bool)
-            c, img = c[real], img[real]
-        pairs = np.unique(c * n + img)  # sorted by centroid, then image; duplicates merged
-        self.list_ids = torch.from_numpy((pairs % n).astype(np.int32))
-        counts = np.bincount(pairs // n, minlength=len(centroids))
-        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.ntotal = ntotal
+        self.list_ids = torch.from_numpy(np.ascontiguousarray(list_ids, np.int32))
+        self.offsets = np.ascontiguousarray(offsets, np.int64)
 
     @classmethod
     def from_lists(
@@ -148,16 +163,7 @@ class TokenIvf:
                 f"{len(centroids)} lists of {len(list_ids)} postings"
             )
         out = cls.__new__(cls)
-        out.settings = settings
-        out.centroids = centroids.float().contiguous()
-        keep = settings.score == "centroids"
-        out.codes = codes if keep else None
-        out.mask = mask if keep else None
-        out.codes_shared = codes_shared
-        out.persisted = False
-        out.ntotal = ntotal
-        out.list_ids = torch.from_numpy(np.ascontiguousarray(list_ids, np.int32))
-        out.offsets = np.ascontiguousarray(offsets, np.int64)
+        out._set(centroids, list_ids, offsets, ntotal, settings, codes, mask, codes_shared)
         return out
 
     @property
