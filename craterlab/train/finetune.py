@@ -239,7 +239,19 @@ def finetune(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     key = run_key(cfg, backbone.identity(), dataset.identity(), seed)
-    state = _load_state(out, key, cfg)
+    state = read_state(
+        out,
+        STATE_FILE,
+        "fine-tuning",
+        STATE_VERSION,
+        "Delete the directory to start over.",
+        key=key,
+        epochs=cfg.epochs,
+        mismatch="holds a fine-tuning run with a different config, backbone, dataset or seed. "
+        "Use another output directory, or delete it to start over.",
+        epochs_option="train.epochs",
+        elsewhere="output directory",
+    )
     checkpoint = out / CHECKPOINT_FILE
     parent = lineage_of(backbone)
     if state is not None and state["epoch"] >= cfg.epochs:
@@ -525,21 +537,3 @@ def _load_batch(
             tensors.append(backbone.transform(view))
             ys.append(labels[i])
     return torch.stack(tensors), torch.tensor(ys, dtype=torch.long)
-
-
-def _load_state(out: Path, key: str, cfg: TrainConfig) -> dict[str, Any] | None:
-    fix = "Delete the directory to start over."
-    state = read_state(out, STATE_FILE, "fine-tuning", STATE_VERSION, fix)
-    if state is None:
-        return None
-    if state.get("run_key") != key:
-        raise ConfigError(
-            f"{out} holds a fine-tuning run with a different config, backbone, dataset or seed. "
-            "Use another output directory, or delete it to start over."
-        )
-    if state["epoch"] > cfg.epochs:
-        raise ConfigError(
-            f"{out} holds a run already trained for {state['epoch']} epochs, more than "
-            f"train.epochs={cfg.epochs}. Raise train.epochs or use another output directory."
-        )
-    return state

@@ -271,7 +271,20 @@ def pretrain(
     key = run_key(cfg, backbone.identity(), source.identity(), seed)
     out = Path(cfg.out_dir or out_dir or Path("outputs") / "pretrain" / key)
     out.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out, key, cfg)
+    state = read_state(
+        out,
+        STATE_FILE,
+        "pretraining",
+        STATE_VERSION,
+        "Delete the directory or use another pretrain.out_dir.",
+        key=key,
+        epochs=cfg.epochs,
+        mismatch="holds a pretraining run with a different config, backbone (architecture or "
+        "start weights), data or seed, so it cannot be resumed with this one. Use another "
+        "pretrain.out_dir, or delete the directory to start over.",
+        epochs_option="pretrain.epochs",
+        elsewhere="out_dir",
+    )
     checkpoint = out / CHECKPOINT_FILE
     parent = lineage_of(backbone)
     step_info = {
@@ -521,25 +534,6 @@ def _write_lineage(
         run_id=run_id,
     )
     write_lineage(checkpoint, parent + [step])
-
-
-def _load_state(out: Path, key: str, cfg: PretrainConfig) -> dict[str, Any] | None:
-    fix = "Delete the directory or use another pretrain.out_dir."
-    state = read_state(out, STATE_FILE, "pretraining", STATE_VERSION, fix)
-    if state is None:
-        return None
-    if state.get("run_key") != key:
-        raise ConfigError(
-            f"{out} holds a pretraining run with a different config, backbone (architecture or "
-            "start weights), data or seed, so it cannot be resumed with this one. Use another "
-            "pretrain.out_dir, or delete the directory to start over."
-        )
-    if state["epoch"] > cfg.epochs:
-        raise ConfigError(
-            f"{out} holds a run already trained for {state['epoch']} epochs, more than "
-            f"pretrain.epochs={cfg.epochs}. Raise pretrain.epochs or use another out_dir."
-        )
-    return state
 
 
 def elapsed_minutes(history: Sequence[dict[str, float]]) -> float:

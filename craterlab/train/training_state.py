@@ -38,10 +38,26 @@ def rng_devices(device: torch.device) -> list[int]:
     return []
 
 
-def read_state(out: Path, file: str, what: str, version: int, fix: str) -> dict[str, Any] | None:
+def read_state(
+    out: Path,
+    file: str,
+    what: str,
+    version: int,
+    fix: str,
+    *,
+    key: str,
+    epochs: int,
+    mismatch: str,
+    epochs_option: str,
+    elsewhere: str,
+) -> dict[str, Any] | None:
     """The resumable state ``out/file`` of a ``what`` run ("fine-tuning", "pretraining"), or
-    None when there is none; an unreadable file or one of another format ``version`` is an
-    error that ends with ``fix``."""
+    None when there is none.
+
+    Refused, each in one paragraph: an unreadable file; a state of another format ``version``
+    (the message ends with ``fix``); a state of another run (its ``run_key`` is not ``key``:
+    ``"{out} " + mismatch``); a run already trained for more than ``epochs`` (raise
+    ``epochs_option`` or use another ``elsewhere``)."""
     path = out / file
     if not path.exists():
         return None
@@ -55,5 +71,12 @@ def read_state(out: Path, file: str, what: str, version: int, fix: str) -> dict[
         raise ConfigError(
             f"{out} holds a {what} state of another format (version {state.get('version')}, "
             f"this craterlab writes {version}). {fix}"
+        )
+    if state.get("run_key") != key:
+        raise ConfigError(f"{out} {mismatch}")
+    if state["epoch"] > epochs:
+        raise ConfigError(
+            f"{out} holds a run already trained for {state['epoch']} epochs, more than "
+            f"{epochs_option}={epochs}. Raise {epochs_option} or use another {elsewhere}."
         )
     return state
