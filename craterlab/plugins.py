@@ -21,18 +21,21 @@ import inspect
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from craterlab import hookspecs
-from craterlab.errors import CraterlabError, closest
+from craterlab.errors import ConfigError, CraterlabError, closest
 from craterlab.kinds import REGISTER_HOOKS
 from craterlab.registry import LazyFactory, Registry, first_doc_line
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger("craterlab.plugins")
 
@@ -422,6 +425,31 @@ def plugin_config_dirs(pm: pluggy.PluginManager | None = None) -> list[Path]:
         if conf.is_dir():
             dirs.append(conf)
     return dirs
+
+
+def compose_outside_job(overrides: Sequence[str], hint: str) -> DictConfig:
+    """``conf/config.yaml`` composed with Hydra ``overrides`` outside a Hydra job (commands and
+    the Python API): installed plugins' config folders join the search path, ``output_dir``
+    (a ``${hydra:...}`` value) is null unless set, and overrides that do not compose are one
+    :class:`ConfigError` naming Hydra's first line and ending with ``hint``."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = list(overrides)
+    extra = plugin_config_dirs()
+    if extra and not any(o.startswith("hydra.searchpath") for o in overrides):
+        overrides.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra) + "]")
+    if not any(o.split("=", 1)[0].lstrip("+") == "output_dir" for o in overrides):
+        overrides.append("output_dir=null")  # ${hydra:...} only resolves inside a Hydra job
+    try:
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"The overrides {' '.join(overrides)!r} do not compose: {first}. {hint}"
+        ) from None
 
 
 # ------------------------------------------------------------------ options without a config

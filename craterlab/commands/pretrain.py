@@ -25,12 +25,6 @@ log = logging.getLogger("craterlab.pretrain")
 
 def compose_pretrain_config(overrides: Sequence[str]) -> DictConfig:
     """``conf/config.yaml`` + ``pretrain=dino`` (unless chosen) + the command line."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from craterlab.plugins import config_dir, plugin_config_dirs
-
     overrides = list(overrides)
     for arg in overrides:
         if "=" not in arg:
@@ -42,23 +36,14 @@ def compose_pretrain_config(overrides: Sequence[str]) -> DictConfig:
     if not any(a.split("=", 1)[0].lstrip("+") == "pretrain" for a in overrides):
         overrides.insert(0, "pretrain=dino")
     from craterlab.__main__ import check_component_keys
+    from craterlab.plugins import compose_outside_job
 
     overrides = check_component_keys(overrides)  # backbone.image_size=64 -> +backbone...
-    extra = plugin_config_dirs()
-    if extra:
-        overrides.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra) + "]")
-    if not any(o.split("=", 1)[0].lstrip("+") == "output_dir" for o in overrides):
-        overrides.append("output_dir=null")
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"The overrides {' '.join(overrides)!r} do not compose: {first}. Use "
-            "pretrain=dino|dino_cpu, pretrain.KEY=VALUE and the experiments' backbone= / "
-            "dataset= overrides (python -m craterlab --help)."
-        ) from None
+    return compose_outside_job(
+        overrides,
+        "Use pretrain=dino|dino_cpu, pretrain.KEY=VALUE and the experiments' backbone= / "
+        "dataset= overrides (python -m craterlab --help).",
+    )
 
 
 def run_pretrain(cfg: DictConfig) -> dict[str, Any]:

@@ -25,32 +25,16 @@ IGNORED_GROUPS = ("dataset", "train", "tracking", "experiment")
 
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """``conf/config.yaml`` composed with Hydra overrides, as ``python -m craterlab`` would."""
-    from hydra import compose, initialize_config_dir
-
-    from craterlab.plugins import config_dir, plugin_config_dirs
+    from craterlab.checks import check_run_settings
+    from craterlab.plugins import compose_outside_job
 
     overrides = list(overrides)
     check_workflow_overrides(overrides)
-    extra = plugin_config_dirs()
-    if extra and not any(o.startswith("hydra.searchpath") for o in overrides):
-        overrides.append("hydra.searchpath=[" + ",".join(f"file://{d}" for d in extra) + "]")
-    if not any(o.split("=", 1)[0].lstrip("+") == "output_dir" for o in overrides):
-        overrides.append("output_dir=null")  # ${hydra:...} only resolves inside a Hydra job
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from craterlab.checks import check_run_settings
-
-    try:
-        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"The overrides {' '.join(overrides)!r} do not compose: {first}. Use the same "
-            "group=option and group.key=value overrides as an experiment (python -m craterlab "
-            "--help, or docs/configuration.md, 'Config groups and their options')."
-        ) from None
+    cfg = compose_outside_job(
+        overrides,
+        "Use the same group=option and group.key=value overrides as an experiment (python -m "
+        "craterlab --help, or docs/configuration.md, 'Config groups and their options').",
+    )
     check_run_settings(cfg)  # batch_size, num_workers, seed: as an experiment checks them
     return cfg
 
