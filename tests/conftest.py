@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -74,6 +75,19 @@ def mlflow_store(tmp_path: Path) -> dict[str, object]:
         "artifact_location": str(tmp_path / "artifacts"),
         "timeout_s": 30,
     }
+
+
+# Debian's chromium, driven by playwright with this executable (its own downloads fail offline).
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 def free_port() -> int:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import BROWSER_ARGS, CHROMIUM
 from PIL import Image
 
 from craterlab.report.pages import build_run_page, sample_queries, token_matches, token_positions
@@ -156,17 +156,6 @@ def test_token_positions_of_raw_selection_are_the_selected_patches():
 
 
 # ------------------------------------------------------------------ a real browser
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-BROWSER_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
 
 
 def test_page_in_headless_chromium(tmp_path: Path):

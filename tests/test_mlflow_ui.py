@@ -15,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, TINY, free_port, wait_for
+from conftest import BROWSER_ARGS, CHROMIUM, ROOT, TINY, free_port, wait_for
 from mlflow.tracking import MlflowClient
 
 from craterlab.plugins import get_registry
@@ -161,16 +161,6 @@ def test_tracker_sets_the_kind_logs_inputs_and_saves_the_key_columns_view(
 
 # ------------------------------------------------------------------ the real UI, slow
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-BROWSER_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 ARTIFACTS = Path(os.environ.get("CRATERLAB_TEST_ARTIFACTS", ROOT / "outputs" / "test-artifacts"))
 
 
