@@ -19,8 +19,9 @@ Everything is imported on first use, so ``import craterlab`` stays cheap (no tor
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING, Any
+
+from craterlab.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -121,11 +122,7 @@ def build(kind: str, config: Any, **context: Any) -> Any:
     return get_registry().build(kind, config, **context)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'craterlab' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 
 def __dir__() -> list[str]:
