@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from craterlab.errors import ConfigError, DataError
+from craterlab.retrieval.cpu_engine import run_blocks
 from craterlab.retrieval.list_score import score_lists, top_s
 from craterlab.retrieval.residual import assign
 from craterlab.types import Tokens
@@ -201,14 +202,9 @@ class TokenIvf:
             best = self._rank(sims[i][real], top.values[i][real], top.indices[i][real], s)
             out[i, : len(best)] = best
 
-        if len(q) > 1 and self.settings.score == "lists" and torch.get_num_threads() > 1:
-            from concurrent.futures import ThreadPoolExecutor  # the kernel releases the GIL
-
-            with ThreadPoolExecutor(torch.get_num_threads()) as pool:
-                list(pool.map(one, range(len(q))))
-        else:
-            for i in range(len(q)):
-                one(i)
+        # the list-score kernel releases the GIL: queries run on the engine's worker threads
+        workers = torch.get_num_threads() if self.settings.score == "lists" else 1
+        run_blocks(one, len(q), workers)
         return out
 
     def _lists(self, centroid_ids: np.ndarray) -> np.ndarray:
