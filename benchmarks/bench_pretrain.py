@@ -66,13 +66,24 @@ class CachedImages:
     def records(self, split: str):  # noqa: ANN201
         return self.dataset.records(split)
 
+    def place_of(self, record):  # noqa: ANN001, ANN201
+        return self.dataset.place_of(record)
+
+    def place_xy(self, record):  # noqa: ANN001, ANN201
+        return self.dataset.place_xy(record)
+
     def identity(self) -> str:
         return self.dataset.identity()
 
 
-def synthetic(seed: int, identities: int = DATA["n_identities"]) -> CachedImages:
-    """The benchmark's synthetic set for ``seed``, every image rendered once."""
-    data = CachedImages(SyntheticCraters(**{**DATA, "n_identities": identities}, seed=seed))
+def synthetic(
+    seed: int, identities: int = DATA["n_identities"], train_views: int = 2
+) -> CachedImages:
+    """The benchmark's synthetic set for ``seed`` (``train_views`` query-like renderings per
+    train place besides its two gallery crops), every image rendered once."""
+    data = CachedImages(
+        SyntheticCraters(**{**DATA, "n_identities": identities}, train_views=train_views, seed=seed)
+    )
     for split in ("train", "gallery", "query"):
         for r in data.records(split):
             data.load_image(r)
@@ -83,9 +94,10 @@ def backbone(weights: str = "random", seed: int = 0):  # noqa: ANN201
     return timm_vit("test_vit", weights=weights, seed=seed, image_size=IMAGE_SIZE, precision="fp32")
 
 
-def run_dino(data: CachedImages, seed: int, steps: int, out: str) -> Path:
-    """DINO-pretrain the seed's random init on the unlabeled train split; the teacher's weights."""
-    cfg = pretrain_cpu_config(steps)
+def run_dino(data: CachedImages, seed: int, steps: int, out: str, **overrides: Any) -> Path:
+    """DINO-pretrain the seed's random init on the unlabeled train split; the teacher's weights.
+    ``overrides``: pretrain keys over the CPU recipe (``pair_views="place"``: paired views)."""
+    cfg = pretrain_cpu_config(steps, **overrides)
     source = ImageSource(data, ["train"])
     return pretrain(cfg, backbone(seed=seed), source, device="cpu", seed=seed, out_dir=out)
 
@@ -108,13 +120,33 @@ def trained_metrics(fn, steps: int, data: CachedImages) -> tuple[dict[str, float
     return {**result, "minutes": minutes, "steps": steps, "load": load}, trained.weights_status
 
 
-def dino_vs_random(seed: int, steps: int, identities: int = DATA["n_identities"]):  # noqa: ANN201
+def dino_vs_random(  # noqa: ANN201
+    seed: int,
+    steps: int,
+    identities: int = DATA["n_identities"],
+    train_views: int = 2,
+    **overrides: Any,
+):
     """(random-init metrics, DINO metrics, DINO weights status) of one seed: what the slow
-    test compares."""
-    data = synthetic(seed, identities)
+    tests compare (``overrides``: pretrain keys, e.g. ``pair_views="place"``)."""
+    data = synthetic(seed, identities, train_views)
     before = retrieval_suite(backbone(seed=seed), data, K)
-    after, status = trained_metrics(functools.partial(run_dino, data, seed), steps, data)
+    fn = functools.partial(run_dino, data, seed, **overrides)
+    after, status = trained_metrics(fn, steps, data)
     return before, after, status
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pretrain overrides (values read as YAML: 1e-3, [0.4, 1.0], place)."""
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set takes key=value, got {pair!r}")
+        out[key] = yaml.safe_load(value)
+    return out
 
 
 def seconds_per_step(fn, steps: int = 3) -> float:  # noqa: ANN001
@@ -128,8 +160,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=STEPS, help="DINO optimizer steps")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    parser.add_argument("--methods", default="dino,supcon")
+    parser.add_argument(
+        "--methods",
+        default="dino,supcon",
+        help="dino, dino_paired (views of one place from two images: pair_views), supcon",
+    )
     parser.add_argument("--identities", type=int, default=DATA["n_identities"])
+    parser.add_argument(
+        "--train-views",
+        type=int,
+        default=2,
+        help="query-like renderings per train place besides its 2 gallery crops (all methods)",
+    )
+    parser.add_argument(
+        "--pair",
+        default="place",
+        choices=["place", "coordinates"],
+        help="dino_paired's pretrain.pair_views (coordinates needs --set pair_radius=R)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="pretrain key over the CPU recipe for the DINO methods (repeatable)",
+    )
     parser.add_argument(
         "--supcon-minutes",
         type=float,
@@ -147,13 +202,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
-    unknown = set(methods) - {"dino", "supcon"}
+    unknown = set(methods) - {"dino", "dino_paired", "supcon"}
     if unknown:
-        raise SystemExit(f"unknown method(s) {sorted(unknown)}: use dino, supcon")
+        raise SystemExit(f"unknown method(s) {sorted(unknown)}: use dino, dino_paired, supcon")
+    overrides = parse_overrides(args.set)
     rows: dict[str, list[dict[str, float]]] = {"random init": []}
     for seed in seeds:
         t0 = time.perf_counter()
-        data = synthetic(seed, args.identities)
+        data = synthetic(seed, args.identities, args.train_views)
         train = data.records("train")
         print(
             f"seed {seed}: {len(train)} unlabeled train images "
@@ -167,20 +223,24 @@ def main() -> None:
         )
         print(f"  random init: {rows['random init'][-1]}", flush=True)
         dino_minutes = args.supcon_minutes
-        for method in ("dino", "supcon"):
+        for method in ("dino", "dino_paired", "supcon"):
             if method not in methods:
                 continue
             if method == "dino":
-                fn = functools.partial(run_dino, data, seed)
+                fn = functools.partial(run_dino, data, seed, **overrides)
                 steps = args.steps
                 label = "DINO (unlabeled)"
+            elif method == "dino_paired":
+                fn = functools.partial(run_dino, data, seed, **overrides, pair_views=args.pair)
+                steps = args.steps
+                label = f"DINO, views paired by {args.pair} (unlabeled)"
             else:
                 fn = functools.partial(run_supcon, data, seed)
                 budget = 60 * (dino_minutes if dino_minutes is not None else 10.0)
                 steps = max(10, int(budget / seconds_per_step(fn)))
                 label = "SupCon (labelled)"
             result, status = trained_metrics(fn, steps, data)
-            if method == "dino":
+            if method.startswith("dino") and dino_minutes is None:
                 dino_minutes = result["minutes"]
             rows.setdefault(label, []).append(result)
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}

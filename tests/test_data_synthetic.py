@@ -151,3 +151,19 @@ def test_flat_ground_ignores_the_sun_and_hash_is_ordered():
     assert np.abs(imgs[0].astype(int) - imgs[1]).max() <= 1
     assert np.abs(imgs[0].astype(int) - imgs[2]).max() <= 1
     assert int(hash64(1, 2)) != int(hash64(2, 1))
+
+
+def test_renderings_of_one_place_share_its_place_and_lie_near_it(tiny):
+    # paired-view pretraining groups images by place: every rendering of a train place (two
+    # gallery crops, query-like views under other suns) is centred within 0.25 D of it
+    by_place: dict[int, list[ImageRecord]] = {}
+    for r in tiny.records("train"):
+        by_place.setdefault(tiny.place_of(r), []).append(r)
+    assert all(len(rs) == 2 + tiny.train_views for rs in by_place.values())
+    for place, rs in by_place.items():
+        x, y, d = tiny.crater(place)
+        for r in rs:
+            px, py = tiny.place_xy(r)
+            assert np.hypot(px - x, py - y) <= 0.25 * d * np.sqrt(2) + 1e-9
+        gallery = [tiny.place_xy(r) for r in rs if r.image_id.startswith("g")]
+        assert gallery == [(x, y), (x, y)]

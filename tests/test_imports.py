@@ -39,6 +39,7 @@ FLOORS: dict[str, int] = {
     "craterlab.checks": 2,
     "craterlab.train": 2,
     "craterlab.train.pretrain": 5,  # reads unlabeled crops as the workflows do (their items)
+    "craterlab.train.ssl_pairs": 5,  # reads a manifest's map positions as the workflows do
     "craterlab.pipeline": 3,
     "craterlab.tracking": 3,
     "craterlab.report": 4,

@@ -290,6 +290,16 @@ class SyntheticCraters:
             seed=self.seed,
         )
 
+    def place_of(self, record: ImageRecord) -> int:
+        """The place an image shows, for paired-view pretraining (``pretrain.pair_views=
+        place``): the catalogue crater its view is aimed at. Every rendering of a place (gallery
+        crops, query-like views under other suns) shares it; here a place is an identity."""
+        return self.view_of(record.image_id).crater
+
+    def place_xy(self, record: ImageRecord) -> tuple[float, float]:
+        """The view's centre on the surface (world units), for ``pair_views=coordinates``."""
+        return self.view_of(record.image_id).centre
+
     def load_image(self, record: ImageRecord) -> Image.Image:
         view = self.view_of(record.image_id)
 

@@ -43,6 +43,7 @@ from craterlab.backbones.lineage import lineage_of, pretrain_step, start_text, w
 from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError, CraterlabError, DataError
 from craterlab.train.pretrain_config import PretrainConfig, run_key, validate_pretrain_config
+from craterlab.train.ssl_pairs import pick_views, place_groups
 from craterlab.train.ssl_views import MultiCrop
 from craterlab.train.training_state import (
     atomic_save,
@@ -93,6 +94,7 @@ class ImageSource:
         self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._budget = int(cache_mb * 2**20)
         self._bytes = 0
+        self.manifest: str | None = None  # the manifest CSV the images were listed in, if any
 
     def __len__(self) -> int:
         return len(self.records)
@@ -144,7 +146,10 @@ def items_source(source: str, cache_mb: float = 1024.0) -> ImageSource:
     from craterlab.workflows.items import ItemSet, load_items
 
     items = load_items(source)
-    return ImageSource(ItemSet(items, name=str(source)), ["gallery"], str(source), cache_mb)
+    out = ImageSource(ItemSet(items, name=str(source)), ["gallery"], str(source), cache_mb)
+    if str(source).lower().endswith(".csv"):
+        out.manifest = str(source)
+    return out
 
 
 # --------------------------------------------------------------------------- model parts
@@ -192,8 +197,11 @@ def crop_sizes(backbone: Backbone, cfg: PretrainConfig) -> tuple[int, int, int]:
     return size, local, local if dynamic else size
 
 
-def check_images(source: ImageSource, cfg: PretrainConfig, local: int) -> None:
-    """Refuse inputs DINO cannot train on: too few images, images below the local crop size."""
+def check_images(
+    source: ImageSource, cfg: PretrainConfig, local: int, places: int | None = None
+) -> None:
+    """Refuse inputs DINO cannot train on: too few images (or places, with paired views) for
+    a batch, images below the local crop size."""
     n = len(source)
     if n < cfg.batch_size:
         raise DataError(
@@ -201,6 +209,14 @@ def check_images(source: ImageSource, cfg: PretrainConfig, local: int) -> None:
             f"pretrain.batch_size is {cfg.batch_size}. Lower pretrain.batch_size (e.g. "
             f"pretrain.batch_size={max(2, n // 2)}), or add images (more splits with "
             "pretrain.splits=[train,gallery], or a larger folder)."
+        )
+    if places is not None and places < cfg.batch_size:
+        raise DataError(
+            f"With pretrain.pair_views={cfg.pair_views} a batch holds one place per element, "
+            f"and {source.describe()} has {places} places for pretrain.batch_size "
+            f"{cfg.batch_size}. Lower pretrain.batch_size (e.g. pretrain.batch_size="
+            f"{max(2, places // 2)}), add images of more places, or turn pairing off "
+            "(pretrain.pair_views=none)."
         )
     sizes = source.sizes()
     small = [(source.records[i].image_id, s) for i, s in enumerate(sizes) if min(s) < local]
@@ -267,7 +283,11 @@ def pretrain(
             "backbone.name=timm_vit backbone.model=...)."
         )
     global_size, local_need, local_size = crop_sizes(backbone, cfg)
-    check_images(source, cfg, local_need)
+    groups = None
+    if cfg.pair_views != "none":
+        groups = place_groups(source, cfg.pair_views, cfg.pair_radius)
+    check_images(source, cfg, local_need, None if groups is None else len(groups))
+    units = groups or [[i] for i in range(len(source))]  # a batch element: one place's images
     key = run_key(cfg, backbone.identity(), source.identity(), seed)
     out = Path(cfg.out_dir or out_dir or Path("outputs") / "pretrain" / key)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,7 +310,7 @@ def pretrain(
     step_info = {
         "data": source.describe(),
         "start": start_text(parent),
-        "method": "dino",
+        "method": "dino" if groups is None else f"dino, views paired by {pair_text(cfg)}",
     }
     if state is not None and state["epoch"] >= cfg.epochs:
         log.info("pretraining already finished (%d epochs): %s", state["epoch"], checkpoint)
@@ -354,7 +374,7 @@ def pretrain(
         history, start = state["history"], state["epoch"]
         log.info("resuming pretraining from epoch %d/%d in %s", start, cfg.epochs, out)
 
-    steps = cfg.steps_per_epoch or max(1, len(source) // cfg.batch_size)
+    steps = cfg.steps_per_epoch or max(1, len(units) // cfg.batch_size)
     total = steps * cfg.epochs
     warmup = int(cfg.warmup * total)
     tt_warmup = int(cfg.teacher_temp_warmup * total)
@@ -406,8 +426,9 @@ def pretrain(
             total_loss, seen = 0.0, 0
             with torch.random.fork_rng(devices=rng_devices(device)):
                 torch.manual_seed(epoch_seed(seed, epoch, salt=31))
-                order = list(range(len(source)))
+                order = list(range(len(units)))
                 random.Random(f"{seed}-{epoch}").shuffle(order)
+                pick_rng = random.Random(f"{seed}-{epoch}-views")
                 bar = tqdm(
                     range(steps),
                     desc=f"pretrain epoch {epoch + 1}/{cfg.epochs}",
@@ -425,8 +446,11 @@ def pretrain(
                         order[(step * cfg.batch_size + j) % len(order)]
                         for j in range(cfg.batch_size)
                     ]
-                    images = [source.grey(i).float().div(255) for i in batch]
-                    globals_, locals_ = crops(images)
+                    if groups is None:
+                        images = [source.grey(units[u][0]).float().div(255) for u in batch]
+                        globals_, locals_ = crops(images)
+                    else:
+                        globals_, locals_ = paired_views(source, crops, units, batch, pick_rng)
                     b = len(batch)
                     with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                         with torch.no_grad():
@@ -489,6 +513,39 @@ def pretrain(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def pair_text(cfg: PretrainConfig) -> str:
+    """How views are paired, for the weights' lineage ("place", "coordinates within 2 km")."""
+    if cfg.pair_views == "coordinates":
+        return f"coordinates within {cfg.pair_radius:g}"
+    return str(cfg.pair_views)
+
+
+def paired_views(
+    source: ImageSource,
+    crops: MultiCrop,
+    units: Sequence[Sequence[int]],
+    batch: Sequence[int],
+    rng: random.Random,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The multi-crop views of a batch of places, each crop cut from the image of its place
+    that :func:`~craterlab.train.ssl_pairs.pick_views` picks (globals: distinct images)."""
+    places = [units[u] for u in batch]
+    picks = pick_views([len(p) for p in places], crops.cfg.global_crops, crops.cfg.local_crops, rng)
+
+    def image(place: Sequence[int], k: int) -> torch.Tensor:
+        return source.grey(place[k]).float().div(255)
+
+    global_sources = [
+        [image(p, g[k]) for p, (g, _) in zip(places, picks, strict=True)]
+        for k in range(crops.cfg.global_crops)
+    ]
+    local_sources = [
+        [image(p, loc[k]) for p, (_, loc) in zip(places, picks, strict=True)]
+        for k in range(crops.cfg.local_crops)
+    ]
+    return crops.views(global_sources, local_sources)
 
 
 def _diverged(

@@ -37,6 +37,9 @@ class PretrainConfig:
     # input: a folder of crops or a manifest CSV (null: the dataset group's images)
     images: str | None = None
     splits: list[str] = field(default_factory=lambda: ["train"])  # dataset splits to use
+    # paired views: the crops of one place come from different images of it (repeat coverage)
+    pair_views: Literal["none", "place", "coordinates"] = "none"
+    pair_radius: float | None = None  # coordinates: km for lat/lon, else the dataset's map units
     # schedule
     epochs: int = 100
     steps_per_epoch: int | None = None  # default: images // batch_size
@@ -151,6 +154,13 @@ def _check_values(c: PretrainConfig) -> None:
         lo_hi = getattr(c, key)
         if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1]:
             problems.append(f"{key} must be [low, high] with 0 < low <= high")
+    if c.pair_radius is not None and not c.pair_radius > 0:
+        problems.append("pair_radius must be > 0 or null")
+    if c.pair_views == "coordinates" and c.pair_radius is None:
+        problems.append(
+            "pair_views=coordinates needs pair_radius (how close two images' centres must be "
+            "to show one place: km for lat/lon, else the dataset's map units)"
+        )
     if not c.splits and c.images is None:
         problems.append("splits is empty and no images folder/manifest is given")
     if problems:

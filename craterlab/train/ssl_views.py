@@ -114,10 +114,16 @@ class MultiCrop:
     def __call__(
         self, images: Sequence[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        globals_ = [
-            self._normalize(self.global_view.batch(images)) for _ in range(self.cfg.global_crops)
-        ]
-        locals_ = [
-            self._normalize(self.local_view.batch(images)) for _ in range(self.cfg.local_crops)
-        ]
+        """Every view of batch element ``b`` cut from ``images[b]`` (plain DINO)."""
+        return self.views([images] * self.cfg.global_crops, [images] * self.cfg.local_crops)
+
+    def views(
+        self,
+        global_sources: Sequence[Sequence[torch.Tensor]],
+        local_sources: Sequence[Sequence[torch.Tensor]],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Crop ``k`` of batch element ``b`` cut from ``global_sources[k][b]`` (or
+        ``local_sources``): paired views take each crop from another image of one place."""
+        globals_ = [self._normalize(self.global_view.batch(s)) for s in global_sources]
+        locals_ = [self._normalize(self.local_view.batch(s)) for s in local_sources]
         return globals_, locals_
