@@ -27,6 +27,7 @@ ratios within one run are the result.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -42,7 +43,13 @@ from craterlab.plugins import get_registry
 from craterlab.retrieval.generator_io import load_generator, save_generator
 from craterlab.retrieval.generators import decode_rows
 from craterlab.retrieval.stores import Fp16Store, Int8Store
-from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings, build_token_ivf
+from craterlab.retrieval.token_ivf import (
+    TokenIvf,
+    TokenIvfSettings,
+    build_token_ivf,
+    sketch_store,
+)
+from craterlab.retrieval.token_sketch import TokenSketch
 from craterlab.types import RetrievalInputs, Tokens
 
 K, D, WORDS, CHUNK, DEPTH = 32, 384, 1024, 4096, 100
@@ -270,8 +277,14 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
     for method in args.methods:
         if method.startswith("token_ivf"):
             for lists in args.lists:
-                for nprobe in args.nprobe:
-                    variants.append((method, {"lists": lists, "nprobe": nprobe}))
+                for nprobe, refine, dims in itertools.product(
+                    args.nprobe, args.refine, args.refine_dims
+                ):
+                    over = {"lists": lists, "nprobe": nprobe}
+                    if refine:
+                        over.update(refine=refine, refine_dims=dims)
+                    if refine or dims == args.refine_dims[0]:
+                        variants.append((method, over))
         else:
             variants.append((method, {}))
     ivf_cache: dict[int, tuple[TokenIvf, float]] = {}
@@ -299,8 +312,12 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
                 (saved / "build_s.txt").write_text(f"{ivf_build:.1f}")
             base = ivf_cache[over["lists"]][0]
             settings = reg.build("stage", {**METHODS[method], **over}, seed=0).ivf
+            sketch = None
+            if settings.refine:
+                sketch, sketch_s = cached_sketch(folder, store, settings, n)
+                ivf_build = (ivf_build or 0.0) + sketch_s
             prepared["generator:token_ivf"] = TokenIvf(
-                base.centroids, base.codes, base.mask, settings
+                base.centroids, base.codes, base.mask, settings, sketch=sketch
             )
             label += f" ({len(base.centroids)} lists)" if not over["lists"] else ""
         for s in args.shortlists:
@@ -341,6 +358,31 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
     if args.quantization:
         rows += quantization_table(n, store.decode().vectors, q, qd["identity"], ref_map, args)
     return rows
+
+
+def cached_sketch(
+    folder: Path, store: Any, settings: TokenIvfSettings, n: int
+) -> tuple[TokenSketch, float]:
+    """The store's token sketches of ``settings.refine_dims`` dimensions and their build
+    time, built once and kept next to the data (projection fitted on the k-means sample)."""
+    saved = folder / f"sketch-{settings.refine_dims}"
+    if (saved / "build_s.txt").is_file():
+        sk = TokenSketch(
+            torch.from_numpy(np.load(saved / "projection.npy")),
+            torch.from_numpy(np.load(saved / "codes.npy", mmap_mode="r+")),
+            torch.from_numpy(np.load(saved / "scales.npy")),
+            None,
+        )
+        return sk, float((saved / "build_s.txt").read_text())
+    t = time.perf_counter()
+    sk = sketch_store(decode_rows(store), settings, n, K, None)
+    took = time.perf_counter() - t
+    saved.mkdir(parents=True, exist_ok=True)
+    np.save(saved / "projection.npy", sk.projection.numpy())
+    np.save(saved / "codes.npy", sk.codes.numpy())
+    np.save(saved / "scales.npy", sk.scales.numpy())
+    (saved / "build_s.txt").write_text(f"{took:.1f}")
+    return sk, took
 
 
 def quantization_table(
@@ -420,6 +462,16 @@ def main() -> None:
         "--lists", type=int, nargs="+", default=[0], help="token IVF lists (0: automatic)"
     )
     ap.add_argument("--nprobe", type=int, nargs="+", default=[4], help="token IVF probes")
+    ap.add_argument(
+        "--refine",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="token IVF: list-score candidates re-scored on token sketches (0: none)",
+    )
+    ap.add_argument(
+        "--refine-dims", type=int, nargs="+", default=[64], help="token IVF sketch dimensions"
+    )
     ap.add_argument("--store", choices=["fp16", "int8"], default="fp16", help="rerank store")
     ap.add_argument("--single", type=int, default=16, help="queries also timed one at a time")
     ap.add_argument("--quantization", action="store_true", help="also the quantization table")

@@ -17,7 +17,8 @@ from craterlab.retrieval.late_interaction import late_interaction
 from craterlab.retrieval.list_score import score_lists, score_lists_numpy
 from craterlab.retrieval.residual import ResidualQuantizer, pack_bits, unpack_bits
 from craterlab.retrieval.stores import CodeStore
-from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings
+from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings, sketch_store
+from craterlab.retrieval.token_sketch import build_sketch, fit_projection
 from craterlab.types import RetrievalInputs, Tokens
 
 
@@ -144,6 +145,7 @@ STAGES = [
     {"name": "token_ivf", "lists": 16, "nprobe": 16, "score": "centroids"},
     {"name": "token_ivf", "lists": 16, "nprobe": 16, "score": "counts"},
     {"name": "token_ivf", "lists": 16, "nprobe": 5, "fill": "zero", "shortlist": 90},
+    {"name": "token_ivf", "lists": 16, "nprobe": 16, "refine": 60, "refine_dims": 8},
 ]
 
 
@@ -296,6 +298,84 @@ def test_list_score_kernel_equals_numpy_and_is_order_sensitive() -> None:
     np.testing.assert_allclose(np.sort(again_sc), np.sort(a_sc))
 
 
+def brute_sketch_scores(sketch, query: torch.Tensor, rows: list[int]) -> list[float]:  # noqa: ANN001
+    """Approximate LI by its definition, token by token: the mean over the query's tokens of
+    the best inner product of its projection with a real sketched (dequantized) token."""
+    qp = query @ sketch.projection
+    out = []
+    for r in rows:
+        g = [sketch.codes[r, j].float() * sketch.scales[r, j] for j in range(sketch.codes.shape[1])]
+        real = [t for j, t in enumerate(g) if sketch.mask is None or sketch.mask[r, j]]
+        out.append(float(np.mean([max(float(a @ t) for t in real) for a in qp])))
+    return out
+
+
+@pytest.mark.parametrize("dims", [8, 6])  # 8: the fused int8 kernel where it runs; 6: torch
+def test_sketch_scores_equal_late_interaction_of_the_projected_tokens(dims: int) -> None:
+    g = clustered(30)
+    proj = fit_projection(g.vectors[g.mask].numpy(), dims)
+    torch.testing.assert_close(proj.T @ proj, torch.eye(dims), atol=1e-5, rtol=0)
+    sketch = build_sketch(lambda rows: Tokens(g.vectors[rows], g.mask[rows]), 30, proj, g.mask)
+    assert sketch.nbytes == 30 * 6 * (dims + 4)
+    query = noisy_queries(g, [4]).vectors[0]
+    rows = [3, 4, 11, 29, 0]
+    got = sketch.score(query, torch.tensor(rows))
+    # int8 sketches (and, on the fused kernel, the int8 query): within a few hundredths
+    np.testing.assert_allclose(got.numpy(), brute_sketch_scores(sketch, query, rows), atol=3e-2)
+    # all dimensions: an orthonormal basis, so the score is exact LI up to int8 rounding
+    full = build_sketch(
+        lambda rows: Tokens(g.vectors[rows], g.mask[rows]),
+        30,
+        fit_projection(g.vectors[g.mask].numpy(), 16),
+        g.mask,
+    )
+    exact = late_interaction(Tokens(query[None]), Tokens(g.vectors[rows], g.mask[rows]))[0]
+    np.testing.assert_allclose(full.score(query, torch.tensor(rows)), exact, atol=3e-2)
+
+
+def test_refine_reorders_the_list_scores_head_by_the_sketch() -> None:
+    g = clustered(60)
+    q = noisy_queries(g, [2, 9, 33, 59])
+    cent = unit(torch.randn(12, 16, generator=torch.Generator().manual_seed(3)))
+    codes = (g.vectors @ cent.T).argmax(-1).to(torch.int32)
+    settings = TokenIvfSettings(nprobe=3, refine=25, refine_dims=8)
+    sketch = sketch_store(
+        lambda rows: Tokens(g.vectors[rows], g.mask[rows]), settings, 60, 6, g.mask
+    )
+    unrefined = TokenIvf(cent, codes, g.mask, TokenIvfSettings(nprobe=3))
+    ivf = TokenIvf(cent, codes, g.mask, settings, sketch=sketch)
+    assert ivf.nbytes == TokenIvf(cent, codes, g.mask, TokenIvfSettings()).nbytes + sketch.nbytes
+    for s in (10, 40):
+        got = ivf.candidates(q, s)
+        plain = unrefined.candidates(q, max(s, 25))  # the list score's order it refines
+        for i in range(len(q)):
+            head = [c for c in plain[i, :25].tolist() if c >= 0]
+            real = q.vectors[i][q.mask[i]]
+            by_sketch = brute_sketch_scores(sketch, real, head)
+            row = [c for c in got[i].tolist() if c >= 0]
+            assert len(row) == min(s, len(plain[i][plain[i] >= 0]))
+            scores = dict(zip(head, by_sketch, strict=True))
+            ordered = [scores[c] for c in row[: len(head)]]  # the head in sketch order
+            assert all(a >= b - 3e-2 for a, b in itertools.pairwise(ordered)), ordered
+            if s >= len(head):  # the whole head, then list-score candidates outside it
+                assert set(row[: len(head)]) == set(head)
+                assert not set(row[len(head) :]) & set(head)
+            else:  # the top s of the head by sketch score, up to near-ties at the cut
+                assert min(ordered) >= sorted(by_sketch, reverse=True)[s - 1] - 3e-2
+
+
+def test_refine_needs_sketches_of_its_dimensions() -> None:
+    g = clustered(20)
+    cent = unit(torch.randn(8, 16, generator=torch.Generator().manual_seed(3)))
+    codes = (g.vectors @ cent.T).argmax(-1).to(torch.int32)
+    with pytest.raises(ConfigError, match="needs token sketches of 8 dimensions.*holds none"):
+        TokenIvf(cent, codes, g.mask, TokenIvfSettings(refine=10, refine_dims=8))
+    with pytest.raises(ConfigError, match="refine_dims=40 does not fit 16-dimensional"):
+        fit_projection(g.vectors[g.mask].numpy(), 40)
+    with pytest.raises(ValueError, match="refine >= 0"):
+        get_registry().build("stage", {"name": "token_ivf", "refine": -1})
+
+
 def test_token_ivf_rejects_unknown_score_and_fill() -> None:
     with pytest.raises(ConfigError, match="score must be one of lists, centroids, counts"):
         TokenIvfSettings(score="plaid").check()
@@ -444,6 +524,11 @@ def test_a_gallery_index_searches_with_a_generator_and_workflows_pick_it() -> No
     [
         ("token_ivf", {"lists": 8, "nprobe": 3}, {"lists": 8, "nprobe": 2}),
         ("token_ivf", {"lists": 8, "score": "centroids"}, {"lists": 8}),
+        (
+            "token_ivf",
+            {"lists": 8, "refine": 20, "refine_dims": 8},
+            {"lists": 8, "refine": 20, "refine_dims": 4},
+        ),
         ("muvera", {"repetitions": 3, "index": "HNSW16"}, {"repetitions": 4}),
     ],
 )
@@ -501,3 +586,20 @@ def test_int8_assignment_picks_the_nearest_centroid_of_the_decoded_tokens() -> N
     r = stage.search(inp)
     ref = get_registry().build("stage", {"name": "exhaustive", "timing_queries": 0}).search(inp)
     torch.testing.assert_close(r.scores, ref.scores)
+
+
+def test_a_token_ivf_saved_before_refine_existed_loads_as_unrefined(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    inp, g, q = stage_inputs({"name": "fp32"}, n=40)
+    stage = get_registry().build("stage", {"name": "token_ivf", "lists": 8, "timing_queries": 0})
+    stage.search(inp)
+    gen = inp.prepared["generator:token_ivf"]
+    save_generator(gen, "token_ivf", tmp_path)
+    meta = json.loads((tmp_path / "generator.json").read_text())
+    for key in ("refine", "refine_dims"):  # as an index saved before these settings existed
+        del meta["identity"][key], meta["settings"][key]
+    (tmp_path / "generator.json").write_text(json.dumps(meta))
+    _, loaded = load_generator(tmp_path, inp.gallery_store)
+    assert loaded.settings.refine == 0 and loaded.sketch is None
+    torch.testing.assert_close(loaded.candidates(q, 10), gen.candidates(q, 10))

@@ -8,7 +8,8 @@ re-encoding or re-clustering the whole gallery on its first search::
     generators/<kind>/generator.json   kind, identity (every setting that built it), ntotal
     generators/muvera/index.faiss      the FAISS index of the document encodings
     generators/muvera/draws.pt         the encoder's random hyperplanes, projection, sketch
-    generators/token_ivf/*.npy         centroids, list ids, list offsets (+ per-token codes)
+    generators/token_ivf/*.npy         centroids, list ids, list offsets (+ per-token codes,
+                                       + sketch projection, codes and scales with refine)
 
 A loaded generator is marked ``persisted``: a search with other settings than its identity is
 refused (:meth:`~craterlab.retrieval.generators.CandidateStage.generator`), since it cannot be
@@ -29,6 +30,7 @@ from craterlab.errors import DataError
 from craterlab.retrieval.fde import FdeEncoder, FdeSettings
 from craterlab.retrieval.generators import FdeGenerator
 from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings
+from craterlab.retrieval.token_sketch import TokenSketch
 
 META = "generator.json"
 
@@ -60,6 +62,10 @@ def save_generator(gen: Any, kind: str, directory: Path) -> None:
             np.save(directory / "codes.npy", gen.codes.numpy())
             if gen.mask is not None:
                 np.save(directory / "mask.npy", gen.mask.numpy())
+        if gen.sketch is not None:
+            np.save(directory / "sketch_projection.npy", gen.sketch.projection.numpy())
+            np.save(directory / "sketch_codes.npy", gen.sketch.codes.numpy())
+            np.save(directory / "sketch_scales.npy", gen.sketch.scales.numpy())
         extra = {
             "settings": {k: getattr(gen.settings, k) for k in gen.settings.__dataclass_fields__},
             "codes_shared": gen.codes_shared,
@@ -95,13 +101,20 @@ def load_generator(directory: Path, store: Any) -> tuple[str, Any]:
             f"gallery holds {len(store) if store is not None else 0}: it belongs to another "
             "gallery. Rebuild the index."
         )
-    if gen.identity() != meta["identity"]:
+    expected = meta["identity"]
+    if kind == "token_ivf":  # an index saved before refine existed: refine 0, its default
+        expected = {**{k: getattr(TokenIvfSettings(), k) for k in NEWER_IVF_FIELDS}, **expected}
+    if gen.identity() != expected:
         raise DataError(
             f"The saved {kind} generator in {directory} reports {gen.identity()}, its "
-            f"generator.json {meta['identity']}: the files disagree. Rebuild the index."
+            f"generator.json {expected}: the files disagree. Rebuild the index."
         )
     gen.persisted = True
     return kind, gen
+
+
+NEWER_IVF_FIELDS = ("refine", "refine_dims")
+"""Token IVF settings added after indexes were first saved (absent from older ones)."""
 
 
 def _load_fde(directory: Path, meta: dict[str, Any]) -> FdeGenerator:
@@ -139,7 +152,15 @@ def _load_ivf(directory: Path, meta: dict[str, Any], store: Any) -> TokenIvf:
         codes, mask = None, None
     list_ids = np.load(directory / "list_ids.npy")
     offsets = np.load(directory / "offsets.npy")
+    sketch = None
+    if settings.refine:  # memory-mapped: a big gallery's sketches are read where they lie
+        sketch = TokenSketch(
+            torch.from_numpy(np.load(directory / "sketch_projection.npy")),
+            torch.from_numpy(np.load(directory / "sketch_codes.npy", mmap_mode="r+")),
+            torch.from_numpy(np.load(directory / "sketch_scales.npy")),
+            getattr(store, "mask", None),
+        )
     return TokenIvf.from_lists(
         centroids, list_ids, offsets, int(meta["ntotal"]), settings, codes, mask,
-        bool(meta["codes_shared"]),
+        bool(meta["codes_shared"]), sketch,
     )  # fmt: skip

@@ -364,7 +364,9 @@ class TokenIvfStage(CandidateStage):
     list score (``score="lists"``), PLAID's centroid interaction (``"centroids"``) or hit
     counts (``"counts"``), top S reranked. ``lists`` 0 uses a residual store's centroids
     (else PLAID's count, at most ``max_lists``); ``nprobe``: lists per query token; ``fill``:
-    the list score of a token that found no list holding the image (``next``, ``zero``)."""
+    the list score of a token that found no list holding the image (``next``, ``zero``);
+    ``refine``: the list score's best that many re-scored on ``refine_dims``-dimensional token
+    sketches before the top S are reranked (PLAID's staged pruning; 0: off)."""
 
     kind = "token_ivf"
 
@@ -379,11 +381,15 @@ class TokenIvfStage(CandidateStage):
         iters: int = 10,
         seed: int = 0,
         max_lists: int = 8192,
+        refine: int = 0,
+        refine_dims: int = 64,
         block: int = 1000,
         timing_queries: int = 16,
     ) -> None:
         super().__init__(shortlist, block, timing_queries)
-        self.ivf = TokenIvfSettings(lists, nprobe, score, fill, sample, iters, seed, max_lists)
+        self.ivf = TokenIvfSettings(
+            lists, nprobe, score, fill, sample, iters, seed, max_lists, refine, refine_dims
+        )
         try:
             self.ivf.check()
         except ConfigError as exc:

@@ -15,9 +15,13 @@ similar to it; the candidates are the union of the probed lists. They are ordere
 - ``score="counts"``: the number of query tokens whose probed lists hold the image
   (ColBERTv1-style union, ranked by how many query tokens found it),
 
-and the top S go to the exact late-interaction rerank. Bytes: the lists (int32 image ids per
-(centroid, image) pair) and, for ``centroids`` unless the store already holds them, the token
-centroid ids (int32 per token); the centroids are per-gallery overhead.
+and, with ``refine`` > 0, PLAID's staged pruning: the ``refine`` best of that order are
+scored again by a cheaper approximate late interaction on low-dimensional int8 sketches of
+their tokens (:mod:`.token_sketch`) and reordered by it. The top S go to the exact
+late-interaction rerank. Bytes: the lists (int32 image ids per (centroid, image) pair), for
+``centroids`` unless the store already holds them the token centroid ids (int32 per token),
+and with ``refine`` the sketches (``refine_dims`` + 4 bytes per token); the centroids and the
+sketch projection are per-gallery overhead.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from craterlab.errors import ConfigError, DataError
 from craterlab.retrieval.cpu_engine import run_blocks
 from craterlab.retrieval.list_score import score_lists, top_s
 from craterlab.retrieval.residual import assign
+from craterlab.retrieval.token_sketch import TokenSketch, build_sketch, fit_projection
 from craterlab.types import Tokens
 
 
@@ -43,8 +48,10 @@ class TokenIvfSettings:
     2**floor(log2(16 sqrt(tokens))), at most ``max_lists``). ``nprobe``: lists probed per
     query token. ``score``: ``lists``, ``centroids`` or ``counts`` (module docstring).
     ``fill``: a list score's value for a token that found no list holding the image,
-    ``next`` (the next centroid's score) or ``zero``. ``sample``/``iters``/``seed``: k-means
-    training when the lists are trained here."""
+    ``next`` (the next centroid's score) or ``zero``. ``refine``: candidates of that order
+    re-scored on token sketches of ``refine_dims`` dimensions before the top S are taken (0:
+    none). ``sample``/``iters``/``seed``: k-means training when the lists are trained here
+    (the sketch projection is fitted on the same sample)."""
 
     lists: int = 0
     nprobe: int = 4
@@ -54,6 +61,8 @@ class TokenIvfSettings:
     iters: int = 10
     seed: int = 0
     max_lists: int = 8192
+    refine: int = 0
+    refine_dims: int = 64
 
     def check(self) -> None:
         if (
@@ -62,10 +71,12 @@ class TokenIvfSettings:
             or self.sample < 1
             or self.iters < 1
             or self.max_lists < 1
+            or self.refine < 0
+            or self.refine_dims < 1
         ):
             raise ConfigError(
                 "token_ivf needs lists >= 0 (0: automatic), nprobe >= 1, sample >= 1, "
-                "iters >= 1, max_lists >= 1"
+                "iters >= 1, max_lists >= 1, refine >= 0 (0: off), refine_dims >= 1"
             )
         if self.score not in SCORES or self.fill not in FILLS:
             raise ConfigError(
@@ -107,6 +118,7 @@ class TokenIvf:
         mask: torch.Tensor | None,
         settings: TokenIvfSettings,
         codes_shared: bool = False,
+        sketch: TokenSketch | None = None,
     ) -> None:
         n, k = codes.shape
         c = codes.reshape(-1).numpy().astype(np.int64)
@@ -117,7 +129,7 @@ class TokenIvf:
         pairs = np.unique(c * n + img)  # sorted by centroid, then image; duplicates merged
         counts = np.bincount(pairs // n, minlength=len(centroids))
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        self._set(centroids, pairs % n, offsets, n, settings, codes, mask, codes_shared)
+        self._set(centroids, pairs % n, offsets, n, settings, codes, mask, codes_shared, sketch)
 
     def _set(
         self,
@@ -129,8 +141,17 @@ class TokenIvf:
         codes: torch.Tensor | None,
         mask: torch.Tensor | None,
         codes_shared: bool,
+        sketch: TokenSketch | None = None,
     ) -> None:
         """Every field, from the lists (built from the codes or read from a saved index)."""
+        if settings.refine and (sketch is None or sketch.dims != settings.refine_dims):
+            held = "none" if sketch is None else f"{sketch.dims}-dimensional ones"
+            raise ConfigError(
+                f"token_ivf refine={settings.refine} needs token sketches of "
+                f"{settings.refine_dims} dimensions, but this index holds {held}: build it "
+                "with these settings (build_token_ivf sketches the store when refine > 0)."
+            )
+        self.sketch = sketch if settings.refine else None
         self.settings = settings
         self.centroids = centroids.float().contiguous()
         keep = settings.score == "centroids"
@@ -153,6 +174,7 @@ class TokenIvf:
         codes: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         codes_shared: bool = False,
+        sketch: TokenSketch | None = None,
     ) -> TokenIvf:
         """A token IVF from its saved lists (:mod:`.generator_io`); ``codes`` (N, K) are
         needed only for ``score="centroids"``."""
@@ -164,19 +186,21 @@ class TokenIvf:
                 f"{len(centroids)} lists of {len(list_ids)} postings"
             )
         out = cls.__new__(cls)
-        out._set(centroids, list_ids, offsets, ntotal, settings, codes, mask, codes_shared)
+        out._set(centroids, list_ids, offsets, ntotal, settings, codes, mask, codes_shared, sketch)
         return out
 
     @property
     def nbytes(self) -> int:
-        """Per-gallery-item bytes in total: lists, offsets, and codes when read and not the
-        store's."""
+        """Per-gallery-item bytes in total: lists, offsets, codes when read and not the
+        store's, and the sketches when refining."""
         own = 0 if self.codes is None or self.codes_shared else self.codes.numel() * 4
-        return int(self.list_ids.numel() * 4 + self.offsets.size * 8 + own)
+        sketch = 0 if self.sketch is None else self.sketch.nbytes
+        return int(self.list_ids.numel() * 4 + self.offsets.size * 8 + own + sketch)
 
     @property
     def overhead_bytes(self) -> int:
-        return int(self.centroids.numel() * 4)
+        sketch = 0 if self.sketch is None else self.sketch.overhead_bytes
+        return int(self.centroids.numel() * 4 + sketch)
 
     def identity(self) -> dict[str, object]:
         return {**asdict(self.settings), "lists": len(self.centroids)}
@@ -193,19 +217,36 @@ class TokenIvf:
         out = torch.full((len(q), s), -1, dtype=torch.long)
         nprobe = min(self.settings.nprobe, len(self.centroids))
         extra = int(self.settings.fill == "next" and nprobe < len(self.centroids))
-        with _one_thread_if(q.shape[0] * q.shape[1] * len(self.centroids) < 2**22):
+        small = q.shape[0] * q.shape[1] * len(self.centroids) < 2**22
+        with _one_thread_if(small):
             sims = q @ self.centroids.T  # (Nq, Kq, C)
             top = sims.topk(nprobe + extra, dim=-1)  # (Nq, Kq, nprobe [+1])
 
+        refine = self.settings.refine
+
         def one(i: int) -> None:
             real = slice(None) if queries.mask is None else queries.mask[i].bool()
-            best = self._rank(sims[i][real], top.values[i][real], top.indices[i][real], s)
+            depth = max(s, refine)
+            best = self._rank(sims[i][real], top.values[i][real], top.indices[i][real], depth)
+            if refine:
+                best = self.refined(q[i][real], best)
+            best = best[:s]
             out[i, : len(best)] = best
 
         # the list-score kernel releases the GIL: queries run on the engine's worker threads
         workers = torch.get_num_threads() if self.settings.score == "lists" else 1
-        run_blocks(one, len(q), workers)
+        with _one_thread_if(small and refine > 0):  # the sketch's small torch ops, too
+            run_blocks(one, len(q), workers)
         return out
+
+    def refined(self, query: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
+        """``ranked`` (best first) with its first ``refine`` rows reordered by the sketch
+        score of the query's real tokens (Kq, D) (ties keep the earlier order)."""
+        assert self.sketch is not None
+        head = ranked[: self.settings.refine]
+        score = self.sketch.score(query, head)
+        order = torch.sort(score, descending=True, stable=True).indices
+        return torch.cat([head[order], ranked[self.settings.refine :]])
 
     def _lists(self, centroid_ids: np.ndarray) -> np.ndarray:
         ids = self.list_ids.numpy()
@@ -292,19 +333,12 @@ def build_token_ivf(
         and isinstance(codes, torch.Tensor)
         and settings.lists in (0, len(centroids))
     ):
-        return TokenIvf(centroids.cpu(), codes.cpu(), mask, settings, codes_shared=True)
+        sketch = sketch_store(tokens_of, settings, n, k, mask) if settings.refine else None
+        return TokenIvf(
+            centroids.cpu(), codes.cpu(), mask, settings, codes_shared=True, sketch=sketch
+        )
     decode = tokens_of  # callable: rows -> Tokens
-    rng = np.random.default_rng(settings.seed)
-    per_row = max(1, min(k, settings.sample // max(1, n) + 1))
-    rows = np.sort(rng.choice(n, min(n, max(1, settings.sample // per_row)), replace=False))
-    parts = []
-    for a in range(0, len(rows), 4096):  # decoded a chunk of rows at a time (a 1M gallery)
-        real = _real(decode(torch.from_numpy(rows[a : a + 4096])))  # type: ignore[operator]
-        keep = min(len(real), per_row * min(4096, len(rows) - a))
-        parts.append(real[np.sort(rng.choice(len(real), keep, replace=False))])
-    sample = np.concatenate(parts)
-    if len(sample) > settings.sample:
-        sample = sample[rng.choice(len(sample), settings.sample, replace=False)]
+    sample = sample_tokens(decode, settings, n, k)
     few = 2 ** int(np.floor(np.log2(max(1, len(sample) // 4))))  # >= 4 samples per list
     lists = settings.lists or min(settings.auto_lists(n * k), few)
     cent = train_centroids(sample, lists, settings.iters, settings.seed)
@@ -318,7 +352,41 @@ def build_token_ivf(
         t = decode(rows)  # type: ignore[operator]
         flat = t.vectors.float().reshape(-1, t.vectors.shape[-1]).numpy()
         codes_out[a : a + len(t)] = torch.from_numpy(assign(flat, cent)).view(len(t), -1)
-    return TokenIvf(torch.from_numpy(cent), codes_out, mask, settings)
+    sketch = sketch_store(decode, settings, n, k, mask, sample) if settings.refine else None
+    return TokenIvf(torch.from_numpy(cent), codes_out, mask, settings, sketch=sketch)
+
+
+def sketch_store(
+    decode: object,
+    settings: TokenIvfSettings,
+    n: int,
+    k: int,
+    mask: torch.Tensor | None,
+    sample: np.ndarray | None = None,
+) -> TokenSketch:
+    """The ``refine_dims``-dimensional sketches of every token of a store (projection fitted
+    on ``sample``, or on a sample drawn as the k-means one is)."""
+    if sample is None:
+        sample = sample_tokens(decode, settings, n, k)
+    projection = fit_projection(sample, settings.refine_dims)
+    return build_sketch(decode, n, projection, mask)  # type: ignore[arg-type]
+
+
+def sample_tokens(decode: object, settings: TokenIvfSettings, n: int, k: int) -> np.ndarray:
+    """(T, D) real gallery tokens, about ``settings.sample`` of them spread over the rows
+    (decoded 4,096 rows at a time): the k-means and sketch-projection training set."""
+    rng = np.random.default_rng(settings.seed)
+    per_row = max(1, min(k, settings.sample // max(1, n) + 1))
+    rows = np.sort(rng.choice(n, min(n, max(1, settings.sample // per_row)), replace=False))
+    parts = []
+    for a in range(0, len(rows), 4096):  # decoded a chunk of rows at a time (a 1M gallery)
+        real = _real(decode(torch.from_numpy(rows[a : a + 4096])))  # type: ignore[operator]
+        keep = min(len(real), per_row * min(4096, len(rows) - a))
+        parts.append(real[np.sort(rng.choice(len(real), keep, replace=False))])
+    sample = np.concatenate(parts)
+    if len(sample) > settings.sample:
+        sample = sample[rng.choice(len(sample), settings.sample, replace=False)]
+    return sample
 
 
 def _int8_rows(gallery: object) -> torch.Tensor | None:
