@@ -48,6 +48,7 @@ from craterlab.retrieval.token_ivf import (
     TokenIvfSettings,
     build_token_ivf,
     sketch_store,
+    token_impacts,
 )
 from craterlab.retrieval.token_sketch import TokenSketch
 from craterlab.types import RetrievalInputs, Tokens
@@ -277,12 +278,14 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
     for method in args.methods:
         if method.startswith("token_ivf"):
             for lists in args.lists:
-                for nprobe, refine, dims in itertools.product(
-                    args.nprobe, args.refine, args.refine_dims
+                for nprobe, refine, dims, cap in itertools.product(
+                    args.nprobe, args.refine, args.refine_dims, args.max_postings
                 ):
                     over = {"lists": lists, "nprobe": nprobe}
                     if refine:
                         over.update(refine=refine, refine_dims=dims)
+                    if cap:
+                        over.update(max_postings=cap)
                     if refine or dims == args.refine_dims[0]:
                         variants.append((method, over))
         else:
@@ -316,8 +319,12 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
             if settings.refine:
                 sketch, sketch_s = cached_sketch(folder, store, settings, n)
                 ivf_build = (ivf_build or 0.0) + sketch_s
+            impacts = None
+            if settings.max_postings:
+                impacts, impacts_s = cached_impacts(saved, store, base, n)
+                ivf_build = (ivf_build or 0.0) + impacts_s
             prepared["generator:token_ivf"] = TokenIvf(
-                base.centroids, base.codes, base.mask, settings, sketch=sketch
+                base.centroids, base.codes, base.mask, settings, sketch=sketch, impacts=impacts
             )
             label += f" ({len(base.centroids)} lists)" if not over["lists"] else ""
         for s in args.shortlists:
@@ -383,6 +390,20 @@ def cached_sketch(
     np.save(saved / "scales.npy", sk.scales.numpy())
     (saved / "build_s.txt").write_text(f"{took:.1f}")
     return sk, took
+
+
+def cached_impacts(saved: Path, store: Any, base: TokenIvf, n: int) -> tuple[torch.Tensor, float]:
+    """Each token's similarity to its centroid (the impacts that order capped lists) and
+    its time, computed once and kept beside the cached token IVF."""
+    file = saved / "impacts.npy"
+    if file.is_file():
+        return torch.from_numpy(np.load(file)), float((saved / "impacts_s.txt").read_text())
+    t = time.perf_counter()
+    impacts = token_impacts(decode_rows(store), base.codes, base.centroids, n)
+    took = time.perf_counter() - t
+    np.save(file, impacts.numpy())
+    (saved / "impacts_s.txt").write_text(f"{took:.1f}")
+    return impacts, took
 
 
 def quantization_table(
@@ -468,6 +489,13 @@ def main() -> None:
         nargs="+",
         default=[0],
         help="token IVF: list-score candidates re-scored on token sketches (0: none)",
+    )
+    ap.add_argument(
+        "--max-postings",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="token IVF: postings read per probed list, best impact first (0: all)",
     )
     ap.add_argument(
         "--refine-dims", type=int, nargs="+", default=[64], help="token IVF sketch dimensions"

@@ -296,6 +296,20 @@ def test_list_score_kernel_equals_numpy_and_is_order_sensitive() -> None:
     np.testing.assert_allclose(a_sc[oa], want[a_ids[oa]], rtol=1e-5)
     again_ids, again_sc = score_lists(offsets, ids, n, probes, vals)  # workspace was reset
     np.testing.assert_allclose(np.sort(again_sc), np.sort(a_sc))
+    # capped: only each list's first 3 postings count, in C and numpy alike
+    c_ids, c_sc = score_lists(offsets, ids, n, probes, vals, cap=3)
+    d_ids, d_sc = score_lists_numpy(offsets, ids, n, probes, vals, cap=3)
+    want = np.zeros(n)
+    for t in range(7):
+        seen = set()
+        for p in range(5):
+            lst = ids[offsets[probes[t, p]] : offsets[probes[t, p] + 1]][:3]
+            for img in set(lst.tolist()) - seen:
+                want[img] += vals[t, p]
+            seen |= set(lst.tolist())
+    for got_ids, got_sc in ((c_ids, c_sc), (d_ids, d_sc)):
+        np.testing.assert_array_equal(np.sort(got_ids), np.flatnonzero(want != 0))
+        np.testing.assert_allclose(got_sc, want[got_ids], rtol=1e-5)
 
 
 def brute_sketch_scores(sketch, query: torch.Tensor, rows: list[int]) -> list[float]:  # noqa: ANN001
@@ -603,3 +617,58 @@ def test_a_token_ivf_saved_before_refine_existed_loads_as_unrefined(tmp_path) ->
     _, loaded = load_generator(tmp_path, inp.gallery_store)
     assert loaded.settings.refine == 0 and loaded.sketch is None
     torch.testing.assert_close(loaded.candidates(q, 10), gen.candidates(q, 10))
+
+
+def test_capped_lists_read_each_lists_best_impacts_as_brute_force() -> None:
+    from craterlab.retrieval.token_ivf import token_impacts
+
+    g = clustered(60)
+    q = noisy_queries(g, [2, 9, 33, 59])
+    cent = unit(torch.randn(12, 16, generator=torch.Generator().manual_seed(3)))
+    codes = (g.vectors @ cent.T).argmax(-1).to(torch.int32)
+    impacts = token_impacts(lambda rows: Tokens(g.vectors[rows]), codes, cent, 60, chunk=7)
+    torch.testing.assert_close(impacts, (g.vectors * cent[codes.long()]).sum(-1))
+    cap = 6
+    ivf = TokenIvf(
+        cent, codes, g.mask, TokenIvfSettings(nprobe=3, max_postings=cap), impacts=impacts
+    )
+    kept = set()
+    for c in range(12):  # each list: its images by their best real token's impact, descending
+        best = {}
+        for img, j in zip(*torch.where((codes == c) & g.mask), strict=True):
+            best[int(img)] = max(best.get(int(img), -9.0), float(impacts[img, j]))
+        got = ivf.list_ids[ivf.offsets[c] : ivf.offsets[c + 1]].tolist()
+        assert got == sorted(best, key=lambda i: -best[i])
+        kept |= {(c, i) for i in got[:cap]}
+    # the list score by its definition over the kept postings only
+    capped = codes.clone()
+    capped_mask = g.mask.clone()
+    for img in range(60):
+        for j in range(6):
+            if (int(codes[img, j]), img) not in kept:
+                capped_mask[img, j] = False
+    rows = ivf.candidates(q, 60)
+    for i, row in enumerate(rows):
+        want = brute_list_scores(capped, capped_mask, cent, q, i, 3, "next")
+        cands = [c for c in row.tolist() if c >= 0]
+        assert set(cands) == set(want)
+        ordered = [want[c] for c in cands]
+        assert all(a >= b - 1e-5 for a, b in itertools.pairwise(ordered)), ordered
+    assert len(set().union(*[set(r.tolist()) for r in rows])) < 60  # the cap cut images
+
+
+def test_capped_lists_need_impact_ordered_lists_and_the_list_score() -> None:
+    g = clustered(20)
+    cent = unit(torch.randn(8, 16, generator=torch.Generator().manual_seed(3)))
+    codes = (g.vectors @ cent.T).argmax(-1).to(torch.int32)
+    with pytest.raises(ConfigError, match="not ordered by impact"):
+        TokenIvf(cent, codes, g.mask, TokenIvfSettings(max_postings=5))
+    with pytest.raises(ConfigError, match="score='counts' reads whole lists"):
+        TokenIvfSettings(max_postings=5, score="counts").check()
+    # built through the stage: ordered by impact, searched, saved and loaded as such
+    inp, _, q = stage_inputs({"name": "int8"})
+    stage = get_registry().build(
+        "stage", {"name": "token_ivf", "lists": 8, "max_postings": 30, "timing_queries": 0}
+    )
+    stage.search(inp)
+    assert inp.prepared["generator:token_ivf"].impact_ordered

@@ -70,6 +70,7 @@ def save_generator(gen: Any, kind: str, directory: Path) -> None:
             "settings": {k: getattr(gen.settings, k) for k in gen.settings.__dataclass_fields__},
             "codes_shared": gen.codes_shared,
             "own_codes": own_codes,
+            "impact_ordered": gen.impact_ordered,
         }
     else:
         raise TypeError(f"cannot save a {type(gen).__name__} generator")
@@ -113,7 +114,7 @@ def load_generator(directory: Path, store: Any) -> tuple[str, Any]:
     return kind, gen
 
 
-NEWER_IVF_FIELDS = ("refine", "refine_dims")
+NEWER_IVF_FIELDS = ("refine", "refine_dims", "max_postings")
 """Token IVF settings added after indexes were first saved (absent from older ones)."""
 
 
@@ -162,5 +163,5 @@ def _load_ivf(directory: Path, meta: dict[str, Any], store: Any) -> TokenIvf:
         )
     return TokenIvf.from_lists(
         centroids, list_ids, offsets, int(meta["ntotal"]), settings, codes, mask,
-        bool(meta["codes_shared"]), sketch,
+        bool(meta["codes_shared"]), sketch, bool(meta.get("impact_ordered", False)),
     )  # fmt: skip

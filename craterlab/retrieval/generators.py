@@ -366,7 +366,8 @@ class TokenIvfStage(CandidateStage):
     (else PLAID's count, at most ``max_lists``); ``nprobe``: lists per query token; ``fill``:
     the list score of a token that found no list holding the image (``next``, ``zero``);
     ``refine``: the list score's best that many re-scored on ``refine_dims``-dimensional token
-    sketches before the top S are reranked (PLAID's staged pruning; 0: off)."""
+    sketches before the top S are reranked (PLAID's staged pruning; 0: off); ``max_postings``:
+    postings read per probed list, best impact first (0: all)."""
 
     kind = "token_ivf"
 
@@ -383,13 +384,15 @@ class TokenIvfStage(CandidateStage):
         max_lists: int = 8192,
         refine: int = 0,
         refine_dims: int = 64,
+        max_postings: int = 0,
         block: int = 1000,
         timing_queries: int = 16,
     ) -> None:
         super().__init__(shortlist, block, timing_queries)
         self.ivf = TokenIvfSettings(
-            lists, nprobe, score, fill, sample, iters, seed, max_lists, refine, refine_dims
-        )
+            lists, nprobe, score, fill, sample, iters, seed, max_lists, refine, refine_dims,
+            max_postings,
+        )  # fmt: skip
         try:
             self.ivf.check()
         except ConfigError as exc:

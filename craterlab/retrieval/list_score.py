@@ -57,7 +57,7 @@ def _load() -> ctypes.CDLL | None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     fn = lib.craterlab_list_score
-    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int32, ptr, ptr]
+    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int32, ptr, ptr, i64]
     fn.restype = i64
     return lib
 
@@ -92,14 +92,20 @@ def _workspace(n: int) -> Workspace:
 
 
 def score_lists(
-    offsets: np.ndarray, ids: np.ndarray, n: int, probes: np.ndarray, vals: np.ndarray
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    n: int,
+    probes: np.ndarray,
+    vals: np.ndarray,
+    cap: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(images, summed values) of one query: ``probes`` (T, P) centroid ids per token, best
     first; ``vals`` (T, P) each probe's value (its score minus the token's fill). An image
-    counts, per token, the value of the first probed list holding it."""
+    counts, per token, the value of the first probed list holding it. ``cap`` > 0: only the
+    first ``cap`` postings of each list are read."""
     lib = library()
     if lib is None:
-        return score_lists_numpy(offsets, ids, n, probes, vals)
+        return score_lists_numpy(offsets, ids, n, probes, vals, cap)
     probes = np.ascontiguousarray(probes, np.int32)
     vals = np.ascontiguousarray(vals, np.float32)
     if probes.size and (probes.min() < 0 or probes.max() >= len(offsets) - 1):
@@ -109,18 +115,25 @@ def score_lists(
     m = lib.craterlab_list_score(
         offsets.ctypes.data, ids.ctypes.data, probes.ctypes.data, vals.ctypes.data, t, p,
         ws.acc.ctypes.data, ws.stamp.ctypes.data, ws.next_base(t),
-        ws.out_ids.ctypes.data, ws.out_vals.ctypes.data,
+        ws.out_ids.ctypes.data, ws.out_vals.ctypes.data, cap,
     )  # fmt: skip
     return ws.out_ids[:m].copy(), ws.out_vals[:m].copy()
 
 
 def score_lists_numpy(
-    offsets: np.ndarray, ids: np.ndarray, n: int, probes: np.ndarray, vals: np.ndarray
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    n: int,
+    probes: np.ndarray,
+    vals: np.ndarray,
+    cap: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`score_lists` in vectorized numpy (the fallback where no C compiler runs)."""
     t, p = probes.shape
     flat = probes.reshape(-1).astype(np.int64)
     lens = offsets[flat + 1] - offsets[flat]
+    if cap > 0:
+        lens = np.minimum(lens, cap)
     if lens.sum() == 0:
         return np.empty(0, np.int32), np.empty(0, np.float32)
     starts = np.repeat(offsets[flat] - np.cumsum(lens) + lens, lens)

@@ -18,10 +18,13 @@ similar to it; the candidates are the union of the probed lists. They are ordere
 and, with ``refine`` > 0, PLAID's staged pruning: the ``refine`` best of that order are
 scored again by a cheaper approximate late interaction on low-dimensional int8 sketches of
 their tokens (:mod:`.token_sketch`) and reordered by it. The top S go to the exact
-late-interaction rerank. Bytes: the lists (int32 image ids per (centroid, image) pair), for
-``centroids`` unless the store already holds them the token centroid ids (int32 per token),
-and with ``refine`` the sketches (``refine_dims`` + 4 bytes per token); the centroids and the
-sketch projection are per-gallery overhead.
+late-interaction rerank. With ``max_postings`` > 0 (list score only) each list's postings are
+ordered by impact, the similarity of the image's best token in that list to the centroid,
+and a probe reads at most the first ``max_postings``: the work per query is bounded however
+large the gallery grows, at the cost of the images cut. Bytes: the lists (int32 image ids
+per (centroid, image) pair), for ``centroids`` unless the store already holds them the token
+centroid ids (int32 per token), and with ``refine`` the sketches (``refine_dims`` + 4 bytes
+per token); the centroids and the sketch projection are per-gallery overhead.
 """
 
 from __future__ import annotations
@@ -50,7 +53,8 @@ class TokenIvfSettings:
     ``fill``: a list score's value for a token that found no list holding the image,
     ``next`` (the next centroid's score) or ``zero``. ``refine``: candidates of that order
     re-scored on token sketches of ``refine_dims`` dimensions before the top S are taken (0:
-    none). ``sample``/``iters``/``seed``: k-means training when the lists are trained here
+    none). ``max_postings``: postings read per probed list, best impact first (0: all).
+    ``sample``/``iters``/``seed``: k-means training when the lists are trained here
     (the sketch projection is fitted on the same sample)."""
 
     lists: int = 0
@@ -63,6 +67,7 @@ class TokenIvfSettings:
     max_lists: int = 8192
     refine: int = 0
     refine_dims: int = 64
+    max_postings: int = 0
 
     def check(self) -> None:
         if (
@@ -73,10 +78,17 @@ class TokenIvfSettings:
             or self.max_lists < 1
             or self.refine < 0
             or self.refine_dims < 1
+            or self.max_postings < 0
         ):
             raise ConfigError(
                 "token_ivf needs lists >= 0 (0: automatic), nprobe >= 1, sample >= 1, "
-                "iters >= 1, max_lists >= 1, refine >= 0 (0: off), refine_dims >= 1"
+                "iters >= 1, max_lists >= 1, refine >= 0 (0: off), refine_dims >= 1, "
+                "max_postings >= 0 (0: all)"
+            )
+        if self.max_postings and self.score != "lists":
+            raise ConfigError(
+                f"token_ivf max_postings={self.max_postings} caps the list score's reads; "
+                f"score={self.score!r} reads whole lists. Use score=lists or max_postings=0."
             )
         if self.score not in SCORES or self.fill not in FILLS:
             raise ConfigError(
@@ -119,17 +131,31 @@ class TokenIvf:
         settings: TokenIvfSettings,
         codes_shared: bool = False,
         sketch: TokenSketch | None = None,
+        impacts: torch.Tensor | None = None,
     ) -> None:
         n, k = codes.shape
         c = codes.reshape(-1).numpy().astype(np.int64)
         img = np.repeat(np.arange(n, dtype=np.int64), k)
+        imp = None if impacts is None else impacts.reshape(-1).numpy().astype(np.float32)
         if mask is not None:
             real = mask.reshape(-1).numpy().astype(bool)
             c, img = c[real], img[real]
-        pairs = np.unique(c * n + img)  # sorted by centroid, then image; duplicates merged
+            imp = None if imp is None else imp[real]
+        if imp is None:
+            pairs = np.unique(c * n + img)  # sorted by centroid, then image; duplicates merged
+        else:  # per list, best impact first: a pair's impact is its best token's
+            key = c * n + img
+            order = np.lexsort((-imp, key))
+            key, imp = key[order], imp[order]
+            first = np.concatenate([[True], key[1:] != key[:-1]])
+            key, imp = key[first], imp[first]
+            pairs = key[np.lexsort((-imp, key // n))]
         counts = np.bincount(pairs // n, minlength=len(centroids))
         offsets = np.concatenate([[0], np.cumsum(counts)])
-        self._set(centroids, pairs % n, offsets, n, settings, codes, mask, codes_shared, sketch)
+        self._set(
+            centroids, pairs % n, offsets, n, settings, codes, mask, codes_shared, sketch,
+            impacts is not None,
+        )  # fmt: skip
 
     def _set(
         self,
@@ -142,8 +168,16 @@ class TokenIvf:
         mask: torch.Tensor | None,
         codes_shared: bool,
         sketch: TokenSketch | None = None,
+        impact_ordered: bool = False,
     ) -> None:
         """Every field, from the lists (built from the codes or read from a saved index)."""
+        if settings.max_postings and not impact_ordered:
+            raise ConfigError(
+                f"token_ivf max_postings={settings.max_postings} reads each list's best "
+                "postings first, but these lists are not ordered by impact: build the index "
+                "with max_postings set (build_token_ivf orders them then)."
+            )
+        self.impact_ordered = impact_ordered
         if settings.refine and (sketch is None or sketch.dims != settings.refine_dims):
             held = "none" if sketch is None else f"{sketch.dims}-dimensional ones"
             raise ConfigError(
@@ -175,6 +209,7 @@ class TokenIvf:
         mask: torch.Tensor | None = None,
         codes_shared: bool = False,
         sketch: TokenSketch | None = None,
+        impact_ordered: bool = False,
     ) -> TokenIvf:
         """A token IVF from its saved lists (:mod:`.generator_io`); ``codes`` (N, K) are
         needed only for ``score="centroids"``."""
@@ -186,7 +221,10 @@ class TokenIvf:
                 f"{len(centroids)} lists of {len(list_ids)} postings"
             )
         out = cls.__new__(cls)
-        out._set(centroids, list_ids, offsets, ntotal, settings, codes, mask, codes_shared, sketch)
+        out._set(
+            centroids, list_ids, offsets, ntotal, settings, codes, mask, codes_shared, sketch,
+            impact_ordered,
+        )  # fmt: skip
         return out
 
     @property
@@ -264,7 +302,8 @@ class TokenIvf:
             fill = top[:, nprobe:] if top.shape[1] > nprobe else torch.zeros(len(top), 1)
             vals = (top[:, :nprobe] - fill).numpy()
             ids = self.list_ids.numpy()
-            cand, score = score_lists(self.offsets, ids, self.ntotal, probes.numpy(), vals)
+            cap = self.settings.max_postings
+            cand, score = score_lists(self.offsets, ids, self.ntotal, probes.numpy(), vals, cap)
             return torch.from_numpy(top_s(cand, score, s))
         if self.settings.score == "centroids":
             cand = np.unique(self._lists(np.unique(probes.numpy())))
@@ -334,9 +373,13 @@ def build_token_ivf(
         and settings.lists in (0, len(centroids))
     ):
         sketch = sketch_store(tokens_of, settings, n, k, mask) if settings.refine else None
+        impacts = None
+        if settings.max_postings:
+            impacts = token_impacts(tokens_of, codes.cpu(), centroids.cpu().float(), n)
         return TokenIvf(
-            centroids.cpu(), codes.cpu(), mask, settings, codes_shared=True, sketch=sketch
-        )
+            centroids.cpu(), codes.cpu(), mask, settings, codes_shared=True, sketch=sketch,
+            impacts=impacts,
+        )  # fmt: skip
     decode = tokens_of  # callable: rows -> Tokens
     sample = sample_tokens(decode, settings, n, k)
     few = 2 ** int(np.floor(np.log2(max(1, len(sample) // 4))))  # >= 4 samples per list
@@ -353,7 +396,25 @@ def build_token_ivf(
         flat = t.vectors.float().reshape(-1, t.vectors.shape[-1]).numpy()
         codes_out[a : a + len(t)] = torch.from_numpy(assign(flat, cent)).view(len(t), -1)
     sketch = sketch_store(decode, settings, n, k, mask, sample) if settings.refine else None
-    return TokenIvf(torch.from_numpy(cent), codes_out, mask, settings, sketch=sketch)
+    impacts = None
+    if settings.max_postings:
+        impacts = token_impacts(decode, codes_out, torch.from_numpy(cent), n)
+    return TokenIvf(
+        torch.from_numpy(cent), codes_out, mask, settings, sketch=sketch, impacts=impacts
+    )
+
+
+def token_impacts(
+    decode: object, codes: torch.Tensor, centroids: torch.Tensor, n: int, chunk: int = 2048
+) -> torch.Tensor:
+    """(N, K) each token's similarity to its assigned centroid (``codes`` (N, K)), decoded
+    ``chunk`` rows at a time: the impact that orders a capped list's postings."""
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    for a in range(0, n, chunk):
+        rows = torch.arange(a, min(n, a + chunk))
+        t = decode(rows).vectors.float()  # type: ignore[operator]
+        out[a : a + len(rows)] = (t * centroids[codes[rows].long()]).sum(-1)
+    return out
 
 
 def sketch_store(
