@@ -277,7 +277,8 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
     variants = []
     for method in args.methods:
         if method.startswith("token_ivf"):
-            for lists in args.lists:
+            grow = n // args.sizes[0] if args.grow_lists else 1
+            for lists in [x * grow for x in args.lists]:
                 for nprobe, refine, dims, cap in itertools.product(
                     args.nprobe, args.refine, args.refine_dims, args.max_postings
                 ):
@@ -286,6 +287,8 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
                         over.update(refine=refine, refine_dims=dims)
                     if cap:
                         over.update(max_postings=cap)
+                    if args.coarse:
+                        over.update(coarse=args.coarse)
                     if refine or dims == args.refine_dims[0]:
                         variants.append((method, over))
         else:
@@ -295,7 +298,8 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
         label = method + "".join(f" {k}={v}" for k, v in over.items())
         ivf_build = None
         if method.startswith("token_ivf"):  # train and assign once per list count
-            saved = folder / f"token_ivf-{over['lists']}"
+            coarse = f"-c{args.coarse}" if args.coarse else ""
+            saved = folder / f"token_ivf-{over['lists']}{coarse}"
             if over["lists"] not in ivf_cache and (saved / "build_s.txt").is_file():
                 _, base = load_generator(saved, store)  # built by an earlier run
                 ivf_cache[over["lists"]] = (base, float((saved / "build_s.txt").read_text()))
@@ -305,7 +309,7 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
                 base = build_token_ivf(
                     store,
                     decode_rows(store),
-                    TokenIvfSettings(lists=over["lists"], score="centroids"),
+                    TokenIvfSettings(lists=over["lists"], score="centroids", coarse=args.coarse),
                     n,
                     K,
                 )
@@ -489,6 +493,14 @@ def main() -> None:
         nargs="+",
         default=[0],
         help="token IVF: list-score candidates re-scored on token sketches (0: none)",
+    )
+    ap.add_argument(
+        "--coarse", type=int, default=0, help="token IVF: two-level k-means cells (0: one)"
+    )
+    ap.add_argument(
+        "--grow-lists",
+        action="store_true",
+        help="token IVF lists scale with N: --lists at the first size, times N / that size",
     )
     ap.add_argument(
         "--max-postings",

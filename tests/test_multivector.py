@@ -672,3 +672,34 @@ def test_capped_lists_need_impact_ordered_lists_and_the_list_score() -> None:
     )
     stage.search(inp)
     assert inp.prepared["generator:token_ivf"].impact_ordered
+
+
+def test_two_level_lists_assign_each_token_to_the_nearest_child_of_its_nearest_cell() -> None:
+    from craterlab.retrieval.quantizers import quantize_int8
+    from craterlab.retrieval.token_ivf import assign_children, train_two_level
+
+    g = clustered(80, d=16)
+    sample = g.vectors[g.mask].numpy()
+    cent, top = train_two_level(sample, 24, 6, 5, 0)
+    assert cent.shape == (24, 16) and top.shape == (6, 16)
+    flat = g.vectors.reshape(-1, 16)
+    parent = torch.from_numpy(top).matmul(flat.T).argmax(0)
+    got = assign_children(flat, parent, torch.from_numpy(cent), 4)
+    for t in range(len(flat)):  # by definition: best cell, then the best of its 4 lists
+        c = int(parent[t])
+        kids = torch.from_numpy(cent[4 * c : 4 * c + 4]) @ flat[t]
+        assert int(got[t]) == 4 * c + int(kids.argmax())
+    # int8 codes pick the same children up to rounding ties
+    codes, _ = quantize_int8(flat)
+    agree = (assign_children(codes, parent, torch.from_numpy(cent), 4) == got).float().mean()
+    assert float(agree) > 0.95
+    # built through the stage (int8 store): lists are the two-level codes; full probes rerank
+    # to exhaustive LI
+    inp, g2, q = stage_inputs({"name": "int8"})
+    cfg = {"name": "token_ivf", "lists": 16, "coarse": 4, "nprobe": 16, "shortlist": 90}
+    r = get_registry().build("stage", {**cfg, "timing_queries": 0}).search(inp)
+    assert inp.prepared["generator:token_ivf"].identity()["coarse"] == 4
+    ref = get_registry().build("stage", {"name": "exhaustive", "timing_queries": 0}).search(inp)
+    torch.testing.assert_close(r.scores, ref.scores)
+    with pytest.raises(ValueError, match="lists=12: set lists to a multiple of coarse"):
+        get_registry().build("stage", {"name": "token_ivf", "lists": 12, "coarse": 8})

@@ -114,7 +114,7 @@ def load_generator(directory: Path, store: Any) -> tuple[str, Any]:
     return kind, gen
 
 
-NEWER_IVF_FIELDS = ("refine", "refine_dims", "max_postings")
+NEWER_IVF_FIELDS = ("refine", "refine_dims", "max_postings", "coarse")
 """Token IVF settings added after indexes were first saved (absent from older ones)."""
 
 

@@ -367,7 +367,8 @@ class TokenIvfStage(CandidateStage):
     the list score of a token that found no list holding the image (``next``, ``zero``);
     ``refine``: the list score's best that many re-scored on ``refine_dims``-dimensional token
     sketches before the top S are reranked (PLAID's staged pruning; 0: off); ``max_postings``:
-    postings read per probed list, best impact first (0: all)."""
+    postings read per probed list, best impact first (0: all); ``coarse``: lists trained by a
+    two-level k-means with that many cells (0: one k-means)."""
 
     kind = "token_ivf"
 
@@ -385,13 +386,14 @@ class TokenIvfStage(CandidateStage):
         refine: int = 0,
         refine_dims: int = 64,
         max_postings: int = 0,
+        coarse: int = 0,
         block: int = 1000,
         timing_queries: int = 16,
     ) -> None:
         super().__init__(shortlist, block, timing_queries)
         self.ivf = TokenIvfSettings(
             lists, nprobe, score, fill, sample, iters, seed, max_lists, refine, refine_dims,
-            max_postings,
+            max_postings, coarse,
         )  # fmt: skip
         try:
             self.ivf.check()

@@ -54,6 +54,9 @@ class TokenIvfSettings:
     ``next`` (the next centroid's score) or ``zero``. ``refine``: candidates of that order
     re-scored on token sketches of ``refine_dims`` dimensions before the top S are taken (0:
     none). ``max_postings``: postings read per probed list, best impact first (0: all).
+    ``coarse``: 0 trains the lists by one k-means; > 0 by a two-level one (``coarse`` cells,
+    each split into ``lists / coarse``), so that a token's assignment costs about ``coarse +
+    lists / coarse`` centroid products instead of ``lists``.
     ``sample``/``iters``/``seed``: k-means training when the lists are trained here
     (the sketch projection is fitted on the same sample)."""
 
@@ -68,6 +71,7 @@ class TokenIvfSettings:
     refine: int = 0
     refine_dims: int = 64
     max_postings: int = 0
+    coarse: int = 0
 
     def check(self) -> None:
         if (
@@ -79,11 +83,18 @@ class TokenIvfSettings:
             or self.refine < 0
             or self.refine_dims < 1
             or self.max_postings < 0
+            or self.coarse < 0
         ):
             raise ConfigError(
                 "token_ivf needs lists >= 0 (0: automatic), nprobe >= 1, sample >= 1, "
                 "iters >= 1, max_lists >= 1, refine >= 0 (0: off), refine_dims >= 1, "
                 "max_postings >= 0 (0: all)"
+            )
+        if self.coarse and (self.lists <= self.coarse or self.lists % self.coarse):
+            raise ConfigError(
+                f"token_ivf coarse={self.coarse} splits each coarse cell into lists / coarse "
+                f"lists, but lists={self.lists}: set lists to a multiple of coarse above it "
+                "(e.g. lists=8192 coarse=1024), or coarse=0 for one k-means."
             )
         if self.max_postings and self.score != "lists":
             raise ConfigError(
@@ -384,17 +395,26 @@ def build_token_ivf(
     sample = sample_tokens(decode, settings, n, k)
     few = 2 ** int(np.floor(np.log2(max(1, len(sample) // 4))))  # >= 4 samples per list
     lists = settings.lists or min(settings.auto_lists(n * k), few)
-    cent = train_centroids(sample, lists, settings.iters, settings.seed)
+    if settings.coarse:
+        cent, top = train_two_level(sample, lists, settings.coarse, settings.iters, settings.seed)
+    else:
+        cent = top = train_centroids(sample, lists, settings.iters, settings.seed)
+    per = lists // settings.coarse if settings.coarse else 0
     codes_out = torch.empty(n, k, dtype=torch.int32)
     int8 = _int8_rows(gallery)
     for a in range(0, n, 8192):
         rows = torch.arange(a, min(n, a + 8192))
         if int8 is not None:  # the store's int8 codes against int8 centroids (VNNI)
-            codes_out[a : a + len(rows)] = assign_int8(int8[a : a + len(rows)], cent)
-            continue
-        t = decode(rows)  # type: ignore[operator]
-        flat = t.vectors.float().reshape(-1, t.vectors.shape[-1]).numpy()
-        codes_out[a : a + len(t)] = torch.from_numpy(assign(flat, cent)).view(len(t), -1)
+            x = int8[a : a + len(rows)]
+            ids = assign_int8(x, top)
+        else:
+            x = decode(rows).vectors.float()  # type: ignore[operator]
+            flat = x.reshape(-1, x.shape[-1]).numpy()
+            ids = torch.from_numpy(assign(flat, top)).view(len(rows), -1)
+        if per:  # the nearest of the coarse cell's own lists
+            flat_x = x.reshape(-1, x.shape[-1])
+            ids = assign_children(flat_x, ids.reshape(-1), torch.from_numpy(cent), per)
+        codes_out[a : a + len(rows)] = ids.view(len(rows), -1)
     sketch = sketch_store(decode, settings, n, k, mask, sample) if settings.refine else None
     impacts = None
     if settings.max_postings:
@@ -402,6 +422,51 @@ def build_token_ivf(
     return TokenIvf(
         torch.from_numpy(cent), codes_out, mask, settings, sketch=sketch, impacts=impacts
     )
+
+
+def train_two_level(
+    sample: np.ndarray, lists: int, coarse: int, iters: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(lists, D) centroids and (coarse, D) cell centroids of a two-level spherical k-means:
+    ``coarse`` cells over the sample, then each cell's sample tokens split into
+    ``lists // coarse`` lists (list ``c * per + j`` is child j of cell c; a cell with no more
+    tokens than children keeps its tokens, and the cell centroid for the missing ones)."""
+    top = train_centroids(sample, coarse, iters, seed)
+    parent = assign(sample, top)
+    per = lists // coarse
+    out = np.repeat(top, per, axis=0)
+    for c in range(coarse):
+        pts = np.ascontiguousarray(sample[parent == c], np.float32)
+        if len(pts) > per:
+            km = faiss.Kmeans(
+                pts.shape[1], per, niter=iters, seed=seed, spherical=True, min_points_per_centroid=1
+            )
+            km.train(pts)
+            out[c * per : (c + 1) * per] = km.centroids
+        else:
+            out[c * per : c * per + len(pts)] = pts
+    return out.astype(np.float32), top
+
+
+def assign_children(
+    tokens: torch.Tensor, parent: torch.Tensor, centroids: torch.Tensor, per: int
+) -> torch.Tensor:
+    """(T,) int32: for each token (T, D) (float, or int8 codes: a positive scale does not
+    change the argmax), the nearest of its cell ``parent``'s ``per`` children in
+    ``centroids`` (child j of cell c is row c * per + j)."""
+    out = torch.empty(len(tokens), dtype=torch.int32)
+    parent = parent.long()
+    order = torch.argsort(parent)
+    counts = torch.bincount(parent, minlength=len(centroids) // per).tolist()
+    start = 0
+    for c, m in enumerate(counts):
+        if m:
+            idx = order[start : start + m]
+            kids = centroids[c * per : (c + 1) * per]
+            best = (tokens[idx].float() @ kids.T).argmax(dim=1)
+            out[idx] = (c * per + best).to(torch.int32)
+            start += m
+    return out
 
 
 def token_impacts(
