@@ -428,23 +428,37 @@ def train_two_level(
     sample: np.ndarray, lists: int, coarse: int, iters: int, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """(lists, D) centroids and (coarse, D) cell centroids of a two-level spherical k-means:
-    ``coarse`` cells over the sample, then each cell's sample tokens split into
-    ``lists // coarse`` lists (list ``c * per + j`` is child j of cell c; a cell with no more
-    tokens than children keeps its tokens, and the cell centroid for the missing ones)."""
+    ``coarse`` cells over the sample, then each cell split into ``per = lists // coarse``
+    lists (list ``c * per + j`` is child j of cell c).
+
+    A child is ``normalize(cell + beta * r_j)``: ``r_j`` a k-means direction of the cell's
+    residuals (its tokens with the cell direction projected out, normalized), ``beta`` their
+    mean norm. Every child then has the same component along the cell, so the max inner
+    product picks a child by the residual direction alone; children trained as plain
+    spherical k-means on the cell's tokens put two thirds of them in one child (the one
+    nearest the cell's mean), since all share that direction. A cell with no more tokens
+    than children uses the residuals it has and repeats the cell for the rest."""
     top = train_centroids(sample, coarse, iters, seed)
     parent = assign(sample, top)
     per = lists // coarse
     out = np.repeat(top, per, axis=0)
     for c in range(coarse):
-        pts = np.ascontiguousarray(sample[parent == c], np.float32)
-        if len(pts) > per:
+        pts = sample[parent == c].astype(np.float32)
+        res = pts - np.outer(pts @ top[c], top[c])
+        norms = np.linalg.norm(res, axis=1)
+        keep = norms > 1e-6
+        res, norms = res[keep] / norms[keep, None], norms[keep]
+        if len(res) > per:
             km = faiss.Kmeans(
-                pts.shape[1], per, niter=iters, seed=seed, spherical=True, min_points_per_centroid=1
+                res.shape[1], per, niter=iters, seed=seed, spherical=True, min_points_per_centroid=1
             )
-            km.train(pts)
-            out[c * per : (c + 1) * per] = km.centroids
+            km.train(np.ascontiguousarray(res))
+            dirs = km.centroids
         else:
-            out[c * per : c * per + len(pts)] = pts
+            dirs = res
+        if len(dirs):
+            kids = top[c] + float(norms.mean()) * dirs
+            out[c * per : c * per + len(kids)] = kids / np.linalg.norm(kids, axis=1, keepdims=True)
     return out.astype(np.float32), top
 
 
