@@ -16,9 +16,9 @@ tokens dequantized, i.e. the very values craterlab's int8 kernel scores). Three 
    craterlab runs torch 2.14 (PyPI's torch 2.11 wheel brings CUDA packages, about 4.8 GB
    in all; it runs on the CPU)::
 
-       python3 -m venv /work/plaidenv
-       /work/plaidenv/bin/pip install fast-plaid==1.7.0.2110    # pulls torch==2.11.0
-       /work/plaidenv/bin/python benchmarks/bench_peers.py plaid --nbits 4
+       python3 -m venv .plaidenv
+       .plaidenv/bin/pip install fast-plaid==1.7.0.2110    # pulls torch==2.11.0
+       .plaidenv/bin/python benchmarks/bench_peers.py plaid --nbits 4
 
    It builds a fast-plaid index over the 50K token sets (57 minutes on 2 shared cores: its
    k-means of 1.25M tokens into 16,384 centroids and the compression of 1.6M tokens run in
@@ -92,8 +92,8 @@ def plaid(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise SystemExit(
             f"fast-plaid is not importable here ({exc}). It pins torch 2.7-2.11, so it lives "
-            "in its own environment: python3 -m venv /work/plaidenv && /work/plaidenv/bin/pip "
-            "install fast-plaid==1.7.0.2110, then run this with /work/plaidenv/bin/python."
+            "in its own environment: python3 -m venv .plaidenv && .plaidenv/bin/pip "
+            "install fast-plaid==1.7.0.2110, then run this with .plaidenv/bin/python."
         ) from exc
     folder = Path(args.data) / f"n{args.n}-int8"
     need_data(folder)
