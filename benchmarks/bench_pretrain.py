@@ -94,12 +94,42 @@ def backbone(weights: str = "random", seed: int = 0):  # noqa: ANN201
     return timm_vit("test_vit", weights=weights, seed=seed, image_size=IMAGE_SIZE, precision="fp32")
 
 
-def run_dino(data: CachedImages, seed: int, steps: int, out: str, **overrides: Any) -> Path:
+def run_dino(
+    data: CachedImages,
+    seed: int,
+    steps: int,
+    out: str,
+    curve: int | None = None,
+    **overrides: Any,
+) -> Path:
     """DINO-pretrain the seed's random init on the unlabeled train split; the teacher's weights.
-    ``overrides``: pretrain keys over the CPU recipe (``pair_views="place"``: paired views)."""
+    ``overrides``: pretrain keys over the CPU recipe (``pair_views="place"``: paired views).
+    ``curve``: also print the teacher's test metrics every ``curve`` steps (the schedule is
+    the same; the run is cut into epochs of that length, so its batches are drawn otherwise,
+    and its minutes include the evaluations)."""
     cfg = pretrain_cpu_config(steps, **overrides)
+    evaluate = on_epoch_end = None
+    if curve:
+        cfg.update(epochs=steps // curve, steps_per_epoch=curve, eval_every=1)
+
+        def evaluate(b):  # noqa: ANN001, ANN202
+            return retrieval_suite(b, data, K)
+
+        def on_epoch_end(epoch: int, m: dict[str, float]) -> None:
+            shown = {k: round(m[k], 4) for k in ("loss", "gem_mAP", "li_mAP", "gem_R@1")}
+            print(f"    step {epoch * curve}: {shown}", flush=True)
+
     source = ImageSource(data, ["train"])
-    return pretrain(cfg, backbone(seed=seed), source, device="cpu", seed=seed, out_dir=out)
+    return pretrain(
+        cfg,
+        backbone(seed=seed),
+        source,
+        device="cpu",
+        seed=seed,
+        out_dir=out,
+        evaluate=evaluate,
+        on_epoch_end=on_epoch_end,
+    )
 
 
 def run_supcon(data: CachedImages, seed: int, steps: int, out: str) -> Path:
@@ -137,7 +167,7 @@ def dino_vs_random(  # noqa: ANN201
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pretrain overrides (values read as YAML: 1e-3, [0.4, 1.0], place)."""
+    """``key=value`` pretrain overrides (numbers as numbers, 2e-3 too; else YAML: [0.4, 1.0])."""
     import yaml
 
     out = {}
@@ -145,7 +175,10 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"--set takes key=value, got {pair!r}")
-        out[key] = yaml.safe_load(value)
+        try:
+            out[key] = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            out[key] = yaml.safe_load(value)
     return out
 
 
@@ -184,6 +217,13 @@ def main() -> None:
         default=[],
         metavar="KEY=VALUE",
         help="pretrain key over the CPU recipe for the DINO methods (repeatable)",
+    )
+    parser.add_argument(
+        "--curve",
+        type=int,
+        default=None,
+        metavar="N",
+        help="DINO methods: print the teacher's test metrics every N steps (minutes include them)",
     )
     parser.add_argument(
         "--supcon-minutes",
@@ -227,11 +267,13 @@ def main() -> None:
             if method not in methods:
                 continue
             if method == "dino":
-                fn = functools.partial(run_dino, data, seed, **overrides)
+                fn = functools.partial(run_dino, data, seed, curve=args.curve, **overrides)
                 steps = args.steps
                 label = "DINO (unlabeled)"
             elif method == "dino_paired":
-                fn = functools.partial(run_dino, data, seed, **overrides, pair_views=args.pair)
+                fn = functools.partial(
+                    run_dino, data, seed, curve=args.curve, **overrides, pair_views=args.pair
+                )
                 steps = args.steps
                 label = f"DINO, views paired by {args.pair} (unlabeled)"
             else:
