@@ -1,13 +1,16 @@
 """In-domain self-supervised pretraining learns: DINO from random init vs random init vs SupCon.
 
 A small timm ViT (``test_vit``: 6 blocks, width 64, patch 16; 96 px input, so 36 patch tokens)
-starts from random init and is trained two ways on the synthetic benchmark's train split
+starts from random init and is trained on the synthetic benchmark's train split
 (200 identities by default, 660 images: each identity's two gallery crops and two query-like
 views):
 
 - **DINO** (:func:`craterlab.train.pretrain.pretrain`, recipe
   :data:`craterlab.train.recipes.PRETRAIN_CPU_RECIPE`) on the images alone, labels unused,
   for ``--steps`` optimizer steps;
+- **DINO with paired views** (``dino_paired``: ``pretrain.pair_views=place``, the two global
+  crops of a place from two of its renderings under different suns; in the synthetic set a
+  place is the catalogue crater a rendering is aimed at), same recipe and steps;
 - **SupCon fine-tuning** (:func:`craterlab.train.finetune.finetune`, the from-scratch recipe of
   ``bench_finetune.py``) on the same images with their crater labels, for the same wall-clock
   time as that seed's DINO run (its step count is set from 3 timed steps just before);
@@ -20,6 +23,7 @@ printed with every result: wall times on a shared machine say little without it.
 
     .venv/bin/python benchmarks/bench_pretrain.py                   # 500 steps, seeds 0,1,2
     .venv/bin/python benchmarks/bench_pretrain.py --steps 1000 --methods dino --seeds 0
+    .venv/bin/python benchmarks/bench_pretrain.py --methods dino_paired --steps 1600 --set lr=2e-3
 """
 
 from __future__ import annotations
