@@ -290,6 +290,19 @@ def test_the_cpu_config_is_the_benchmarks_recipe() -> None:
             assert group[key] == value, key
 
 
+def test_the_paired_cpu_config_is_the_measured_paired_recipe() -> None:
+    """pretrain=dino_cpu_paired is the CPU recipe plus the two settings the paired table ran
+    with (bench_pretrain.py --methods dino_paired --set lr=2e-3), nothing else."""
+    from craterlab.commands.pretrain import compose_pretrain_config
+
+    plain = compose_pretrain_config(["pretrain=dino_cpu"]).pretrain
+    paired = compose_pretrain_config(["pretrain=dino_cpu_paired"]).pretrain
+    changed = {k for k in plain if plain[k] != paired[k]}
+    assert changed == {"pair_views", "lr"}
+    assert paired.pair_views == "place" and paired.lr == 2e-3
+    validate_pretrain_config(paired)
+
+
 def test_the_command_records_a_run_whose_weights_load_as_run_id(
     tmp_path: Path, monkeypatch
 ) -> None:
