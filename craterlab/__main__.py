@@ -17,6 +17,9 @@ from craterlab.errors import CraterlabError, closest, disk_full_message
 from craterlab.kinds import GROUP_KINDS
 from craterlab.plugins import config_dir, plugin_config_dirs
 
+STAGE_PREFIX = "retrieval.stages."
+"""Overrides of one retrieval stage's key: ``retrieval.stages.<stage>.<key>=value``."""
+
 __all__ = ["config_dir", "main", "plugin_config_dirs"]
 
 log = logging.getLogger("craterlab")
@@ -117,7 +120,8 @@ def check_component_keys(overrides: list[str]) -> list[str]:
     the closest match. Only runs when such an override is present (one extra compose). Values
     are checked as Hydra converts them, and a valid key that the group's config file doesn't
     list (a factory parameter with a default, e.g. ``aggregator.temperature=0.05``) is passed
-    to Hydra as ``+group.key=value``; returns the overrides to run with.
+    to Hydra as ``+group.key=value``; returns the overrides to run with. A retrieval stage's
+    keys (``retrieval.stages.<stage>.<key>=value``) are checked the same way.
     """
     suspects = []
     for arg in overrides:
@@ -125,9 +129,12 @@ def check_component_keys(overrides: list[str]) -> list[str]:
         group, dot, key = head.partition(".")
         if sep and dot and group in GROUP_KINDS and "." not in key:
             suspects.append((arg, group, key, value))
+        elif sep and head.startswith(STAGE_PREFIX) and head.count(".") == 3:
+            suspects.append((arg, head.rpartition(".")[0], head.rpartition(".")[2], value))
     if not suspects:
         return overrides
     from hydra import compose, initialize_config_dir
+    from omegaconf import DictConfig, OmegaConf
 
     from craterlab.plugins import get_registry
 
@@ -139,12 +146,14 @@ def check_component_keys(overrides: list[str]) -> list[str]:
             return overrides  # Hydra reports problems with the other overrides itself
     added = set()
     for arg, group, key, _ in suspects:
-        node = cfg[group]
+        node = OmegaConf.select(cfg, group)
         values = override_values(arg)
-        if key not in node and values is not None:
-            for value in values:
-                get_registry().validate(group, {**node, key: value})
-            added.add(arg)
+        if not isinstance(node, DictConfig) or key in node or values is None:
+            continue  # a stage the run doesn't have, or a key it has: Hydra's own message
+        kind = "stage" if group.startswith(STAGE_PREFIX) else group
+        for value in values:
+            get_registry().validate(kind, {**node, key: value}, group=group)
+        added.add(arg)
     return [f"+{a}" if a in added else a for a in overrides]
 
 

@@ -321,8 +321,13 @@ class Registry:
                 "(`python -m craterlab plugins` lists what is installed)."
             ) from None
 
-    def validate(self, kind: str, config: Any) -> tuple[Component, dict[str, Any]]:
-        """The component and its keyword arguments, after checking every key and type."""
+    def validate(
+        self, kind: str, config: Any, group: str | None = None
+    ) -> tuple[Component, dict[str, Any]]:
+        """The component and its keyword arguments, after checking every key and type.
+
+        ``group``: the config path the fix in an error message names (default: the kind;
+        a retrieval stage's is ``retrieval.stages.<stage>``)."""
         values = to_plain(config)
         name = values.get("name")
         if not isinstance(name, str) or not name:
@@ -331,7 +336,8 @@ class Registry:
                 f"{', '.join(self.names(kind))} (e.g. {kind}=NAME on the command line)."
             )
         component = self.get(kind, name)
-        kwargs = check_config(component.params, values, label=f"{kind} {name!r}", group=kind)
+        label = f"{kind} {name!r}"
+        kwargs = check_config(component.params, values, label=label, group=group or kind)
         return component, kwargs
 
     def build(self, kind: str, config: Any, **context: Any) -> Any:

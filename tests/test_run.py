@@ -122,6 +122,26 @@ def test_mistyped_component_key_names_the_valid_keys(tmp_path) -> None:
     assert "Valid keys: k, seeds, assign, temperature" in result.stderr
 
 
+def test_mistyped_stage_key_names_the_stage_keys_and_the_path_to_fix(tmp_path) -> None:
+    stage = "retrieval.stages.token_ivf"
+    result = cli("tracking=none", "retrieval=token_ivf", f"{stage}.refin=300", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "stage 'token_ivf' has no config key 'refin'. Did you mean 'refine'?" in result.stderr
+    assert f"(e.g. {stage}.shortlist=VALUE)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_stage_key_its_config_file_omits_is_added_not_refused() -> None:
+    from craterlab.__main__ import check_component_keys
+
+    args = ["retrieval=token_ivf", "retrieval.stages.token_ivf.sample=5000"]
+    assert check_component_keys(args) == [args[0], "+" + args[1]]  # a factory default
+    listed = ["retrieval=token_ivf", "retrieval.stages.token_ivf.refine=300"]
+    assert check_component_keys(listed) == listed  # in the yaml: Hydra sets it as is
+    with pytest.raises(ConfigError, match="'sample' must be int"):
+        check_component_keys(["retrieval=token_ivf", "retrieval.stages.token_ivf.sample=x"])
+
+
 def test_plugins_listing_shows_every_kind(tmp_path) -> None:
     result = cli("plugins", cwd=tmp_path)
     assert result.returncode == 0
