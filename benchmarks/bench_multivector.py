@@ -279,10 +279,12 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
         if method.startswith("token_ivf"):
             grow = n // args.sizes[0] if args.grow_lists else 1
             for lists in [x * grow for x in args.lists]:
-                for nprobe, refine, dims, cap in itertools.product(
-                    args.nprobe, args.refine, args.refine_dims, args.max_postings
+                for nprobe, refine, dims, cap, cells in itertools.product(
+                    args.nprobe, args.refine, args.refine_dims, args.max_postings, args.cell_probe
                 ):
                     over = {"lists": lists, "nprobe": nprobe}
+                    if cells:
+                        over.update(cell_probe=cells)
                     if refine:
                         over.update(refine=refine, refine_dims=dims)
                     if cap:
@@ -328,8 +330,9 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
                 impacts, impacts_s = cached_impacts(saved, store, base, n)
                 ivf_build = (ivf_build or 0.0) + impacts_s
             prepared["generator:token_ivf"] = TokenIvf(
-                base.centroids, base.codes, base.mask, settings, sketch=sketch, impacts=impacts
-            )
+                base.centroids, base.codes, base.mask, settings, sketch=sketch, impacts=impacts,
+                cells=base.cells,
+            )  # fmt: skip
             label += f" ({len(base.centroids)} lists)" if not over["lists"] else ""
         for s in args.shortlists:
             cfg = {**METHODS[method], **over, "shortlist": s, "timing_queries": args.single}
@@ -496,6 +499,13 @@ def main() -> None:
     )
     ap.add_argument(
         "--coarse", type=int, default=0, help="token IVF: two-level k-means cells (0: one)"
+    )
+    ap.add_argument(
+        "--cell-probe",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="token IVF with --coarse: probe only the lists of each token's best cells (0: all)",
     )
     ap.add_argument(
         "--grow-lists",

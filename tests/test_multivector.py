@@ -231,11 +231,22 @@ def brute_list_scores(
     i: int,
     nprobe: int,
     fill: str,
+    cells: torch.Tensor | None = None,
+    cell_probe: int = 0,
 ) -> dict[int, float]:
     """One query's list score by its definition: per real query token, the best probed
-    centroid's score among those with a token of the image, else the fill; summed."""
+    centroid's score among those with a token of the image, else the fill; summed. With
+    ``cells``, a token probes (and takes its fill from) only the children of its best
+    ``cell_probe`` cells (child j of cell c is list c * per + j)."""
     real = q.vectors[i][q.mask[i]]
     sims = real @ cent.T
+    if cells is not None:
+        per = len(cent) // len(cells)
+        allowed = torch.zeros_like(sims, dtype=torch.bool)
+        for a, best in enumerate((real @ cells.T).topk(cell_probe, dim=1).indices):
+            for c in best.tolist():
+                allowed[a, c * per : (c + 1) * per] = True
+        sims = sims.masked_fill(~allowed, float("-inf"))
     top = sims.topk(nprobe + 1, dim=1)
     probed = [set(top.indices[a, :nprobe].tolist()) for a in range(len(real))]
     fills = top.values[:, nprobe] if fill == "next" else torch.zeros(len(real))
@@ -267,6 +278,43 @@ def test_token_ivf_list_scores_rank_as_brute_force(fill: str) -> None:
         assert set(cands) == set(want)
         ordered = [want[c] for c in cands]
         assert all(a >= b - 1e-5 for a, b in itertools.pairwise(ordered)), ordered
+
+
+@pytest.mark.parametrize("cell_probe", [1, 2])
+def test_probing_through_cells_scores_only_the_best_cells_lists(cell_probe: int) -> None:
+    g = clustered(60)
+    q = noisy_queries(g, [2, 9, 33, 59])
+    cells = unit(torch.randn(4, 16, generator=torch.Generator().manual_seed(4)))
+    kids = unit(cells.repeat_interleave(3, 0) + 0.5 * torch.randn(12, 16))  # 3 lists per cell
+    codes = (g.vectors @ kids.T).argmax(-1).to(torch.int32)
+    settings = TokenIvfSettings(nprobe=2, coarse=4, cell_probe=cell_probe)
+    ivf = TokenIvf(kids, codes, g.mask, settings, cells=cells)
+    got = ivf.candidates(q, 60)
+    for i, row in enumerate(got):
+        want = brute_list_scores(codes, g.mask, kids, q, i, 2, "next", cells, cell_probe)
+        cands = [c for c in row.tolist() if c >= 0]
+        assert set(cands) == set(want)
+        ordered = [want[c] for c in cands]
+        assert all(a >= b - 1e-5 for a, b in itertools.pairwise(ordered)), ordered
+    # probing through every cell is probing every list
+    every = TokenIvf(
+        kids, codes, g.mask, TokenIvfSettings(nprobe=2, coarse=4, cell_probe=4), cells=cells
+    )
+    flat = TokenIvf(kids, codes, g.mask, TokenIvfSettings(nprobe=2))
+    torch.testing.assert_close(every.candidates(q, 60), flat.candidates(q, 60))
+    assert not torch.equal(got, flat.candidates(q, 60))  # fewer cells: other candidates
+
+
+def test_probing_through_cells_needs_a_two_level_index_and_the_list_score() -> None:
+    g = clustered(20)
+    cent = unit(torch.randn(8, 16))
+    codes = (g.vectors @ cent.T).argmax(-1).to(torch.int32)
+    with pytest.raises(ConfigError, match="this index has none: build it with coarse set"):
+        TokenIvf(cent, codes, g.mask, TokenIvfSettings(coarse=4, cell_probe=2))
+    with pytest.raises(ConfigError, match="coarse=0 and score='lists'"):
+        TokenIvfSettings(cell_probe=2).check()
+    with pytest.raises(ConfigError, match="score='centroids'"):
+        TokenIvfSettings(lists=8, coarse=4, cell_probe=2, score="centroids").check()
 
 
 def test_list_score_kernel_equals_numpy_and_is_order_sensitive() -> None:
@@ -544,6 +592,11 @@ def test_a_gallery_index_searches_with_a_generator_and_workflows_pick_it() -> No
             {"lists": 8, "refine": 20, "refine_dims": 4},
         ),
         ("muvera", {"repetitions": 3, "index": "HNSW16"}, {"repetitions": 4}),
+        (
+            "token_ivf",
+            {"lists": 16, "coarse": 4, "cell_probe": 2},
+            {"lists": 16, "coarse": 4, "cell_probe": 3},
+        ),
     ],
 )
 def test_a_saved_index_keeps_its_generator(tmp_path, mode: str, options: dict, other: dict) -> None:

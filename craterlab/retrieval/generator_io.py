@@ -62,6 +62,8 @@ def save_generator(gen: Any, kind: str, directory: Path) -> None:
             np.save(directory / "codes.npy", gen.codes.numpy())
             if gen.mask is not None:
                 np.save(directory / "mask.npy", gen.mask.numpy())
+        if gen.cells is not None:
+            np.save(directory / "cells.npy", gen.cells.numpy())
         if gen.sketch is not None:
             np.save(directory / "sketch_projection.npy", gen.sketch.projection.numpy())
             np.save(directory / "sketch_codes.npy", gen.sketch.codes.numpy())
@@ -114,7 +116,7 @@ def load_generator(directory: Path, store: Any) -> tuple[str, Any]:
     return kind, gen
 
 
-NEWER_IVF_FIELDS = ("refine", "refine_dims", "max_postings", "coarse")
+NEWER_IVF_FIELDS = ("refine", "refine_dims", "max_postings", "coarse", "cell_probe")
 """Token IVF settings added after indexes were first saved (absent from older ones)."""
 
 
@@ -153,6 +155,8 @@ def _load_ivf(directory: Path, meta: dict[str, Any], store: Any) -> TokenIvf:
         codes, mask = None, None
     list_ids = np.load(directory / "list_ids.npy")
     offsets = np.load(directory / "offsets.npy")
+    file = directory / "cells.npy"
+    cells = torch.from_numpy(np.load(file)) if file.is_file() else None
     sketch = None
     if settings.refine:  # memory-mapped: a big gallery's sketches are read where they lie
         sketch = TokenSketch(
@@ -163,5 +167,5 @@ def _load_ivf(directory: Path, meta: dict[str, Any], store: Any) -> TokenIvf:
         )
     return TokenIvf.from_lists(
         centroids, list_ids, offsets, int(meta["ntotal"]), settings, codes, mask,
-        bool(meta["codes_shared"]), sketch, bool(meta.get("impact_ordered", False)),
+        bool(meta["codes_shared"]), sketch, bool(meta.get("impact_ordered", False)), cells,
     )  # fmt: skip

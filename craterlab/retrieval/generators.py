@@ -368,7 +368,8 @@ class TokenIvfStage(CandidateStage):
     ``refine``: the list score's best that many re-scored on ``refine_dims``-dimensional token
     sketches before the top S are reranked (PLAID's staged pruning; 0: off); ``max_postings``:
     postings read per probed list, best impact first (0: all); ``coarse``: lists trained by a
-    two-level k-means with that many cells (0: one k-means)."""
+    two-level k-means with that many cells (0: one k-means); ``cell_probe``: with ``coarse``,
+    a query token probes only the lists of its best ``cell_probe`` cells (0: every list)."""
 
     kind = "token_ivf"
 
@@ -387,13 +388,14 @@ class TokenIvfStage(CandidateStage):
         refine_dims: int = 64,
         max_postings: int = 0,
         coarse: int = 0,
+        cell_probe: int = 0,
         block: int = 1000,
         timing_queries: int = 16,
     ) -> None:
         super().__init__(shortlist, block, timing_queries)
         self.ivf = TokenIvfSettings(
             lists, nprobe, score, fill, sample, iters, seed, max_lists, refine, refine_dims,
-            max_postings, coarse,
+            max_postings, coarse, cell_probe,
         )  # fmt: skip
         try:
             self.ivf.check()

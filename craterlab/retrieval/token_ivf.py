@@ -56,7 +56,9 @@ class TokenIvfSettings:
     none). ``max_postings``: postings read per probed list, best impact first (0: all).
     ``coarse``: 0 trains the lists by one k-means; > 0 by a two-level one (``coarse`` cells,
     each split into ``lists / coarse``), so that a token's assignment costs about ``coarse +
-    lists / coarse`` centroid products instead of ``lists``.
+    lists / coarse`` centroid products instead of ``lists``. ``cell_probe`` (with ``coarse``):
+    a query token scores the cells, then only the lists of its best ``cell_probe`` cells
+    (0: every list), so probing costs ``coarse + cell_probe * lists / coarse`` products.
     ``sample``/``iters``/``seed``: k-means training when the lists are trained here
     (the sketch projection is fitted on the same sample)."""
 
@@ -72,6 +74,7 @@ class TokenIvfSettings:
     refine_dims: int = 64
     max_postings: int = 0
     coarse: int = 0
+    cell_probe: int = 0
 
     def check(self) -> None:
         if (
@@ -84,17 +87,25 @@ class TokenIvfSettings:
             or self.refine_dims < 1
             or self.max_postings < 0
             or self.coarse < 0
+            or self.cell_probe < 0
         ):
             raise ConfigError(
                 "token_ivf needs lists >= 0 (0: automatic), nprobe >= 1, sample >= 1, "
                 "iters >= 1, max_lists >= 1, refine >= 0 (0: off), refine_dims >= 1, "
-                "max_postings >= 0 (0: all)"
+                "max_postings >= 0 (0: all), coarse >= 0, cell_probe >= 0"
             )
         if self.coarse and (self.lists <= self.coarse or self.lists % self.coarse):
             raise ConfigError(
                 f"token_ivf coarse={self.coarse} splits each coarse cell into lists / coarse "
                 f"lists, but lists={self.lists}: set lists to a multiple of coarse above it "
                 "(e.g. lists=8192 coarse=1024), or coarse=0 for one k-means."
+            )
+        if self.cell_probe and (not self.coarse or self.score != "lists"):
+            raise ConfigError(
+                f"token_ivf cell_probe={self.cell_probe} probes through the coarse cells of a "
+                f"two-level index with the list score, but coarse={self.coarse} and "
+                f"score={self.score!r}: set coarse (e.g. lists=8192 coarse=1024) and "
+                "score=lists, or cell_probe=0."
             )
         if self.max_postings and self.score != "lists":
             raise ConfigError(
@@ -143,6 +154,7 @@ class TokenIvf:
         codes_shared: bool = False,
         sketch: TokenSketch | None = None,
         impacts: torch.Tensor | None = None,
+        cells: torch.Tensor | None = None,
     ) -> None:
         n, k = codes.shape
         c = codes.reshape(-1).numpy().astype(np.int64)
@@ -165,7 +177,7 @@ class TokenIvf:
         offsets = np.concatenate([[0], np.cumsum(counts)])
         self._set(
             centroids, pairs % n, offsets, n, settings, codes, mask, codes_shared, sketch,
-            impacts is not None,
+            impacts is not None, cells,
         )  # fmt: skip
 
     def _set(
@@ -180,8 +192,15 @@ class TokenIvf:
         codes_shared: bool,
         sketch: TokenSketch | None = None,
         impact_ordered: bool = False,
+        cells: torch.Tensor | None = None,
     ) -> None:
         """Every field, from the lists (built from the codes or read from a saved index)."""
+        if settings.cell_probe and (cells is None or len(centroids) % len(cells)):
+            raise ConfigError(
+                f"token_ivf cell_probe={settings.cell_probe} probes through the coarse cells, "
+                "but this index has none: build it with coarse set (two-level lists)."
+            )
+        self.cells = None if cells is None else cells.float().contiguous()
         if settings.max_postings and not impact_ordered:
             raise ConfigError(
                 f"token_ivf max_postings={settings.max_postings} reads each list's best "
@@ -221,6 +240,7 @@ class TokenIvf:
         codes_shared: bool = False,
         sketch: TokenSketch | None = None,
         impact_ordered: bool = False,
+        cells: torch.Tensor | None = None,
     ) -> TokenIvf:
         """A token IVF from its saved lists (:mod:`.generator_io`); ``codes`` (N, K) are
         needed only for ``score="centroids"``."""
@@ -234,7 +254,7 @@ class TokenIvf:
         out = cls.__new__(cls)
         out._set(
             centroids, list_ids, offsets, ntotal, settings, codes, mask, codes_shared, sketch,
-            impact_ordered,
+            impact_ordered, cells,
         )  # fmt: skip
         return out
 
@@ -249,7 +269,8 @@ class TokenIvf:
     @property
     def overhead_bytes(self) -> int:
         sketch = 0 if self.sketch is None else self.sketch.overhead_bytes
-        return int(self.centroids.numel() * 4 + sketch)
+        cells = 0 if self.cells is None else self.cells.numel() * 4
+        return int(self.centroids.numel() * 4 + sketch + cells)
 
     def identity(self) -> dict[str, object]:
         return {**asdict(self.settings), "lists": len(self.centroids)}
@@ -266,10 +287,15 @@ class TokenIvf:
         out = torch.full((len(q), s), -1, dtype=torch.long)
         nprobe = min(self.settings.nprobe, len(self.centroids))
         extra = int(self.settings.fill == "next" and nprobe < len(self.centroids))
-        small = q.shape[0] * q.shape[1] * len(self.centroids) < 2**22
+        cells = self.cells if self.settings.cell_probe else None
+        width = len(self.centroids) if cells is None else len(cells)
+        small = q.shape[0] * q.shape[1] * width < 2**22
         with _one_thread_if(small):
-            sims = q @ self.centroids.T  # (Nq, Kq, C)
-            top = sims.topk(nprobe + extra, dim=-1)  # (Nq, Kq, nprobe [+1])
+            if cells is None:
+                sims = q @ self.centroids.T  # (Nq, Kq, C)
+                top = sims.topk(nprobe + extra, dim=-1)  # (Nq, Kq, nprobe [+1])
+            else:
+                sims, top = self.probe_cells(q, cells, nprobe)
 
         refine = self.settings.refine
 
@@ -287,6 +313,24 @@ class TokenIvf:
         with _one_thread_if(small and refine > 0):  # the sketch's small torch ops, too
             run_blocks(one, len(q), workers)
         return out
+
+    def probe_cells(
+        self, q: torch.Tensor, cells: torch.Tensor, nprobe: int
+    ) -> tuple[torch.Tensor, torch.return_types.topk]:
+        """Each query token's best lists among the children of its best ``cell_probe`` cells
+        (q (Nq, Kq, D)): (the children's scores, (Nq, Kq, P * per)) and their top
+        ``nprobe`` (+1 for fill next) as list ids, like a full probe's ``topk``."""
+        per = len(self.centroids) // len(cells)
+        best = (q @ cells.T).topk(min(self.settings.cell_probe, len(cells)), dim=-1).indices
+        kids = (best.unsqueeze(-1) * per + torch.arange(per)).flatten(2)  # (Nq, Kq, P * per)
+        sims = torch.empty(kids.shape)
+        for a in range(0, len(q), 8):  # gathered child centroids, a few queries at a time
+            block = self.centroids[kids[a : a + 8]]  # (b, Kq, P * per, D)
+            sims[a : a + 8] = torch.einsum("qtd,qtcd->qtc", q[a : a + 8], block)
+        extra = int(self.settings.fill == "next" and nprobe < kids.shape[-1])
+        top = sims.topk(min(nprobe + extra, kids.shape[-1]), dim=-1)
+        ids = kids.gather(-1, top.indices)
+        return sims, torch.return_types.topk((top.values, ids))
 
     def refined(self, query: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
         """``ranked`` (best first) with its first ``refine`` rows reordered by the sketch
@@ -419,9 +463,11 @@ def build_token_ivf(
     impacts = None
     if settings.max_postings:
         impacts = token_impacts(decode, codes_out, torch.from_numpy(cent), n)
+    cells = torch.from_numpy(top) if settings.coarse else None
     return TokenIvf(
-        torch.from_numpy(cent), codes_out, mask, settings, sketch=sketch, impacts=impacts
-    )
+        torch.from_numpy(cent), codes_out, mask, settings, sketch=sketch, impacts=impacts,
+        cells=cells,
+    )  # fmt: skip
 
 
 def train_two_level(
