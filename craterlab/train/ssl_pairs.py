@@ -25,7 +25,6 @@ image). A source with no place of two or more images is refused (:func:`place_gr
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import random
@@ -53,17 +52,9 @@ def manifest_path(source: Any) -> Path | None:
 
 def manifest_column(path: Path, column: str) -> dict[str, str]:
     """image_id -> the non-empty cells of one optional manifest column ({} without it)."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        if column not in header:
-            return {}
-        out = {}
-        for row in reader:
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items() if k}
-            if row.get(column):
-                out[row["image_id"]] = row[column]
-    return out
+    from craterlab.workflows.items import manifest_rows
+
+    return {row["image_id"]: row[column] for _, row in manifest_rows(path, [column]) if row[column]}
 
 
 def place_keys(source: Any) -> list[Hashable | None]:

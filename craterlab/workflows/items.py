@@ -221,26 +221,34 @@ def manifest_items(
     return items
 
 
-def manifest_geometry(path: Path) -> dict[str, tuple[float, float, float]]:
-    """image_id -> (x, y, diameter) from a manifest's optional geometry columns (else {})."""
+def manifest_rows(path: Path, columns: Sequence[str]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row with stripped keys and cells) of a manifest that has every one of
+    ``columns`` (optional ones: [] when any is missing)."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         header = [h.strip() for h in reader.fieldnames or []]
-        if not all(c in header for c in GEOMETRY_COLUMNS):
-            return {}
-        out: dict[str, tuple[float, float, float]] = {}
-        bad = []
-        for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            values = [row.get(c, "") for c in GEOMETRY_COLUMNS]
-            if not any(values):
-                continue
-            try:
-                x, y, d = (float(v) for v in values)
-            except ValueError:
-                bad.append(f"line {line}: x,y,diameter = {','.join(values)}")
-                continue
-            out[row["image_id"]] = (x, y, d)
+        if not all(c in header for c in columns):
+            return []
+        return [
+            (line, {(k or "").strip(): (v or "").strip() for k, v in row.items()})
+            for line, row in enumerate(reader, start=2)
+        ]
+
+
+def manifest_geometry(path: Path) -> dict[str, tuple[float, float, float]]:
+    """image_id -> (x, y, diameter) from a manifest's optional geometry columns (else {})."""
+    out: dict[str, tuple[float, float, float]] = {}
+    bad = []
+    for line, row in manifest_rows(path, GEOMETRY_COLUMNS):
+        values = [row.get(c, "") for c in GEOMETRY_COLUMNS]
+        if not any(values):
+            continue
+        try:
+            x, y, d = (float(v) for v in values)
+        except ValueError:
+            bad.append(f"line {line}: x,y,diameter = {','.join(values)}")
+            continue
+        out[row["image_id"]] = (x, y, d)
     if bad:
         raise DataError(
             f"Manifest {path} has non-numeric geometry values:" + listing(bad) + "\nFix them "
@@ -252,28 +260,22 @@ def manifest_geometry(path: Path) -> dict[str, tuple[float, float, float]]:
 def manifest_places(path: Path) -> dict[str, tuple[float, float, float, str]]:
     """image_id -> (lat, lon, diameter_km, crs) from the map columns that ingest writes from a
     georeferenced mosaic (else {}); rows with empty cells have no map position."""
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in reader.fieldnames or []]
-        if not all(c in header for c in PLACE_COLUMNS):
-            return {}
-        out: dict[str, tuple[float, float, float, str]] = {}
-        bad = []
-        for line, row in enumerate(reader, start=2):
-            row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-            values = [row.get(c, "") for c in PLACE_COLUMNS]
-            if not all(values[:2]) or not values[3]:
-                continue
-            try:
-                lat, lon = float(values[0]), float(values[1])
-                dkm = float(values[2]) if values[2] else math.nan
-            except ValueError:
-                bad.append(f"line {line}: lat,lon,diameter_km = {','.join(values[:3])}")
-                continue
-            if abs(lat) > 90 or not -180 <= lon <= 360:
-                bad.append(f"line {line}: lat {lat:g}, lon {lon:g} out of range")
-                continue
-            out[row["image_id"]] = (lat, lon, dkm, values[3])
+    out: dict[str, tuple[float, float, float, str]] = {}
+    bad = []
+    for line, row in manifest_rows(path, PLACE_COLUMNS):
+        values = [row.get(c, "") for c in PLACE_COLUMNS]
+        if not all(values[:2]) or not values[3]:
+            continue
+        try:
+            lat, lon = float(values[0]), float(values[1])
+            dkm = float(values[2]) if values[2] else math.nan
+        except ValueError:
+            bad.append(f"line {line}: lat,lon,diameter_km = {','.join(values[:3])}")
+            continue
+        if abs(lat) > 90 or not -180 <= lon <= 360:
+            bad.append(f"line {line}: lat {lat:g}, lon {lon:g} out of range")
+            continue
+        out[row["image_id"]] = (lat, lon, dkm, values[3])
     if bad:
         raise DataError(
             f"Manifest {path} has unusable map positions:" + listing(bad) + "\nFix them (lat "
