@@ -427,10 +427,7 @@ def build_token_ivf(
         and isinstance(codes, torch.Tensor)
         and settings.lists in (0, len(centroids))
     ):
-        sketch = sketch_store(tokens_of, settings, n, k, mask) if settings.refine else None
-        impacts = None
-        if settings.max_postings:
-            impacts = token_impacts(tokens_of, codes.cpu(), centroids.cpu().float(), n)
+        sketch, impacts = list_extras(tokens_of, settings, n, k, mask, codes.cpu(), centroids.cpu())
         return TokenIvf(
             centroids.cpu(), codes.cpu(), mask, settings, codes_shared=True, sketch=sketch,
             impacts=impacts,
@@ -459,15 +456,33 @@ def build_token_ivf(
             flat_x = x.reshape(-1, x.shape[-1])
             ids = assign_children(flat_x, ids.reshape(-1), torch.from_numpy(cent), per)
         codes_out[a : a + len(rows)] = ids.view(len(rows), -1)
-    sketch = sketch_store(decode, settings, n, k, mask, sample) if settings.refine else None
-    impacts = None
-    if settings.max_postings:
-        impacts = token_impacts(decode, codes_out, torch.from_numpy(cent), n)
+    sketch, impacts = list_extras(
+        decode, settings, n, k, mask, codes_out, torch.from_numpy(cent), sample
+    )
     cells = torch.from_numpy(top) if settings.coarse else None
     return TokenIvf(
         torch.from_numpy(cent), codes_out, mask, settings, sketch=sketch, impacts=impacts,
         cells=cells,
     )  # fmt: skip
+
+
+def list_extras(
+    decode: object,
+    settings: TokenIvfSettings,
+    n: int,
+    k: int,
+    mask: torch.Tensor | None,
+    codes: torch.Tensor,
+    centroids: torch.Tensor,
+    sample: np.ndarray | None = None,
+) -> tuple[TokenSketch | None, torch.Tensor | None]:
+    """What the settings add to the lists of a store whose tokens have centroid ids ``codes``:
+    the token sketches when ``refine`` is set, the tokens' impacts when ``max_postings`` is."""
+    sketch = sketch_store(decode, settings, n, k, mask, sample) if settings.refine else None
+    impacts = None
+    if settings.max_postings:
+        impacts = token_impacts(decode, codes, centroids.float(), n)
+    return sketch, impacts
 
 
 def train_two_level(
