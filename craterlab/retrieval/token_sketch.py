@@ -22,6 +22,7 @@ reads the top S of the result from the store.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -29,9 +30,14 @@ import torch
 
 from craterlab.errors import ConfigError, DataError
 from craterlab.retrieval import fused
+from craterlab.retrieval.cpu_engine import run_blocks
 from craterlab.retrieval.late_interaction import late_interaction_pairs
 from craterlab.retrieval.quantizers import quantize_int8
 from craterlab.types import Tokens
+
+INLINE = functools.partial(run_blocks, workers=1)
+"""Runs the kernel's work items on the calling thread (the token IVF's queries already run in
+parallel on the engine's workers)."""
 
 
 def fit_projection(sample: np.ndarray, dims: int) -> torch.Tensor:
@@ -97,18 +103,12 @@ class TokenSketch:
         cand = rows.long().unsqueeze(0)
         if fused.supports("int8", self.codes, self.scales):
             return fused.rerank(
-                "int8", qp, None, self.codes, self.scales, self.mask, cand, _inline, 1
+                "int8", qp, None, self.codes, self.scales, self.mask, cand, INLINE, 1
             )[0]
         g = self.codes[rows].float() * self.scales[rows].unsqueeze(-1)
         gm = None if self.mask is None else self.mask[rows]
         local = torch.arange(len(rows)).unsqueeze(0)
         return late_interaction_pairs(Tokens(qp), Tokens(g, gm), local)[0]
-
-
-def _inline(fn: Callable[[int], None], n: int) -> None:
-    """Run the kernel's work items on the calling thread (queries already run in parallel)."""
-    for b in range(n):
-        fn(b)
 
 
 def build_sketch(
