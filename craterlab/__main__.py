@@ -14,11 +14,8 @@ import sys
 from pathlib import Path
 
 from craterlab.errors import CraterlabError, closest, disk_full_message
-from craterlab.kinds import GROUP_KINDS
+from craterlab.kinds import GROUP_KINDS, STAGE_PREFIX
 from craterlab.plugins import config_dir, plugin_config_dirs
-
-STAGE_PREFIX = "retrieval.stages."
-"""Overrides of one retrieval stage's key: ``retrieval.stages.<stage>.<key>=value``."""
 
 __all__ = ["config_dir", "main", "plugin_config_dirs"]
 

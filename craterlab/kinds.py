@@ -152,3 +152,7 @@ def kind(name: str) -> Kind:
         if row.name == name:
             return row
     raise KeyError(name)
+
+
+STAGE_PREFIX = "retrieval.stages."
+"""Where a retrieval stage is configured: ``retrieval.stages.<stage>.<key>=value``."""

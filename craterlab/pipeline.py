@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from craterlab.backbones.extract import ExtractInfo, extract_features
 from craterlab.checks import check_features, check_scores, check_tokens, check_vectors
 from craterlab.errors import ConfigError
+from craterlab.kinds import STAGE_PREFIX
 from craterlab.metrics import confidence_intervals, evaluate, resolve_depth
 from craterlab.registry import Registry
 from craterlab.types import (
@@ -103,7 +104,7 @@ def build_components(cfg: DictConfig, registry: Registry, seed: int) -> Componen
     # cache_dir: where a PQ codebook is kept for the other jobs of a sweep
     quantizer = registry.build("quantizer", cfg.quantizer, seed=seed, cache_dir=cache_dir(cfg))
     stages = {
-        label: registry.build("stage", stage_cfg, seed=seed)
+        label: registry.build("stage", stage_cfg, group=f"{STAGE_PREFIX}{label}", seed=seed)
         for label, stage_cfg in (cfg.retrieval.get("stages") or {}).items()
     }
     if not stages:

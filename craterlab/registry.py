@@ -340,13 +340,14 @@ class Registry:
         kwargs = check_config(component.params, values, label=label, group=group or kind)
         return component, kwargs
 
-    def build(self, kind: str, config: Any, **context: Any) -> Any:
+    def build(self, kind: str, config: Any, group: str | None = None, **context: Any) -> Any:
         """Validate ``config`` (a mapping with ``name``) and build the component.
 
+        ``group``: the config path an error's fix names (as in :meth:`validate`).
         ``context`` passes run-level values (such as ``seed``) to factories that declare them;
         they are not config keys.
         """
-        component, kwargs = self.validate(kind, config)
+        component, kwargs = self.validate(kind, config, group)
         accepted = {p.name for p in component.params}
         kwargs.update({k: v for k, v in context.items() if k in accepted and k not in kwargs})
         try:

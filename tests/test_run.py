@@ -131,6 +131,21 @@ def test_mistyped_stage_key_names_the_stage_keys_and_the_path_to_fix(tmp_path) -
     assert "Traceback" not in result.stderr
 
 
+def test_a_wrong_key_in_a_stage_config_names_the_stage_path_to_fix(tmp_path) -> None:
+    """A stage config that reaches the pipeline with a bad key (a config file, a sweep's
+    yaml) is refused with the stage's own path, not the bare kind."""
+    from omegaconf import OmegaConf
+
+    from craterlab.pipeline import build_components
+    from craterlab.plugins import get_registry
+
+    cfg = tiny_config(tmp_path, "tracking=none", "retrieval=token_ivf")
+    OmegaConf.set_struct(cfg, False)
+    cfg.retrieval.stages.token_ivf.refin = 300
+    with pytest.raises(ConfigError, match=r"e.g. retrieval\.stages\.token_ivf\.shortlist=VALUE"):
+        build_components(cfg, get_registry(), seed=0)
+
+
 def test_a_stage_key_its_config_file_omits_is_added_not_refused() -> None:
     from craterlab.__main__ import check_component_keys
 
