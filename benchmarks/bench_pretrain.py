@@ -11,6 +11,9 @@ views):
 - **DINO with paired views** (``dino_paired``: ``pretrain.pair_views=place``, the two global
   crops of a place from two of its renderings under different suns; in the synthetic set a
   place is the catalogue crater a rendering is aimed at), same recipe and steps;
+- **DINO + iBOT** (``dino_ibot``, ``dino_paired_ibot``: ``pretrain.patch_loss=ibot``, the
+  student also predicts the teacher's projected patch tokens at block-masked positions of its
+  global crops; ``--patch-weight``, ``--mask-ratio``), same recipe and steps;
 - **SupCon fine-tuning** (:func:`craterlab.train.finetune.finetune`, the from-scratch recipe of
   ``bench_finetune.py``) on the same images with their crater labels, for the same wall-clock
   time as that seed's DINO run (its step count is set from 3 timed steps just before);
@@ -24,6 +27,8 @@ printed with every result: wall times on a shared machine say little without it.
     .venv/bin/python benchmarks/bench_pretrain.py                   # 500 steps, seeds 0,1,2
     .venv/bin/python benchmarks/bench_pretrain.py --steps 1000 --methods dino --seeds 0
     .venv/bin/python benchmarks/bench_pretrain.py --methods dino_paired --steps 1600 --set lr=2e-3
+    .venv/bin/python benchmarks/bench_pretrain.py --methods dino_paired,dino_paired_ibot \
+        --steps 1600 --set lr=2e-3
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from craterlab.train.recipes import from_scratch_config, pretrain_cpu_config  # 
 DATA = {"n_identities": 200, "n_query_craters": 30, "image_size": 96}
 IMAGE_SIZE = 96
 K = 32
+METHODS = ("dino", "dino_paired", "dino_ibot", "dino_paired_ibot", "supcon")
 STEPS = 500
 """DINO steps of the default run: 12 minutes on this shared 2-core machine at load average 9.5
 (three seeds at once, one torch thread each), about 3 minutes when it was quiet."""
@@ -200,7 +206,22 @@ def main() -> None:
     parser.add_argument(
         "--methods",
         default="dino,supcon",
-        help="dino, dino_paired (views of one place from two images: pair_views), supcon",
+        help="dino, dino_paired (views of one place from two images: pair_views), dino_ibot, "
+        "dino_paired_ibot (+ iBOT masked patch loss), supcon",
+    )
+    parser.add_argument(
+        "--patch-weight", type=float, default=1.0, help="the *_ibot methods' pretrain.patch_weight"
+    )
+    parser.add_argument(
+        "--mask-ratio",
+        default="0.1,0.5",
+        help="the *_ibot methods' pretrain.mask_ratio (low,high share of a crop's patch tokens)",
+    )
+    parser.add_argument(
+        "--mask-share",
+        type=float,
+        default=0.5,
+        help="the *_ibot methods' pretrain.mask_share (share of global crops masked)",
     )
     parser.add_argument("--identities", type=int, default=DATA["n_identities"])
     parser.add_argument(
@@ -246,10 +267,16 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = args.methods.split(",")
-    unknown = set(methods) - {"dino", "dino_paired", "supcon"}
+    unknown = set(methods) - set(METHODS)
     if unknown:
-        raise SystemExit(f"unknown method(s) {sorted(unknown)}: use dino, dino_paired, supcon")
+        raise SystemExit(f"unknown method(s) {sorted(unknown)}: use {', '.join(METHODS)}")
     overrides = parse_overrides(args.set)
+    ibot = {
+        "patch_loss": "ibot",
+        "patch_weight": args.patch_weight,
+        "mask_ratio": [float(v) for v in args.mask_ratio.split(",")],
+        "mask_share": args.mask_share,
+    }
     rows: dict[str, list[dict[str, float]]] = {"random init": []}
     for seed in seeds:
         t0 = time.perf_counter()
@@ -267,19 +294,24 @@ def main() -> None:
         )
         print(f"  random init: {rows['random init'][-1]}", flush=True)
         dino_minutes = args.supcon_minutes
-        for method in ("dino", "dino_paired", "supcon"):
+        for method in METHODS:
             if method not in methods:
                 continue
-            if method == "dino":
-                fn = functools.partial(run_dino, data, seed, curve=args.curve, **overrides)
+            if method.startswith("dino"):
+                keys = dict(overrides)
+                label = "DINO"
+                if "paired" in method:
+                    keys["pair_views"] = args.pair
+                    label += f", views paired by {args.pair}"
+                if method.endswith("ibot"):
+                    keys.update(ibot)
+                    label += (
+                        f" + iBOT x{args.patch_weight:g} (mask {args.mask_ratio}, "
+                        f"share {args.mask_share:g})"
+                    )
+                fn = functools.partial(run_dino, data, seed, curve=args.curve, **keys)
                 steps = args.steps
-                label = "DINO (unlabeled)"
-            elif method == "dino_paired":
-                fn = functools.partial(
-                    run_dino, data, seed, curve=args.curve, **overrides, pair_views=args.pair
-                )
-                steps = args.steps
-                label = f"DINO, views paired by {args.pair} (unlabeled)"
+                label += " (unlabeled)"
             else:
                 fn = functools.partial(run_supcon, data, seed)
                 budget = 60 * (dino_minutes if dino_minutes is not None else 10.0)

@@ -7,7 +7,9 @@ centring and sharpening (:class:`~lightly.loss.DINOLoss`), the momentum update a
 schedules; this module feeds them multi-crop views of grey orbital imagery
 (:mod:`craterlab.train.ssl_views`) and runs the schedules per step: AdamW learning rate (linear
 warmup, cosine decay), weight decay (cosine up), teacher momentum (cosine to 1), teacher
-temperature (linear warmup), the head's last layer frozen for the first steps.
+temperature (linear warmup), the head's last layer frozen for the first steps. With
+``patch_loss=ibot`` the student also sees its global crops with block-masked patch tokens and
+predicts the teacher's projected tokens there (iBOT, :mod:`craterlab.train.ssl_patch`).
 
 The result is the teacher's backbone, saved as a plain ``state_dict`` (``model.pt``) with a
 lineage sidecar ("self-supervised on <data>, from <start>"), so ``backbone.weights=<path>`` or
@@ -44,6 +46,15 @@ from craterlab.devices import resolve_device
 from craterlab.errors import ConfigError, CraterlabError, DataError
 from craterlab.train.pretrain_config import PretrainConfig, run_key, validate_pretrain_config
 from craterlab.train.ssl_pairs import pick_views, place_groups
+from craterlab.train.ssl_patch import (
+    block_masks,
+    check_grid,
+    grid_of,
+    masked_encoder,
+    patch_loss,
+    python_random,
+    require_vit,
+)
 from craterlab.train.ssl_views import MultiCrop
 from craterlab.train.training_state import (
     atomic_save,
@@ -157,7 +168,11 @@ def items_source(source: str, cache_mb: float = 1024.0) -> ImageSource:
 
 def _embed(model: torch.nn.Module, x: torch.Tensor, embedding: str) -> torch.Tensor:
     """The vector the DINO head sees: the CLS token (or pre-logits) or GeM over patch tokens."""
-    feats = model.forward_features(x)
+    return _pool(model, model.forward_features(x), embedding)
+
+
+def _pool(model: torch.nn.Module, feats: torch.Tensor, embedding: str) -> torch.Tensor:
+    """:func:`_embed` from the model's token outputs ``feats``."""
     npt = int(getattr(model, "num_prefix_tokens", 1))
     if embedding == "gem":
         t = feats[:, npt:].float().clamp(min=1e-6)
@@ -259,12 +274,13 @@ def pretrain(
 ) -> Path:
     """DINO-pretrain ``backbone.model`` on ``source``; return the teacher's ``model.pt``.
 
-    Callbacks: ``on_step(step, {loss, lr, weight_decay, momentum, teacher_temp})`` every step,
-    ``on_epoch_end(epoch, {loss, seconds, images_per_second, ...eval metrics})``;
+    Callbacks: ``on_step(step, {loss, lr, weight_decay, momentum, teacher_temp})`` every step
+    (with ``patch_loss=ibot`` also ``dino_loss`` and ``patch_loss``; ``loss`` is their weighted
+    sum), ``on_epoch_end(epoch, {loss, seconds, images_per_second, ...eval metrics})``;
     ``evaluate(backbone)`` (with the teacher's weights loaded) every ``eval_every`` epochs.
     """
     try:
-        from lightly.loss import DINOLoss
+        from lightly.loss import DINOLoss, IBOTPatchLoss
         from lightly.models.modules import DINOProjectionHead
         from lightly.models.utils import deactivate_requires_grad, update_momentum
         from lightly.utils.scheduler import cosine_schedule, cosine_warmup_schedule
@@ -287,6 +303,11 @@ def pretrain(
     if cfg.pair_views != "none":
         groups = place_groups(source, cfg.pair_views, cfg.pair_radius)
     check_images(source, cfg, local_need, None if groups is None else len(groups))
+    ibot = cfg.patch_loss == "ibot"
+    if ibot:
+        require_vit(model)
+        grid = grid_of(model, global_size)
+        check_grid(grid, cfg.mask_ratio)
     units = groups or [[i] for i in range(len(source))]  # a batch element: one place's images
     key = run_key(cfg, backbone.identity(), source.identity(), seed)
     out = Path(cfg.out_dir or out_dir or Path("outputs") / "pretrain" / key)
@@ -301,7 +322,15 @@ def pretrain(
         epochs=cfg.epochs,
         mismatch="holds a pretraining run with a different config, backbone (architecture or "
         "start weights), data or seed, so it cannot be resumed with this one. Use another "
-        "pretrain.out_dir, or delete the directory to start over.",
+        "pretrain.out_dir, or delete the directory to start over."
+        + (
+            " A run started without the patch objective cannot gain it midway (its state has "
+            "no patch head, mask token or patch centre): to add pretrain.patch_loss=ibot to "
+            "its weights, start a new pretrain.out_dir from them (backbone.weights="
+            f"{out / CHECKPOINT_FILE})."
+            if ibot
+            else ""
+        ),
         epochs_option="pretrain.epochs",
         elsewhere="out_dir",
     )
@@ -310,7 +339,7 @@ def pretrain(
     step_info = {
         "data": source.describe(),
         "start": start_text(parent),
-        "method": "dino" if groups is None else f"dino, views paired by {pair_text(cfg)}",
+        "method": method_text(cfg, groups is not None),
     }
     if state is not None and state["epoch"] >= cfg.epochs:
         log.info("pretraining already finished (%d epochs): %s", state["epoch"], checkpoint)
@@ -339,11 +368,28 @@ def pretrain(
     with torch.random.fork_rng(devices=rng_devices(device)):
         torch.manual_seed(seed)
         head = make_head()
+        separate = ibot and cfg.patch_head == "separate"
+        patch_head = make_head() if separate else head
     teacher = copy_without_hooks(model)
     teacher_head = make_head()  # weight_norm modules cannot be deep-copied: copy the state
     teacher_head.load_state_dict(head.state_dict())
+    teacher_patch_head = teacher_head
+    if separate:
+        teacher_patch_head = make_head()
+        teacher_patch_head.load_state_dict(patch_head.state_dict())
     deactivate_requires_grad(teacher)
     deactivate_requires_grad(teacher_head)
+    deactivate_requires_grad(teacher_patch_head)
+    mask_token = torch.nn.Parameter(torch.zeros(1, 1, dim, device=device))  # iBOT/DINOv2: zeros
+    student_encoder = masked_encoder(model, mask_token) if ibot else None
+    patch_criterion = None
+    if ibot:
+        patch_criterion = IBOTPatchLoss(
+            output_dim=cfg.out_dim,
+            teacher_temp=cfg.teacher_temp,
+            student_temp=cfg.student_temp,
+            center_momentum=cfg.center_momentum,
+        ).to(device)
     criterion = DINOLoss(
         output_dim=cfg.out_dim,
         warmup_teacher_temp=cfg.warmup_teacher_temp,
@@ -353,9 +399,13 @@ def pretrain(
     ).to(device)
     grad_flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(True)
-    params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
+    heads = [head, patch_head] if separate else [head]
+    params = [p for m in [model, *heads] for p in m.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim > 1]
     no_decay = [p for p in params if p.ndim <= 1]
+    if ibot:
+        params.append(mask_token)
+        no_decay.append(mask_token)
     optimizer = torch.optim.AdamW(
         [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
     )
@@ -371,6 +421,20 @@ def pretrain(
         criterion.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
+        if ibot:
+            patch = state.get("patch")
+            if patch is None:
+                raise ConfigError(
+                    f"{out} holds a pretraining state without the patch objective's parts "
+                    "(patch head, mask token, patch centre), so it cannot resume with "
+                    "pretrain.patch_loss=ibot. Start a new pretrain.out_dir from its weights "
+                    f"(backbone.weights={checkpoint}), or resume it with pretrain.patch_loss=none."
+                )
+            mask_token.data.copy_(patch["mask_token"])
+            patch_criterion.load_state_dict(patch["loss"])  # type: ignore[union-attr]
+            if separate:
+                patch_head.load_state_dict(patch["head"])
+                teacher_patch_head.load_state_dict(patch["teacher_head"])
         history, start = state["history"], state["epoch"]
         log.info("resuming pretraining from epoch %d/%d in %s", start, cfg.epochs, out)
 
@@ -415,6 +479,14 @@ def pretrain(
             "steps_per_epoch": steps,
             "seed": seed,
         }
+        if ibot:
+            snapshot["patch"] = {
+                "mask_token": mask_token.detach().cpu().clone(),
+                "loss": cpu_state(patch_criterion),  # its centre
+            }
+            if separate:
+                snapshot["patch"]["head"] = cpu_state(patch_head)
+                snapshot["patch"]["teacher_head"] = cpu_state(teacher_patch_head)
         atomic_save(snapshot, out / STATE_FILE)
         atomic_save(snapshot["teacher"], checkpoint)
         _write_lineage(checkpoint, parent, step_info, snapshot, run_id)
@@ -423,8 +495,11 @@ def pretrain(
     try:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            total_loss, seen = 0.0, 0
-            with torch.random.fork_rng(devices=rng_devices(device)):
+            total_loss, total_patch, seen = 0.0, 0.0, 0
+            with (
+                torch.random.fork_rng(devices=rng_devices(device)),
+                python_random(epoch_seed(seed, epoch, salt=37)),
+            ):
                 torch.manual_seed(epoch_seed(seed, epoch, salt=31))
                 order = list(range(len(units)))
                 random.Random(f"{seed}-{epoch}").shuffle(order)
@@ -452,11 +527,31 @@ def pretrain(
                     else:
                         globals_, locals_ = paired_views(source, crops, units, batch, pick_rng)
                     b = len(batch)
+                    g_in = torch.cat(globals_).to(device)
+                    p_loss = None
                     with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                         with torch.no_grad():
-                            t_in = torch.cat(globals_).to(device)
-                            t_out = teacher_head(_embed(teacher, t_in, cfg.embedding)).float()
-                        s_out = head(_embed(model, torch.cat(globals_).to(device), cfg.embedding))
+                            t_feats = teacher.forward_features(g_in)
+                            t_out = teacher_head(_pool(teacher, t_feats, cfg.embedding)).float()
+                        if student_encoder is None:
+                            s_feats = model.forward_features(g_in)
+                        else:  # the student sees the global crops with masked patch tokens
+                            npt = int(getattr(model, "num_prefix_tokens", 1))
+                            mask, block = block_masks(
+                                len(g_in), grid, npt, cfg.mask_ratio, cfg.mask_share, device
+                            )
+                            s_feats = student_encoder.encode(g_in, mask=mask)
+                            p_loss = patch_loss(
+                                patch_criterion,  # type: ignore[arg-type]
+                                t_feats,
+                                s_feats,
+                                mask,
+                                block,
+                                teacher_patch_head,
+                                patch_head,
+                                s["teacher_temp"],
+                            )
+                        s_out = head(_pool(model, s_feats, cfg.embedding))
                         student = list(s_out.float().split(b))
                         if locals_:
                             l_in = torch.cat(locals_).to(device)
@@ -464,6 +559,9 @@ def pretrain(
                                 head(_embed(model, l_in, cfg.embedding)).float().split(b)
                             )
                     loss = criterion(list(t_out.split(b)), student, teacher_temp=s["teacher_temp"])
+                    dino_value = loss.item() if ibot else None
+                    if p_loss is not None:
+                        loss = loss + cfg.patch_weight * p_loss
                     if not torch.isfinite(loss):
                         raise _diverged(loss, epoch, step, g_step, cfg, out, checkpoint)
                     optimizer.zero_grad(set_to_none=True)
@@ -472,19 +570,27 @@ def pretrain(
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                     if g_step < freeze:
-                        for p in head.last_layer.parameters():
-                            p.grad = None
+                        for h in heads:
+                            for p in h.last_layer.parameters():
+                                p.grad = None
                     scaler.step(optimizer)
                     scaler.update()
                     update_momentum(model, teacher, s["momentum"])
                     update_momentum(head, teacher_head, s["momentum"])
+                    if separate:
+                        update_momentum(patch_head, teacher_patch_head, s["momentum"])
                     value = loss.item()
                     total_loss += value
+                    extra = {}
+                    if ibot:
+                        p_value = 0.0 if p_loss is None else p_loss.item()
+                        total_patch += p_value
+                        extra = {"dino_loss": dino_value, "patch_loss": p_value}
                     seen += b
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.1f}")
                     if on_step is not None:
-                        on_step(g_step + 1, {"loss": value, **s})
+                        on_step(g_step + 1, {"loss": value, **extra, **s})
                 bar.close()
             seconds = time.perf_counter() - t0
             metrics = {
@@ -492,6 +598,8 @@ def pretrain(
                 "seconds": seconds,
                 "images_per_second": seen / max(seconds, 1e-9),
             }
+            if ibot:
+                metrics["patch_loss"] = total_patch / steps
             due = cfg.eval_every is not None and (
                 (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             )
@@ -513,6 +621,15 @@ def pretrain(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def method_text(cfg: PretrainConfig, paired: bool) -> str:
+    """The method in the weights' lineage: "dino", "dino + ibot patch loss x0.5", "..., views
+    paired by place"."""
+    text = "dino"
+    if cfg.patch_loss == "ibot":
+        text += f" + ibot patch loss x{cfg.patch_weight:g}"
+    return f"{text}, views paired by {pair_text(cfg)}" if paired else text
 
 
 def pair_text(cfg: PretrainConfig) -> str:

@@ -27,6 +27,9 @@ NON_TRAINING_KEYS = (
     "splits",
     "out_dir",
 )
+# The patch objective's settings: left out of run_key while it is off, so a run made before
+# they existed keeps its key (and resumes).
+PATCH_KEYS = ("patch_weight", "patch_head", "mask_ratio", "mask_share")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,12 @@ class PretrainConfig:
     teacher_temp_warmup: float = 0.3  # share of steps of the linear teacher-temperature warmup
     center_momentum: float = 0.9
     embedding: Literal["cls", "gem"] = "cls"  # what the head sees
+    # token-level objective: iBOT masked patch prediction (lightly's IBOTPatchLoss)
+    patch_loss: Literal["none", "ibot"] = "none"
+    patch_weight: float = 1.0  # total loss = DINO loss + patch_weight * patch loss
+    patch_head: Literal["separate", "shared"] = "separate"  # shared: the DINO head (iBOT)
+    mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # per masked crop
+    mask_share: float = 0.5  # share of the global crops that are masked (DINOv2)
     # multi-crop views for grey orbital imagery (no colour jitter)
     global_crops: int = 2
     local_crops: int = 6
@@ -161,6 +170,17 @@ def _check_values(c: PretrainConfig) -> None:
             "pair_views=coordinates needs pair_radius (how close two images' centres must be "
             "to show one place: km for lat/lon, else the dataset's map units)"
         )
+    if not c.patch_weight > 0:
+        problems.append(
+            "patch_weight must be > 0 (to train without the patch loss: patch_loss=none)"
+        )
+    if len(c.mask_ratio) != 2 or not 0 < c.mask_ratio[0] <= c.mask_ratio[1] < 1:
+        problems.append(
+            "mask_ratio must be [low, high] with 0 < low <= high < 1 (the share of a masked "
+            "crop's patch tokens; iBOT/DINOv2 use [0.1, 0.5])"
+        )
+    if not 0 < c.mask_share <= 1:
+        problems.append("mask_share must be in (0, 1] (the share of global crops masked)")
     if not c.splits and c.images is None:
         problems.append("splits is empty and no images folder/manifest is given")
     if problems:
@@ -178,6 +198,9 @@ def run_key(c: PretrainConfig, backbone_identity: Any, data_identity: Any, seed:
     payload = dataclasses.asdict(c)
     for key in NON_TRAINING_KEYS:
         payload.pop(key)
+    if c.patch_loss == "none":
+        for key in ("patch_loss", *PATCH_KEYS):
+            payload.pop(key)
     return stable_hash(
         {"pretrain": payload, "backbone": backbone_identity, "data": data_identity, "seed": seed}
     )
