@@ -301,6 +301,7 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
         ivf_build = None
         if method.startswith("token_ivf"):  # train and assign once per list count
             coarse = f"-c{args.coarse}" if args.coarse else ""
+            coarse += f"-s{args.sample_per_list}" if args.sample_per_list else ""
             saved = folder / f"token_ivf-{over['lists']}{coarse}"
             if over["lists"] not in ivf_cache and (saved / "build_s.txt").is_file():
                 _, base = load_generator(saved, store)  # built by an earlier run
@@ -308,13 +309,11 @@ def run_size(n: int, args: argparse.Namespace) -> list[dict]:
                 ivf_build = ivf_cache[over["lists"]][1]
             if over["lists"] not in ivf_cache:
                 t = time.perf_counter()
-                base = build_token_ivf(
-                    store,
-                    decode_rows(store),
-                    TokenIvfSettings(lists=over["lists"], score="centroids", coarse=args.coarse),
-                    n,
-                    K,
+                sample = args.sample_per_list * over["lists"] or TokenIvfSettings.sample
+                built = TokenIvfSettings(
+                    lists=over["lists"], score="centroids", coarse=args.coarse, sample=sample
                 )
+                base = build_token_ivf(store, decode_rows(store), built, n, K)
                 ivf_cache[over["lists"]] = (base, time.perf_counter() - t)
                 ivf_build = ivf_cache[over["lists"]][1]
                 save_generator(base, "token_ivf", saved)
@@ -511,6 +510,12 @@ def main() -> None:
         "--grow-lists",
         action="store_true",
         help="token IVF lists scale with N: --lists at the first size, times N / that size",
+    )
+    ap.add_argument(
+        "--sample-per-list",
+        type=int,
+        default=0,
+        help="token IVF k-means sample: this many tokens per list (0: the stage's default)",
     )
     ap.add_argument(
         "--max-postings",

@@ -14,7 +14,7 @@ from craterlab.plugins import get_registry
 from craterlab.retrieval.fde import FdeEncoder, FdeSettings
 from craterlab.retrieval.generator_io import load_generator, save_generator
 from craterlab.retrieval.late_interaction import late_interaction
-from craterlab.retrieval.list_score import score_lists, score_lists_numpy
+from craterlab.retrieval.list_score import score_lists, score_lists_numpy, score_top_s, top_s
 from craterlab.retrieval.residual import ResidualQuantizer, pack_bits, unpack_bits
 from craterlab.retrieval.stores import CodeStore
 from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings, sketch_store
@@ -315,6 +315,28 @@ def test_probing_through_cells_needs_a_two_level_index_and_the_list_score() -> N
         TokenIvfSettings(cell_probe=2).check()
     with pytest.raises(ConfigError, match="score='centroids'"):
         TokenIvfSettings(lists=8, coarse=4, cell_probe=2, score="centroids").check()
+
+
+@pytest.mark.parametrize("s", [1, 7, 60, 1000])
+def test_list_score_top_s_in_c_equals_sorting_every_touched_image(s: int) -> None:
+    """score_top_s (kernel + C heap) and the numpy top_s keep the first s of every touched
+    image sorted: best first, ties (many here: values on a grid of 4) by the lower image."""
+    rng = np.random.default_rng(1)
+    n, c = 300, 20
+    pairs = np.unique(rng.integers(0, c, 3000) * n + rng.integers(0, n, 3000))
+    ids = (pairs % n).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(pairs // n, minlength=c))])
+    probes = np.stack([rng.permutation(c)[:3] for _ in range(6)]).astype(np.int32)
+    vals = -np.sort(-rng.integers(1, 5, (6, 3)), axis=1).astype(np.float32) / 4
+    got = score_top_s(offsets, ids, n, probes, vals, s)
+    images, scores = score_lists_numpy(offsets, ids, n, probes, vals)
+    want = images[np.lexsort((images, -scores))][:s]  # every touched image sorted
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(top_s(images, scores, s), want)  # the numpy path
+    assert got.dtype == np.int64 and len(got) == min(
+        s, len(score_lists(offsets, ids, n, probes, vals)[0])
+    )
+    assert len(np.unique(vals)) < vals.size  # the grid makes ties
 
 
 def test_list_score_kernel_equals_numpy_and_is_order_sensitive() -> None:

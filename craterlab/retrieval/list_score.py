@@ -15,6 +15,7 @@ found the image (the fills are a per-query constant), which is what is accumulat
 :func:`score_lists` runs the C kernel ``list_score.c`` (compiled on first use like the fused
 rerank kernel, called through ctypes) or, where it cannot be built, :func:`score_lists_numpy`
 (vectorized numpy, same result); tests compare both with a brute-force reference.
+:func:`score_top_s` scores and keeps the best S in one call (the selection in C too).
 """
 
 from __future__ import annotations
@@ -57,24 +58,31 @@ def _load() -> ctypes.CDLL | None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     fn = lib.craterlab_list_score
-    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ptr, ctypes.c_int32, ptr, ptr, i64]
+    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int32, ptr, ptr, i64]
     fn.restype = i64
+    top = lib.craterlab_top_s
+    top.argtypes = [ptr, ptr, i64, i64, ptr, ptr]
+    top.restype = i64
     return lib
 
 
+SLOT = np.dtype([("acc", np.float32), ("stamp", np.int32)])
+"""One image's running sum and token stamp, side by side as the kernel's ``slot_t``."""
+
+
 class Workspace:
-    """Per-thread scratch of the kernel: a zeroed accumulator and token stamps per image."""
+    """Per-thread scratch of the kernel: per image a zeroed sum and a token stamp."""
 
     def __init__(self, n: int) -> None:
-        self.acc = np.zeros(n, np.float32)
-        self.stamp = np.full(n, -1, np.int32)
+        self.slot = np.zeros(n, SLOT)
+        self.slot["stamp"] = -1
         self.out_ids = np.empty(n, np.int32)
         self.out_vals = np.empty(n, np.float32)
         self.base = 0
 
     def next_base(self, t: int) -> int:
         if self.base + t >= 2**31 - 1:
-            self.stamp.fill(-1)
+            self.slot["stamp"] = -1
             self.base = 0
         base = self.base
         self.base += t
@@ -86,9 +94,34 @@ _local = threading.local()
 
 def _workspace(n: int) -> Workspace:
     ws = getattr(_local, "ws", None)
-    if ws is None or len(ws.acc) != n:
+    if ws is None or len(ws.slot) != n:
         ws = _local.ws = Workspace(n)
     return ws
+
+
+def _kernel_scores(
+    lib: ctypes.CDLL,
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    n: int,
+    probes: np.ndarray,
+    vals: np.ndarray,
+    cap: int,
+) -> tuple[Workspace, int]:
+    """Run the list-score kernel: the touched images and their sums are the workspace's
+    first ``m`` out_ids / out_vals (valid until the thread's next call)."""
+    probes = np.ascontiguousarray(probes, np.int32)
+    vals = np.ascontiguousarray(vals, np.float32)
+    if probes.size and (probes.min() < 0 or probes.max() >= len(offsets) - 1):
+        raise IndexError(f"probe outside the {len(offsets) - 1} lists")
+    ws = _workspace(n)
+    t, p = probes.shape
+    m = lib.craterlab_list_score(
+        offsets.ctypes.data, ids.ctypes.data, probes.ctypes.data, vals.ctypes.data, t, p,
+        ws.slot.ctypes.data, ws.next_base(t), ws.out_ids.ctypes.data, ws.out_vals.ctypes.data,
+        cap,
+    )  # fmt: skip
+    return ws, int(m)
 
 
 def score_lists(
@@ -106,18 +139,33 @@ def score_lists(
     lib = library()
     if lib is None:
         return score_lists_numpy(offsets, ids, n, probes, vals, cap)
-    probes = np.ascontiguousarray(probes, np.int32)
-    vals = np.ascontiguousarray(vals, np.float32)
-    if probes.size and (probes.min() < 0 or probes.max() >= len(offsets) - 1):
-        raise IndexError(f"probe outside the {len(offsets) - 1} lists")
-    ws = _workspace(n)
-    t, p = probes.shape
-    m = lib.craterlab_list_score(
-        offsets.ctypes.data, ids.ctypes.data, probes.ctypes.data, vals.ctypes.data, t, p,
-        ws.acc.ctypes.data, ws.stamp.ctypes.data, ws.next_base(t),
-        ws.out_ids.ctypes.data, ws.out_vals.ctypes.data, cap,
-    )  # fmt: skip
+    ws, m = _kernel_scores(lib, offsets, ids, n, probes, vals, cap)
     return ws.out_ids[:m].copy(), ws.out_vals[:m].copy()
+
+
+def score_top_s(
+    offsets: np.ndarray,
+    ids: np.ndarray,
+    n: int,
+    probes: np.ndarray,
+    vals: np.ndarray,
+    s: int,
+    cap: int = 0,
+) -> np.ndarray:
+    """The ``s`` best images of :func:`score_lists`, best first (ties: lower row first), as
+    int64: selected in C by a heap of ``s`` over the touched images, so neither the touched
+    images nor their sums are copied out (what grows with the gallery is their count)."""
+    lib = library()
+    if lib is None:
+        return top_s(*score_lists_numpy(offsets, ids, n, probes, vals, cap), s)
+    ws, m = _kernel_scores(lib, offsets, ids, n, probes, vals, cap)
+    best_ids = np.empty(max(0, s), np.int32)
+    best_vals = np.empty(max(0, s), np.float32)
+    k = lib.craterlab_top_s(
+        ws.out_ids.ctypes.data, ws.out_vals.ctypes.data, m, max(0, s),
+        best_ids.ctypes.data, best_vals.ctypes.data,
+    )  # fmt: skip
+    return best_ids[:k].astype(np.int64)
 
 
 def score_lists_numpy(
@@ -148,8 +196,12 @@ def score_lists_numpy(
 
 def top_s(images: np.ndarray, scores: np.ndarray, s: int) -> np.ndarray:
     """The ``s`` best images, best first (ties: lower row first)."""
-    if len(images) > s:
-        keep = np.argpartition(-scores, s - 1)[:s]
+    if len(images) > s:  # the s-th best value, then the lowest images among its ties
+        cut = -np.partition(-scores, s - 1)[s - 1]
+        above = np.flatnonzero(scores > cut)
+        tied = np.flatnonzero(scores == cut)
+        tied = tied[np.argsort(images[tied], kind="stable")[: s - len(above)]]
+        keep = np.concatenate([above, tied])
         images, scores = images[keep], scores[keep]
     order = np.lexsort((images, -scores))
     return images[order].astype(np.int64)

@@ -39,7 +39,7 @@ import torch
 
 from craterlab.errors import ConfigError, DataError
 from craterlab.retrieval.cpu_engine import run_blocks
-from craterlab.retrieval.list_score import score_lists, top_s
+from craterlab.retrieval.list_score import score_top_s
 from craterlab.retrieval.residual import assign
 from craterlab.retrieval.token_sketch import TokenSketch, build_sketch, fit_projection
 from craterlab.types import Tokens
@@ -358,8 +358,8 @@ class TokenIvf:
             vals = (top[:, :nprobe] - fill).numpy()
             ids = self.list_ids.numpy()
             cap = self.settings.max_postings
-            cand, score = score_lists(self.offsets, ids, self.ntotal, probes.numpy(), vals, cap)
-            return torch.from_numpy(top_s(cand, score, s))
+            best = score_top_s(self.offsets, ids, self.ntotal, probes.numpy(), vals, s, cap)
+            return torch.from_numpy(best)
         if self.settings.score == "centroids":
             cand = np.unique(self._lists(np.unique(probes.numpy())))
             if len(cand) == 0:
