@@ -11,10 +11,17 @@ import torch
 
 from craterlab.errors import ConfigError, DataError
 from craterlab.plugins import get_registry
+from craterlab.retrieval import list_score
 from craterlab.retrieval.fde import FdeEncoder, FdeSettings
 from craterlab.retrieval.generator_io import load_generator, save_generator
 from craterlab.retrieval.late_interaction import late_interaction
-from craterlab.retrieval.list_score import score_lists, score_lists_numpy, score_top_s, top_s
+from craterlab.retrieval.list_score import (
+    child_probe,
+    score_lists,
+    score_lists_numpy,
+    score_top_s,
+    top_s,
+)
 from craterlab.retrieval.residual import ResidualQuantizer, pack_bits, unpack_bits
 from craterlab.retrieval.stores import CodeStore
 from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings, sketch_store
@@ -280,8 +287,13 @@ def test_token_ivf_list_scores_rank_as_brute_force(fill: str) -> None:
         assert all(a >= b - 1e-5 for a, b in itertools.pairwise(ordered)), ordered
 
 
+@pytest.mark.parametrize("kernel", ["1", "0"])
 @pytest.mark.parametrize("cell_probe", [1, 2])
-def test_probing_through_cells_scores_only_the_best_cells_lists(cell_probe: int) -> None:
+def test_probing_through_cells_scores_only_the_best_cells_lists(
+    cell_probe: int, kernel: str, monkeypatch
+) -> None:
+    """The C child probe (kernel 1) and the torch gather (0) both match the definition."""
+    monkeypatch.setenv("CRATERLAB_LIST_KERNEL", kernel)
     g = clustered(60)
     q = noisy_queries(g, [2, 9, 33, 59])
     cells = unit(torch.randn(4, 16, generator=torch.Generator().manual_seed(4)))
@@ -315,6 +327,45 @@ def test_probing_through_cells_needs_a_two_level_index_and_the_list_score() -> N
         TokenIvfSettings(cell_probe=2).check()
     with pytest.raises(ConfigError, match="score='centroids'"):
         TokenIvfSettings(lists=8, coarse=4, cell_probe=2, score="centroids").check()
+
+
+def test_child_probe_kernel_equals_scoring_every_child_in_torch() -> None:
+    rng = torch.Generator().manual_seed(5)
+    cent = unit(torch.randn(6 * 5, 40, generator=rng))  # 6 cells x 5 children, D=40
+    q = unit(torch.randn(9, 40, generator=rng))
+    cells = torch.stack([torch.randperm(6, generator=rng)[:3] for _ in range(9)])
+    got = child_probe(q.numpy(), cells.numpy(), cent.numpy(), 5, 4)
+    assert got is not None
+    kids = (cells.unsqueeze(-1) * 5 + torch.arange(5)).flatten(1)  # (9, 15)
+    sims = (q.unsqueeze(1) * cent[kids]).sum(-1)
+    top = sims.topk(4, dim=-1)
+    torch.testing.assert_close(torch.from_numpy(got[0]), top.values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got[1], kids.gather(-1, top.indices).numpy())
+    with pytest.raises(ValueError, match="k=16 of 3 cells x 5 children"):
+        child_probe(q.numpy(), cells.numpy(), cent.numpy(), 5, 16)
+
+
+def test_list_score_blocks_of_images_give_the_unblocked_result(monkeypatch) -> None:
+    """Lists sorted by image are read block by block (cursor per probed list); any block
+    size gives the single pass's images and sums."""
+    rng = np.random.default_rng(2)
+    n, c = 1000, 30
+    pairs = np.unique(rng.integers(0, c, 6000) * n + rng.integers(0, n, 6000))
+    ids = (pairs % n).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(pairs // n, minlength=c))])
+    probes = np.stack([rng.permutation(c)[:4] for _ in range(5)]).astype(np.int32)
+    vals = -np.sort(-rng.random((5, 4)), axis=1).astype(np.float32)
+    one_ids, one_sc = score_lists(offsets, ids, n, probes, vals, sorted_lists=False)
+    for block in (1, 7, 128, 999, 5000):
+        monkeypatch.setattr(list_score, "BLOCK", block)
+        b_ids, b_sc = score_lists(offsets, ids, n, probes, vals)
+        o1, ob = np.argsort(one_ids), np.argsort(b_ids)
+        np.testing.assert_array_equal(one_ids[o1], b_ids[ob])
+        np.testing.assert_allclose(one_sc[o1], b_sc[ob], rtol=1e-6)
+        np.testing.assert_array_equal(
+            score_top_s(offsets, ids, n, probes, vals, 50),
+            top_s(one_ids, one_sc, 50),
+        )
 
 
 @pytest.mark.parametrize("s", [1, 7, 60, 1000])

@@ -58,12 +58,19 @@ def _load() -> ctypes.CDLL | None:
         return None
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
     fn = lib.craterlab_list_score
-    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int32, ptr, ptr, i64]
+    fn.argtypes = [ptr, ptr, ptr, ptr, i64, i64, ptr, ctypes.c_int32, ptr, ptr, i64, i64, i64, ptr]
     fn.restype = i64
     top = lib.craterlab_top_s
     top.argtypes = [ptr, ptr, i64, i64, ptr, ptr]
     top.restype = i64
+    child = lib.craterlab_child_probe
+    child.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr]
+    child.restype = None
     return lib
+
+
+BLOCK = 65_536
+"""Images per pass of the kernel over lists sorted by image: 512 KB of slots, a core's L2."""
 
 
 SLOT = np.dtype([("acc", np.float32), ("stamp", np.int32)])
@@ -107,19 +114,22 @@ def _kernel_scores(
     probes: np.ndarray,
     vals: np.ndarray,
     cap: int,
+    sorted_lists: bool,
 ) -> tuple[Workspace, int]:
     """Run the list-score kernel: the touched images and their sums are the workspace's
-    first ``m`` out_ids / out_vals (valid until the thread's next call)."""
+    first ``m`` out_ids / out_vals (valid until the thread's next call). Lists sorted by
+    image are read in blocks of :data:`BLOCK` images (same result, fewer cache misses)."""
     probes = np.ascontiguousarray(probes, np.int32)
     vals = np.ascontiguousarray(vals, np.float32)
     if probes.size and (probes.min() < 0 or probes.max() >= len(offsets) - 1):
         raise IndexError(f"probe outside the {len(offsets) - 1} lists")
     ws = _workspace(n)
     t, p = probes.shape
+    cursor = np.empty(t * p, np.int64)
     m = lib.craterlab_list_score(
         offsets.ctypes.data, ids.ctypes.data, probes.ctypes.data, vals.ctypes.data, t, p,
         ws.slot.ctypes.data, ws.next_base(t), ws.out_ids.ctypes.data, ws.out_vals.ctypes.data,
-        cap,
+        cap, BLOCK if sorted_lists else 0, n, cursor.ctypes.data,
     )  # fmt: skip
     return ws, int(m)
 
@@ -131,15 +141,17 @@ def score_lists(
     probes: np.ndarray,
     vals: np.ndarray,
     cap: int = 0,
+    sorted_lists: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(images, summed values) of one query: ``probes`` (T, P) centroid ids per token, best
     first; ``vals`` (T, P) each probe's value (its score minus the token's fill). An image
     counts, per token, the value of the first probed list holding it. ``cap`` > 0: only the
-    first ``cap`` postings of each list are read."""
+    first ``cap`` postings of each list are read. ``sorted_lists``: each list's images are
+    ascending (False for impact-ordered lists)."""
     lib = library()
     if lib is None:
         return score_lists_numpy(offsets, ids, n, probes, vals, cap)
-    ws, m = _kernel_scores(lib, offsets, ids, n, probes, vals, cap)
+    ws, m = _kernel_scores(lib, offsets, ids, n, probes, vals, cap, sorted_lists)
     return ws.out_ids[:m].copy(), ws.out_vals[:m].copy()
 
 
@@ -151,6 +163,7 @@ def score_top_s(
     vals: np.ndarray,
     s: int,
     cap: int = 0,
+    sorted_lists: bool = True,
 ) -> np.ndarray:
     """The ``s`` best images of :func:`score_lists`, best first (ties: lower row first), as
     int64: selected in C by a heap of ``s`` over the touched images, so neither the touched
@@ -158,7 +171,7 @@ def score_top_s(
     lib = library()
     if lib is None:
         return top_s(*score_lists_numpy(offsets, ids, n, probes, vals, cap), s)
-    ws, m = _kernel_scores(lib, offsets, ids, n, probes, vals, cap)
+    ws, m = _kernel_scores(lib, offsets, ids, n, probes, vals, cap, sorted_lists)
     best_ids = np.empty(max(0, s), np.int32)
     best_vals = np.empty(max(0, s), np.float32)
     k = lib.craterlab_top_s(
@@ -166,6 +179,33 @@ def score_top_s(
         best_ids.ctypes.data, best_vals.ctypes.data,
     )  # fmt: skip
     return best_ids[:k].astype(np.int64)
+
+
+def child_probe(
+    q: np.ndarray, cells: np.ndarray, centroids: np.ndarray, per: int, k: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """For query tokens ``q`` (T, D) and their cells (T, P): the ``k`` best lists among each
+    token's cells' children (child j of cell c is centroid row ``c * per + j``), as (values,
+    ids) (T, k), best first (ties: lower list first), computed in C on the centroids in place;
+    None where the kernel is not built."""
+    lib = library()
+    if lib is None:
+        return None
+    q = np.ascontiguousarray(q, np.float32)
+    cells = np.ascontiguousarray(cells, np.int32)
+    centroids = np.ascontiguousarray(centroids, np.float32)
+    t, p = cells.shape
+    if not 0 < k <= p * per or len(q) != t or q.shape[1] != centroids.shape[1]:
+        raise ValueError(f"child_probe: k={k} of {p} cells x {per} children, q {q.shape}")
+    if cells.size and (cells.min() < 0 or (cells.max() + 1) * per > len(centroids)):
+        raise IndexError(f"cell outside the {len(centroids) // per} cells")
+    vals = np.empty((t, k), np.float32)
+    ids = np.empty((t, k), np.int32)
+    lib.craterlab_child_probe(
+        q.ctypes.data, t, q.shape[1], cells.ctypes.data, p, centroids.ctypes.data, per, k,
+        ids.ctypes.data, vals.ctypes.data,
+    )  # fmt: skip
+    return vals, ids
 
 
 def score_lists_numpy(

@@ -39,7 +39,7 @@ import torch
 
 from craterlab.errors import ConfigError, DataError
 from craterlab.retrieval.cpu_engine import run_blocks
-from craterlab.retrieval.list_score import score_top_s
+from craterlab.retrieval.list_score import child_probe, score_top_s
 from craterlab.retrieval.residual import assign
 from craterlab.retrieval.token_sketch import TokenSketch, build_sketch, fit_projection
 from craterlab.types import Tokens
@@ -290,19 +290,26 @@ class TokenIvf:
         cells = self.cells if self.settings.cell_probe else None
         width = len(self.centroids) if cells is None else len(cells)
         small = q.shape[0] * q.shape[1] * width < 2**22
+        sims = top = best_cells = None
         with _one_thread_if(small):
             if cells is None:
                 sims = q @ self.centroids.T  # (Nq, Kq, C)
                 top = sims.topk(nprobe + extra, dim=-1)  # (Nq, Kq, nprobe [+1])
-            else:
-                sims, top = self.probe_cells(q, cells, nprobe)
+            else:  # each token's best cells, batched; their children per query below
+                want = min(self.settings.cell_probe, len(cells))
+                best_cells = (q @ cells.T).topk(want, dim=-1).indices  # (Nq, Kq, P)
 
         refine = self.settings.refine
 
         def one(i: int) -> None:
             real = slice(None) if queries.mask is None else queries.mask[i].bool()
             depth = max(s, refine)
-            best = self._rank(sims[i][real], top.values[i][real], top.indices[i][real], depth)
+            if best_cells is not None:
+                values, ids = self.probe_children(q[i][real], best_cells[i][real], nprobe)
+                best = self._rank(None, values, ids, depth)
+            else:
+                assert sims is not None and top is not None
+                best = self._rank(sims[i][real], top.values[i][real], top.indices[i][real], depth)
             if refine:
                 best = self.refined(q[i][real], best)
             best = best[:s]
@@ -310,27 +317,27 @@ class TokenIvf:
 
         # the list-score kernel releases the GIL: queries run on the engine's worker threads
         workers = torch.get_num_threads() if self.settings.score == "lists" else 1
-        with _one_thread_if(small and refine > 0):  # the sketch's small torch ops, too
+        with _one_thread_if(small and (refine > 0 or best_cells is not None)):
             run_blocks(one, len(q), workers)
         return out
 
-    def probe_cells(
+    def probe_children(
         self, q: torch.Tensor, cells: torch.Tensor, nprobe: int
-    ) -> tuple[torch.Tensor, torch.return_types.topk]:
-        """Each query token's best lists among the children of its best ``cell_probe`` cells
-        (q (Nq, Kq, D)): (the children's scores, (Nq, Kq, P * per)) and their top
-        ``nprobe`` (+1 for fill next) as list ids, like a full probe's ``topk``."""
-        per = len(self.centroids) // len(cells)
-        best = (q @ cells.T).topk(min(self.settings.cell_probe, len(cells)), dim=-1).indices
-        kids = (best.unsqueeze(-1) * per + torch.arange(per)).flatten(2)  # (Nq, Kq, P * per)
-        sims = torch.empty(kids.shape)
-        for a in range(0, len(q), 8):  # gathered child centroids, a few queries at a time
-            block = self.centroids[kids[a : a + 8]]  # (b, Kq, P * per, D)
-            sims[a : a + 8] = torch.einsum("qtd,qtcd->qtc", q[a : a + 8], block)
-        extra = int(self.settings.fill == "next" and nprobe < kids.shape[-1])
-        top = sims.topk(min(nprobe + extra, kids.shape[-1]), dim=-1)
-        ids = kids.gather(-1, top.indices)
-        return sims, torch.return_types.topk((top.values, ids))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One query's tokens q (Kq, D) and their best cells (Kq, P): each token's best
+        ``nprobe`` lists (+1 for fill next) among those cells' children, as (scores, list ids)
+        (Kq, nprobe [+1]), best first, like a full probe's ``topk``. The C kernel reads the
+        children in place; where it is not built, they are gathered and scored in torch."""
+        per = len(self.centroids) // len(self.cells)  # type: ignore[arg-type]
+        width = cells.shape[1] * per
+        k = min(nprobe + int(self.settings.fill == "next" and nprobe < width), width)
+        done = child_probe(q.numpy(), cells.numpy(), self.centroids.numpy(), per, k)
+        if done is not None:
+            return torch.from_numpy(done[0]), torch.from_numpy(done[1]).long()
+        kids = (cells.unsqueeze(-1) * per + torch.arange(per)).flatten(1)  # (Kq, P * per)
+        sims = torch.einsum("td,tcd->tc", q, self.centroids[kids])
+        top = sims.topk(k, dim=-1)
+        return top.values, kids.gather(-1, top.indices)
 
     def refined(self, query: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
         """``ranked`` (best first) with its first ``refine`` rows reordered by the sketch
@@ -347,10 +354,11 @@ class TokenIvf:
         return np.concatenate(parts) if parts else np.empty(0, np.int32)
 
     def _rank(
-        self, sims: torch.Tensor, top: torch.Tensor, probes: torch.Tensor, s: int
+        self, sims: torch.Tensor | None, top: torch.Tensor, probes: torch.Tensor, s: int
     ) -> torch.Tensor:
-        """Top-``s`` candidate rows of one query from its real tokens' ``sims`` (Kq, C) and
-        best centroids (``top`` scores and ``probes`` ids, (Kq, nprobe [+1]), descending)."""
+        """Top-``s`` candidate rows of one query from its real tokens' best centroids
+        (``top`` scores and ``probes`` ids, (Kq, nprobe [+1]), descending) and, for the
+        centroid interaction, their scores against every centroid ``sims`` (Kq, C)."""
         nprobe = min(self.settings.nprobe, len(self.centroids))
         probes = probes[:, :nprobe]
         if self.settings.score == "lists":
@@ -358,9 +366,13 @@ class TokenIvf:
             vals = (top[:, :nprobe] - fill).numpy()
             ids = self.list_ids.numpy()
             cap = self.settings.max_postings
-            best = score_top_s(self.offsets, ids, self.ntotal, probes.numpy(), vals, s, cap)
+            best = score_top_s(
+                self.offsets, ids, self.ntotal, probes.numpy(), vals, s, cap,
+                sorted_lists=not self.impact_ordered,
+            )  # fmt: skip
             return torch.from_numpy(best)
         if self.settings.score == "centroids":
+            assert sims is not None
             cand = np.unique(self._lists(np.unique(probes.numpy())))
             if len(cand) == 0:
                 return torch.empty(0, dtype=torch.long)
@@ -503,23 +515,38 @@ def train_two_level(
     parent = assign(sample, top)
     per = lists // coarse
     out = np.repeat(top, per, axis=0)
-    for c in range(coarse):
-        pts = sample[parent == c].astype(np.float32)
-        res = pts - np.outer(pts @ top[c], top[c])
-        norms = np.linalg.norm(res, axis=1)
-        keep = norms > 1e-6
-        res, norms = res[keep] / norms[keep, None], norms[keep]
-        if len(res) > per:
-            km = faiss.Kmeans(
-                res.shape[1], per, niter=iters, seed=seed, spherical=True, min_points_per_centroid=1
-            )
-            km.train(np.ascontiguousarray(res))
-            dirs = km.centroids
-        else:
-            dirs = res
-        if len(dirs):
-            kids = top[c] + float(norms.mean()) * dirs
-            out[c * per : c * per + len(kids)] = kids / np.linalg.norm(kids, axis=1, keepdims=True)
+    order = np.argsort(parent, kind="stable")
+    counts = np.bincount(parent, minlength=coarse)
+    ends = np.cumsum(counts)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # a few hundred points per cell: OpenMP's wake-up dominates
+    try:
+        for c in range(coarse):
+            pts = sample[order[ends[c] - counts[c] : ends[c]]].astype(np.float32)
+            res = pts - np.outer(pts @ top[c], top[c])
+            norms = np.linalg.norm(res, axis=1)
+            keep = norms > 1e-6
+            res, norms = res[keep] / norms[keep, None], norms[keep]
+            if len(res) > per:
+                km = faiss.Kmeans(
+                    res.shape[1],
+                    per,
+                    niter=iters,
+                    seed=seed,
+                    spherical=True,
+                    min_points_per_centroid=1,
+                )
+                km.train(np.ascontiguousarray(res))
+                dirs = km.centroids
+            else:
+                dirs = res
+            if len(dirs):
+                kids = top[c] + float(norms.mean()) * dirs
+                out[c * per : c * per + len(kids)] = kids / np.linalg.norm(
+                    kids, axis=1, keepdims=True
+                )
+    finally:
+        faiss.omp_set_num_threads(threads)
     return out.astype(np.float32), top
 
 
@@ -528,19 +555,25 @@ def assign_children(
 ) -> torch.Tensor:
     """(T,) int32: for each token (T, D) (float, or int8 codes: a positive scale does not
     change the argmax), the nearest of its cell ``parent``'s ``per`` children in
-    ``centroids`` (child j of cell c is row c * per + j)."""
+    ``centroids`` (child j of cell c is row c * per + j).
+
+    The tokens are sorted by cell once, so each cell scores one contiguous slice against
+    its children (a gather per cell cost 15 ms of indexing per cell-chunk on 2 cores); the
+    small per-cell products run on one thread."""
+    order = torch.argsort(parent.long(), stable=True)
+    counts = torch.bincount(parent.long(), minlength=len(centroids) // per).tolist()
+    grouped = tokens[order]
+    best = torch.empty(len(tokens), dtype=torch.int64)
+    kids = centroids.view(-1, per, centroids.shape[1])
+    with _one_thread_if(True):
+        start = 0
+        for c, m in enumerate(counts):
+            if m:
+                part = grouped[start : start + m].float() @ kids[c].T  # (m, per)
+                best[start : start + m] = part.argmax(dim=1) + c * per
+                start += m
     out = torch.empty(len(tokens), dtype=torch.int32)
-    parent = parent.long()
-    order = torch.argsort(parent)
-    counts = torch.bincount(parent, minlength=len(centroids) // per).tolist()
-    start = 0
-    for c, m in enumerate(counts):
-        if m:
-            idx = order[start : start + m]
-            kids = centroids[c * per : (c + 1) * per]
-            best = (tokens[idx].float() @ kids.T).argmax(dim=1)
-            out[idx] = (c * per + best).to(torch.int32)
-            start += m
+    out[order] = best.to(torch.int32)
     return out
 
 
