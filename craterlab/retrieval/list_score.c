@@ -121,26 +121,27 @@ int64_t craterlab_top_s(const int32_t *ids, const float *vals, int64_t m, int64_
     return n;
 }
 
-/* One query token's inner product with one centroid, 16 partial sums (vectorized without
- * reassociating a single sum). */
-static float dot(const float *a, const float *b, int64_t d) {
+/* One query token's inner product with one int8 centroid row (times its scale outside), 16
+ * partial sums (vectorized without reassociating a single sum). */
+static float dot(const float *a, const int8_t *b, int64_t d) {
     float part[16] = {0};
     int64_t i = 0;
     for (; i + 16 <= d; i += 16)
-        for (int k = 0; k < 16; k++) part[k] += a[i + k] * b[i + k];
+        for (int k = 0; k < 16; k++) part[k] += a[i + k] * (float)b[i + k];
     float sum = 0.0f;
-    for (; i < d; i++) sum += a[i] * b[i];
+    for (; i < d; i++) sum += a[i] * (float)b[i];
     for (int k = 0; k < 16; k++) sum += part[k];
     return sum;
 }
 
 /* For each of T query tokens q (T, D): its k best lists among the children of its P cells
- * (cells (T, P); child j of cell c is centroid row c * per + j of cent (C, D)), best first
- * (ties: lower list first), into out_ids / out_vals (T, k); k <= P * per. The centroids are
- * read in place: no gathered copy of the P * per rows. */
+ * (cells (T, P); child j of cell c is centroid row c * per + j), best first (ties: lower
+ * list first), into out_ids / out_vals (T, k); k <= P * per. The centroids are read in
+ * place as int8 rows with one scale each (codes (C, D), scales (C)): a quarter of the
+ * float rows' bytes, which is what this memory-bound loop costs on a large index. */
 void craterlab_child_probe(const float *q, int64_t T, int64_t D, const int32_t *cells, int64_t P,
-                           const float *cent, int64_t per, int64_t k, int32_t *out_ids,
-                           float *out_vals) {
+                           const int8_t *codes, const float *scales, int64_t per, int64_t k,
+                           int32_t *out_ids, float *out_vals) {
     for (int64_t t = 0; t < T; t++) {
         int32_t *hi = out_ids + t * k;
         float *hv = out_vals + t * k;
@@ -148,8 +149,9 @@ void craterlab_child_probe(const float *q, int64_t T, int64_t D, const int32_t *
         for (int64_t p = 0; p < P; p++) {
             const int64_t first = (int64_t)cells[t * P + p] * per;
             for (int64_t j = 0; j < per; j++) {
-                const float v = dot(q + t * D, cent + (first + j) * D, D);
-                heap_offer(hv, hi, &n, k, v, (int32_t)(first + j));
+                const int64_t row = first + j;
+                const float v = scales[row] * dot(q + t * D, codes + row * D, D);
+                heap_offer(hv, hi, &n, k, v, (int32_t)row);
             }
         }
         heap_sort(hv, hi, n);

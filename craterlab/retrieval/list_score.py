@@ -28,6 +28,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from craterlab.retrieval import fused
 
@@ -64,7 +65,7 @@ def _load() -> ctypes.CDLL | None:
     top.argtypes = [ptr, ptr, i64, i64, ptr, ptr]
     top.restype = i64
     child = lib.craterlab_child_probe
-    child.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64, ptr, ptr]
+    child.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, i64, i64, ptr, ptr]
     child.restype = None
     return lib
 
@@ -182,30 +183,39 @@ def score_top_s(
 
 
 def child_probe(
-    q: np.ndarray, cells: np.ndarray, centroids: np.ndarray, per: int, k: int
+    q: np.ndarray, cells: np.ndarray, codes: np.ndarray, scales: np.ndarray, per: int, k: int
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """For query tokens ``q`` (T, D) and their cells (T, P): the ``k`` best lists among each
-    token's cells' children (child j of cell c is centroid row ``c * per + j``), as (values,
-    ids) (T, k), best first (ties: lower list first), computed in C on the centroids in place;
-    None where the kernel is not built."""
+    token's cells' children (child j of cell c is centroid row ``c * per + j``; centroids
+    as int8 ``codes`` (C, D) times ``scales`` (C,)), as (values, ids) (T, k), best first
+    (ties: lower list first), computed in C on the rows in place; None where the kernel is
+    not built."""
     lib = library()
     if lib is None:
         return None
     q = np.ascontiguousarray(q, np.float32)
     cells = np.ascontiguousarray(cells, np.int32)
-    centroids = np.ascontiguousarray(centroids, np.float32)
+    codes = np.ascontiguousarray(codes, np.int8)
+    scales = np.ascontiguousarray(scales, np.float32)
     t, p = cells.shape
-    if not 0 < k <= p * per or len(q) != t or q.shape[1] != centroids.shape[1]:
+    if not 0 < k <= p * per or len(q) != t or q.shape[1] != codes.shape[1]:
         raise ValueError(f"child_probe: k={k} of {p} cells x {per} children, q {q.shape}")
-    if cells.size and (cells.min() < 0 or (cells.max() + 1) * per > len(centroids)):
-        raise IndexError(f"cell outside the {len(centroids) // per} cells")
+    if cells.size and (cells.min() < 0 or (cells.max() + 1) * per > len(codes)):
+        raise IndexError(f"cell outside the {len(codes) // per} cells")
     vals = np.empty((t, k), np.float32)
     ids = np.empty((t, k), np.int32)
     lib.craterlab_child_probe(
-        q.ctypes.data, t, q.shape[1], cells.ctypes.data, p, centroids.ctypes.data, per, k,
-        ids.ctypes.data, vals.ctypes.data,
+        q.ctypes.data, t, q.shape[1], cells.ctypes.data, p, codes.ctypes.data,
+        scales.ctypes.data, per, k, ids.ctypes.data, vals.ctypes.data,
     )  # fmt: skip
     return vals, ids
+
+
+def int8_rows(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 codes, scales) of float rows: round(x / s), s = max|x| / 127 per row."""
+    scale = x.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+    codes = torch.round(x / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+    return codes.numpy(), scale.numpy().astype(np.float32)
 
 
 def score_lists_numpy(
