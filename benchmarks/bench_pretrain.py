@@ -218,6 +218,12 @@ def main() -> None:
         help="the *_ibot methods' pretrain.mask_ratio (low,high share of a crop's patch tokens)",
     )
     parser.add_argument(
+        "--patch-teacher-temp",
+        type=float,
+        default=None,
+        help="the *_ibot methods' pretrain.patch_teacher_temp (default: the DINO teacher's)",
+    )
+    parser.add_argument(
         "--mask-share",
         type=float,
         default=0.5,
@@ -276,6 +282,7 @@ def main() -> None:
         "patch_weight": args.patch_weight,
         "mask_ratio": [float(v) for v in args.mask_ratio.split(",")],
         "mask_share": args.mask_share,
+        "patch_teacher_temp": args.patch_teacher_temp,
     }
     rows: dict[str, list[dict[str, float]]] = {"random init": []}
     for seed in seeds:
@@ -307,7 +314,12 @@ def main() -> None:
                     keys.update(ibot)
                     label += (
                         f" + iBOT x{args.patch_weight:g} (mask {args.mask_ratio}, "
-                        f"share {args.mask_share:g})"
+                        f"share {args.mask_share:g}"
+                        + (
+                            f", patch teacher temp {args.patch_teacher_temp:g})"
+                            if args.patch_teacher_temp
+                            else ")"
+                        )
                     )
                 fn = functools.partial(run_dino, data, seed, curve=args.curve, **keys)
                 steps = args.steps

@@ -47,6 +47,7 @@ def test_patch_config_refusals_name_the_fix() -> None:
         ({"mask_ratio": [0.0, 0.5]}, "mask_ratio must be"),
         ({"mask_ratio": [0.1, 1.0]}, "mask_ratio must be"),
         ({"mask_share": 0.0}, "mask_share must be in"),
+        ({"patch_teacher_temp": 0.0}, "patch_teacher_temp must be > 0 or null"),
     ]
     for values, problem in cases:
         with pytest.raises(ConfigError, match=problem) as info:
@@ -289,3 +290,19 @@ def test_the_command_logs_the_patch_loss_to_mlflow(tmp_path: Path, monkeypatch) 
     metrics = set(run.data.metrics)
     assert {"pretrain/patch_loss", "pretrain/dino_loss", "pretrain/epoch_patch_loss"} <= metrics
     assert run.data.params["pretrain.patch_loss"] == "ibot"
+
+
+def test_the_patch_teacher_temperature_is_its_own_when_set(tmp_path: Path) -> None:
+    """Same init, data and masks: only the patch teacher's sharpening differs, so the first
+    step's DINO loss is the same and its patch loss is not."""
+    first = {}
+    for temp in (None, 0.5):
+        steps: list[dict] = []
+        pretrain(
+            {**IBOT, "patch_teacher_temp": temp}, vit(), ImageSource(GreyImages()),
+            device="cpu", seed=0, out_dir=tmp_path / str(temp),
+            on_step=lambda s, m, steps=steps: steps.append(m),
+        )  # fmt: skip
+        first[temp] = steps[0]
+    assert first[None]["dino_loss"] == pytest.approx(first[0.5]["dino_loss"])
+    assert first[None]["patch_loss"] != pytest.approx(first[0.5]["patch_loss"])

@@ -549,7 +549,7 @@ def pretrain(
                                 block,
                                 teacher_patch_head,
                                 patch_head,
-                                s["teacher_temp"],
+                                cfg.patch_teacher_temp or s["teacher_temp"],
                             )
                         s_out = head(_pool(model, s_feats, cfg.embedding))
                         student = list(s_out.float().split(b))

@@ -29,7 +29,7 @@ NON_TRAINING_KEYS = (
 )
 # The patch objective's settings: left out of run_key while it is off, so a run made before
 # they existed keeps its key (and resumes).
-PATCH_KEYS = ("patch_weight", "patch_head", "mask_ratio", "mask_share")
+PATCH_KEYS = ("patch_weight", "patch_head", "mask_ratio", "mask_share", "patch_teacher_temp")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,7 @@ class PretrainConfig:
     patch_head: Literal["separate", "shared"] = "separate"  # shared: the DINO head (iBOT)
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # per masked crop
     mask_share: float = 0.5  # share of the global crops that are masked (DINOv2)
+    patch_teacher_temp: float | None = None  # the patch teacher's; null: teacher_temp's schedule
     # multi-crop views for grey orbital imagery (no colour jitter)
     global_crops: int = 2
     local_crops: int = 6
@@ -179,6 +180,8 @@ def _check_values(c: PretrainConfig) -> None:
             "mask_ratio must be [low, high] with 0 < low <= high < 1 (the share of a masked "
             "crop's patch tokens; iBOT/DINOv2 use [0.1, 0.5])"
         )
+    if c.patch_teacher_temp is not None and not c.patch_teacher_temp > 0:
+        problems.append("patch_teacher_temp must be > 0 or null (the DINO teacher's schedule)")
     if not 0 < c.mask_share <= 1:
         problems.append("mask_share must be in (0, 1] (the share of global crops masked)")
     if not c.splits and c.images is None:
