@@ -44,6 +44,7 @@ int64_t craterlab_list_score(const int64_t *offsets, const int32_t *ids, const i
                 if (cap > 0 && end - offsets[c] > cap) end = offsets[c] + cap;
                 int64_t j = cursor[tp];
                 for (; j < end; j++) {
+                    if (j + 12 < end) __builtin_prefetch(slot + ids[j + 12], 1); /* its slot */
                     const int32_t img = ids[j];
                     if (step != n && img >= hi) break;
                     slot_t *e = slot + img;
