@@ -17,12 +17,12 @@ from craterlab.retrieval.generator_io import load_generator, save_generator
 from craterlab.retrieval.late_interaction import late_interaction
 from craterlab.retrieval.list_score import (
     child_probe,
-    int8_rows,
     score_lists,
     score_lists_numpy,
     score_top_s,
     top_s,
 )
+from craterlab.retrieval.quantizers import quantize_int8
 from craterlab.retrieval.residual import ResidualQuantizer, pack_bits, unpack_bits
 from craterlab.retrieval.stores import CodeStore
 from craterlab.retrieval.token_ivf import TokenIvf, TokenIvfSettings, sketch_store
@@ -299,8 +299,8 @@ def test_probing_through_cells_scores_only_the_best_cells_lists(
     q = noisy_queries(g, [2, 9, 33, 59])
     cells = unit(torch.randn(4, 16, generator=torch.Generator().manual_seed(4)))
     kids = unit(cells.repeat_interleave(3, 0) + 0.5 * torch.randn(12, 16))  # 3 lists per cell
-    codes8, scales = int8_rows(kids)  # int8-exact rows: the probe reads the lists' int8 rows
-    kids = torch.from_numpy(codes8).float() * torch.from_numpy(scales).unsqueeze(1)
+    codes8, scales = quantize_int8(kids)  # int8-exact rows: the probe reads the int8 rows
+    kids = codes8.float() * scales.unsqueeze(1)
     codes = (g.vectors @ kids.T).argmax(-1).to(torch.int32)
     settings = TokenIvfSettings(nprobe=2, coarse=4, cell_probe=cell_probe)
     ivf = TokenIvf(kids, codes, g.mask, settings, cells=cells)
@@ -334,8 +334,9 @@ def test_probing_through_cells_needs_a_two_level_index_and_the_list_score() -> N
 
 def test_child_probe_kernel_equals_scoring_every_child_in_torch() -> None:
     rng = torch.Generator().manual_seed(5)
-    codes, scales = int8_rows(unit(torch.randn(6 * 5, 40, generator=rng)))  # 6 cells x 5
-    cent = torch.from_numpy(codes).float() * torch.from_numpy(scales).unsqueeze(1)
+    codes, scales = quantize_int8(unit(torch.randn(6 * 5, 40, generator=rng)))  # 6 cells x 5
+    cent = codes.float() * scales.unsqueeze(1)
+    codes, scales = codes.numpy(), scales.numpy()
     q = unit(torch.randn(9, 40, generator=rng))
     cells = torch.stack([torch.randperm(6, generator=rng)[:3] for _ in range(9)])
     got = child_probe(q.numpy(), cells.numpy(), codes, scales, 5, 4)

@@ -28,7 +28,6 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from craterlab.retrieval import fused
 
@@ -209,13 +208,6 @@ def child_probe(
         scales.ctypes.data, per, k, ids.ctypes.data, vals.ctypes.data,
     )  # fmt: skip
     return vals, ids
-
-
-def int8_rows(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 codes, scales) of float rows: round(x / s), s = max|x| / 127 per row."""
-    scale = x.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    codes = torch.round(x / scale.unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-    return codes.numpy(), scale.numpy().astype(np.float32)
 
 
 def score_lists_numpy(

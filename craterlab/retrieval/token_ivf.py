@@ -39,7 +39,8 @@ import torch
 
 from craterlab.errors import ConfigError, DataError
 from craterlab.retrieval.cpu_engine import run_blocks
-from craterlab.retrieval.list_score import child_probe, int8_rows, score_top_s
+from craterlab.retrieval.list_score import child_probe, score_top_s
+from craterlab.retrieval.quantizers import quantize_int8
 from craterlab.retrieval.residual import assign
 from craterlab.retrieval.token_sketch import TokenSketch, build_sketch, fit_projection
 from craterlab.types import Tokens
@@ -299,6 +300,7 @@ class TokenIvf:
             else:  # each token's best cells, batched; their children per query below
                 want = min(self.settings.cell_probe, len(cells))
                 best_cells = (q @ cells.T).topk(want, dim=-1).indices  # (Nq, Kq, P)
+                self.child_rows()  # made here once, not raced for by the worker threads
 
         refine = self.settings.refine
 
@@ -346,9 +348,9 @@ class TokenIvf:
         the float rows they decode to (what the torch fallback scores), made once. Ranking a
         token's children needs no more precision, and int8 reads a quarter of the bytes."""
         if self._child_rows is None:
-            codes, scales = int8_rows(self.centroids)
-            table = torch.from_numpy(codes).float() * torch.from_numpy(scales).unsqueeze(1)
-            self._child_rows = (codes, scales, table)
+            codes, scales = quantize_int8(self.centroids)
+            table = codes.float() * scales.unsqueeze(1)
+            self._child_rows = (codes.numpy(), scales.numpy(), table)
         return self._child_rows
 
     def refined(self, query: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
@@ -658,9 +660,8 @@ def assign_int8(codes: torch.Tensor, centroids: np.ndarray) -> torch.Tensor:
     as an int8 matmul (about 3x an fp32 one on VNNI CPUs). Ties closer than the centroids'
     rounding may pick the other centroid, which only moves a token between two lists it is
     equally near."""
-    c = torch.from_numpy(np.ascontiguousarray(centroids, np.float32))
-    scale = c.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    cq = torch.round(c / scale.unsqueeze(1)).to(torch.int8).T.contiguous()  # (D, C)
+    codes8, scale = quantize_int8(torch.from_numpy(np.ascontiguousarray(centroids, np.float32)))
+    cq = codes8.T.contiguous()  # (D, C)
     flat = codes.reshape(-1, codes.shape[-1]).contiguous()
     try:
         dots = torch._int_mm(flat, cq).float()
