@@ -332,6 +332,16 @@ def test_probing_through_cells_needs_a_two_level_index_and_the_list_score() -> N
         TokenIvfSettings(lists=8, coarse=4, cell_probe=2, score="centroids").check()
 
 
+def random_lists(
+    rng: np.random.Generator, n: int, c: int, pairs: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, offsets) of c inverted lists over n images: ``pairs`` random (list, image)
+    draws, duplicates merged, each list's images ascending (as a built index holds them)."""
+    key = np.unique(rng.integers(0, c, pairs) * n + rng.integers(0, n, pairs))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(key // n, minlength=c))])
+    return (key % n).astype(np.int32), offsets
+
+
 def test_child_probe_kernel_equals_scoring_every_child_in_torch() -> None:
     rng = torch.Generator().manual_seed(5)
     codes, scales = quantize_int8(unit(torch.randn(6 * 5, 40, generator=rng)))  # 6 cells x 5
@@ -355,9 +365,7 @@ def test_list_score_blocks_of_images_give_the_unblocked_result(monkeypatch) -> N
     size gives the single pass's images and sums."""
     rng = np.random.default_rng(2)
     n, c = 1000, 30
-    pairs = np.unique(rng.integers(0, c, 6000) * n + rng.integers(0, n, 6000))
-    ids = (pairs % n).astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(pairs // n, minlength=c))])
+    ids, offsets = random_lists(rng, n, c, 6000)
     probes = np.stack([rng.permutation(c)[:4] for _ in range(5)]).astype(np.int32)
     vals = -np.sort(-rng.random((5, 4)), axis=1).astype(np.float32)
     one_ids, one_sc = score_lists(offsets, ids, n, probes, vals, sorted_lists=False)
@@ -379,9 +387,7 @@ def test_list_score_top_s_in_c_equals_sorting_every_touched_image(s: int) -> Non
     image sorted: best first, ties (many here: values on a grid of 4) by the lower image."""
     rng = np.random.default_rng(1)
     n, c = 300, 20
-    pairs = np.unique(rng.integers(0, c, 3000) * n + rng.integers(0, n, 3000))
-    ids = (pairs % n).astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(pairs // n, minlength=c))])
+    ids, offsets = random_lists(rng, n, c, 3000)
     probes = np.stack([rng.permutation(c)[:3] for _ in range(6)]).astype(np.int32)
     vals = -np.sort(-rng.integers(1, 5, (6, 3)), axis=1).astype(np.float32) / 4
     got = score_top_s(offsets, ids, n, probes, vals, s)
@@ -398,11 +404,7 @@ def test_list_score_top_s_in_c_equals_sorting_every_touched_image(s: int) -> Non
 def test_list_score_kernel_equals_numpy_and_is_order_sensitive() -> None:
     rng = np.random.default_rng(0)
     n, c = 500, 40
-    tokens_img = rng.integers(0, n, 4000)
-    tokens_c = rng.integers(0, c, 4000)
-    pairs = np.unique(tokens_c * n + tokens_img)
-    ids = (pairs % n).astype(np.int32)
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(pairs // n, minlength=c))])
+    ids, offsets = random_lists(rng, n, c, 4000)
     probes = np.stack([rng.permutation(c)[:5] for _ in range(7)]).astype(np.int32)
     vals = -np.sort(-rng.random((7, 5)), axis=1).astype(np.float32)
     a_ids, a_sc = score_lists(offsets, ids, n, probes, vals)
