@@ -303,6 +303,22 @@ def test_the_paired_cpu_config_is_the_measured_paired_recipe() -> None:
     validate_pretrain_config(paired)
 
 
+def tiny_command_overrides(uri: str, tmp_path: Path) -> list[str]:
+    """The `pretrain` command's overrides for a random-init test_vit on the tiny synthetic
+    set at 32 px, tracked to ``uri``."""
+    return [
+        "backbone.model=test_vit",
+        "backbone.pretrained_tag=r160_in1k",
+        "backbone.weights=random",
+        "backbone.precision=fp32",
+        "backbone.image_size=32",
+        "dataset.size=tiny",
+        "dataset.image_size=32",
+        f"tracking.uri={uri}",
+        f"tracking.artifact_location={tmp_path / 'artifacts'}",
+    ]
+
+
 def test_the_command_records_a_run_whose_weights_load_as_run_id(
     tmp_path: Path, monkeypatch
 ) -> None:
@@ -318,15 +334,7 @@ def test_the_command_records_a_run_whose_weights_load_as_run_id(
         [
             *overrides,
             "pretrain.eval_k=4",
-            "backbone.model=test_vit",
-            "backbone.pretrained_tag=r160_in1k",
-            "backbone.weights=random",
-            "backbone.precision=fp32",
-            "backbone.image_size=32",
-            "dataset.size=tiny",
-            "dataset.image_size=32",
-            f"tracking.uri={uri}",
-            f"tracking.artifact_location={tmp_path / 'artifacts'}",
+            *tiny_command_overrides(uri, tmp_path),
         ]
     )
     result = run_pretrain(cfg)

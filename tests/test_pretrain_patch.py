@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_pretrain import TINY, GreyImages, vit
+from test_pretrain import TINY, GreyImages, tiny_command_overrides, vit
 
 from craterlab.backbones.lineage import read_lineage
 from craterlab.errors import ConfigError
@@ -273,15 +273,7 @@ def test_the_command_logs_the_patch_loss_to_mlflow(tmp_path: Path, monkeypatch) 
             *overrides,
             "pretrain.mask_ratio=[0.5,0.75]",
             "pretrain.eval_every=null",
-            "backbone.model=test_vit",
-            "backbone.pretrained_tag=r160_in1k",
-            "backbone.weights=random",
-            "backbone.precision=fp32",
-            "backbone.image_size=32",
-            "dataset.size=tiny",
-            "dataset.image_size=32",
-            f"tracking.uri={uri}",
-            f"tracking.artifact_location={tmp_path / 'artifacts'}",
+            *tiny_command_overrides(uri, tmp_path),
         ]
     )
     result = run_pretrain(cfg)
