@@ -162,3 +162,19 @@ def test_without_a_compiler_the_engine_falls_back(tmp_path, monkeypatch, caplog)
     finally:
         fused.library.cache_clear()
         fused.available.cache_clear()
+
+
+def test_a_kernel_is_compiled_from_the_source_read_at_import(tmp_path) -> None:
+    """build() compiles the bytes it is given, not the file as it is now: a process keeps
+    the library that matches its bindings when the file on disk changes under it."""
+    import ctypes
+
+    source_file = tmp_path / "kernel.c"
+    source_file.write_text("int answer(void) { return 1; }\n")
+    flags = ("-O2", "-fPIC", "-shared")
+    first = ctypes.CDLL(str(fused.build(tmp_path, source_file, flags)))
+    edited = b"int answer(void) { return 2; }\n"
+    second = ctypes.CDLL(str(fused.build(tmp_path, source_file, flags, source=edited)))
+    assert (first.answer(), second.answer()) == (1, 2)
+    left = sorted(p.suffix for p in tmp_path.iterdir())
+    assert left == [".c", ".so", ".so"]  # the two libraries; the compiled copies are gone

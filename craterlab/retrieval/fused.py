@@ -37,6 +37,8 @@ from craterlab.devices import cpu_flags
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("fused_maxsim.c")
+SOURCE_BYTES = SOURCE.read_bytes()
+"""The kernel source as imported: what :func:`library` compiles (see :func:`build`)."""
 FLAGS = ("-O3", "-fPIC", "-shared", "-fno-strict-aliasing", "-mavx512f", "-mavx512bw",
          "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mavx512bf16")  # fmt: skip
 NEEDS = {
@@ -75,14 +77,22 @@ def cache_dir() -> Path:
 
 
 def build(
-    directory: Path | None = None, source_file: Path = SOURCE, flags: tuple[str, ...] = FLAGS
+    directory: Path | None = None,
+    source_file: Path = SOURCE,
+    flags: tuple[str, ...] = FLAGS,
+    source: bytes | None = None,
 ) -> Path:
-    """Compile ``source_file`` (default ``fused_maxsim.c``; once per source version and
-    flags) and return the shared library."""
+    """Compile C source (``source``, else ``source_file``'s bytes, default
+    ``fused_maxsim.c``; once per source version and flags) and return the shared library.
+
+    Callers pass the source they read at import, so the library always matches the Python
+    bindings loaded with it, even if the file on disk changed since (a package upgraded
+    under a running process). The bytes compiled are written beside the library first."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise RuntimeError("no C compiler (cc, gcc or $CC) on PATH")
-    source = source_file.read_bytes()
+    if source is None:
+        source = source_file.read_bytes()
     digest = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
     out_dir = directory or cache_dir()
     lib = out_dir / f"{source_file.stem}-{digest}.so"
@@ -90,11 +100,16 @@ def build(
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = lib.with_name(f"{lib.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    done = subprocess.run(
-        [compiler, *flags, str(source_file), "-o", str(tmp), "-lm"],
-        capture_output=True,
-        text=True,
-    )
+    code = tmp.with_suffix(".c")
+    code.write_bytes(source)
+    try:
+        done = subprocess.run(
+            [compiler, *flags, str(code), "-o", str(tmp), "-lm"],
+            capture_output=True,
+            text=True,
+        )
+    finally:
+        code.unlink(missing_ok=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-600:]}")
@@ -115,7 +130,7 @@ def _why_not(family: str) -> str | None:
 def library() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (logged once) when it cannot be built."""
     try:
-        lib = ctypes.CDLL(str(build()))
+        lib = ctypes.CDLL(str(build(source=SOURCE_BYTES)))
     except (OSError, RuntimeError) as exc:
         log.warning("fused rerank kernel unavailable (%s); using the blocked torch path", exc)
         return None

@@ -34,6 +34,8 @@ from craterlab.retrieval import fused
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("list_score.c")
+SOURCE_BYTES = SOURCE.read_bytes()
+"""The kernel source as imported, compiled on first use: it matches the bindings below."""
 FLAGS = ("-O3", "-fPIC", "-shared")
 
 
@@ -52,7 +54,7 @@ def library() -> ctypes.CDLL | None:
 @functools.cache
 def _load() -> ctypes.CDLL | None:
     try:
-        lib = ctypes.CDLL(str(fused.build(source_file=SOURCE, flags=FLAGS)))
+        lib = ctypes.CDLL(str(fused.build(source_file=SOURCE, flags=FLAGS, source=SOURCE_BYTES)))
     except (OSError, RuntimeError) as exc:
         log.warning("token IVF list-score kernel unavailable (%s); using numpy", exc)
         return None
