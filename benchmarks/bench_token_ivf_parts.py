@@ -48,7 +48,6 @@ def parts(n: int, lists: int, args: argparse.Namespace) -> dict[str, float]:
     )  # fmt: skip
     assert ivf.cells is not None
     queries = torch.load(folder / "queries.pt")["tokens"].float()
-    ivf.child_rows()  # made once per index, not per query
     ids = ivf.list_ids.numpy()
     best = {"cells": np.inf, "children": np.inf, "list score + top S": np.inf}
     postings = 0

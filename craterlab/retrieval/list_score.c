@@ -70,14 +70,19 @@ static int worse(float va, int32_t ia, float vb, int32_t ib) {
     return va < vb || (va == vb && ia > ib);
 }
 
+/* Exchange entries a and b of a heap's values and ids. */
+static void swap_at(float *hv, int32_t *hi, int64_t a, int64_t b) {
+    float tv = hv[a]; hv[a] = hv[b]; hv[b] = tv;
+    int32_t ti = hi[a]; hi[a] = hi[b]; hi[b] = ti;
+}
+
 static void sift_down(float *hv, int32_t *hi, int64_t n, int64_t i) {
     for (;;) {
         int64_t w = i, l = 2 * i + 1, r = l + 1;
         if (l < n && worse(hv[l], hi[l], hv[w], hi[w])) w = l;
         if (r < n && worse(hv[r], hi[r], hv[w], hi[w])) w = r;
         if (w == i) return;
-        float tv = hv[i]; hv[i] = hv[w]; hv[w] = tv;
-        int32_t ti = hi[i]; hi[i] = hi[w]; hi[w] = ti;
+        swap_at(hv, hi, i, w);
         i = w;
     }
 }
@@ -91,8 +96,7 @@ static void heap_offer(float *hv, int32_t *hi, int64_t *n, int64_t k, float v, i
         while (i > 0) { /* sift up */
             int64_t up = (i - 1) / 2;
             if (!worse(hv[i], hi[i], hv[up], hi[up])) break;
-            float tv = hv[i]; hv[i] = hv[up]; hv[up] = tv;
-            int32_t ti = hi[i]; hi[i] = hi[up]; hi[up] = ti;
+            swap_at(hv, hi, i, up);
             i = up;
         }
     } else if (k > 0 && worse(hv[0], hi[0], v, id)) {
@@ -105,8 +109,7 @@ static void heap_offer(float *hv, int32_t *hi, int64_t *n, int64_t k, float v, i
 /* Heap sort in place: the worst goes last, so the n entries end best first. */
 static void heap_sort(float *hv, int32_t *hi, int64_t n) {
     for (int64_t m = n - 1; m > 0; m--) {
-        float tv = hv[0]; hv[0] = hv[m]; hv[m] = tv;
-        int32_t ti = hi[0]; hi[0] = hi[m]; hi[m] = ti;
+        swap_at(hv, hi, 0, m);
         sift_down(hv, hi, m, 0);
     }
 }

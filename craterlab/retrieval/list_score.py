@@ -174,10 +174,11 @@ def score_top_s(
     if lib is None:
         return top_s(*score_lists_numpy(offsets, ids, n, probes, vals, cap), s)
     ws, m = _kernel_scores(lib, offsets, ids, n, probes, vals, cap, sorted_lists)
-    best_ids = np.empty(max(0, s), np.int32)
-    best_vals = np.empty(max(0, s), np.float32)
+    s = max(0, s)
+    best_ids = np.empty(s, np.int32)
+    best_vals = np.empty(s, np.float32)
     k = lib.craterlab_top_s(
-        ws.out_ids.ctypes.data, ws.out_vals.ctypes.data, m, max(0, s),
+        ws.out_ids.ctypes.data, ws.out_vals.ctypes.data, m, s,
         best_ids.ctypes.data, best_vals.ctypes.data,
     )  # fmt: skip
     return best_ids[:k].astype(np.int64)

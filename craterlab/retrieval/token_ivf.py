@@ -202,7 +202,6 @@ class TokenIvf:
                 "but this index has none: build it with coarse set (two-level lists)."
             )
         self.cells = None if cells is None else cells.float().contiguous()
-        self._child_rows: tuple[np.ndarray, np.ndarray, torch.Tensor] | None = None
         if settings.max_postings and not impact_ordered:
             raise ConfigError(
                 f"token_ivf max_postings={settings.max_postings} reads each list's best "
@@ -220,6 +219,7 @@ class TokenIvf:
         self.sketch = sketch if settings.refine else None
         self.settings = settings
         self.centroids = centroids.float().contiguous()
+        self.child_rows = child_rows(self.centroids) if settings.cell_probe else None
         keep = settings.score == "centroids"
         self.codes = codes if keep else None
         self.mask = mask if keep else None
@@ -300,7 +300,6 @@ class TokenIvf:
             else:  # each token's best cells, batched; their children per query below
                 want = min(self.settings.cell_probe, len(cells))
                 best_cells = (q @ cells.T).topk(want, dim=-1).indices  # (Nq, Kq, P)
-                self.child_rows()  # made here once, not raced for by the worker threads
 
         refine = self.settings.refine
 
@@ -334,7 +333,8 @@ class TokenIvf:
         per = len(self.centroids) // len(self.cells)  # type: ignore[arg-type]
         width = cells.shape[1] * per
         k = min(nprobe + int(self.settings.fill == "next" and nprobe < width), width)
-        codes, scales, table = self.child_rows()
+        assert self.child_rows is not None  # made with the index when cell_probe is set
+        codes, scales, table = self.child_rows
         done = child_probe(q.numpy(), cells.numpy(), codes, scales, per, k)
         if done is not None:
             return torch.from_numpy(done[0]), torch.from_numpy(done[1]).long()
@@ -342,16 +342,6 @@ class TokenIvf:
         sims = torch.einsum("td,tcd->tc", q, table[kids])
         top = sims.topk(k, dim=-1)
         return top.values, kids.gather(-1, top.indices)
-
-    def child_rows(self) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-        """The centroids as the probe through cells reads them: int8 codes, their scales, and
-        the float rows they decode to (what the torch fallback scores), made once. Ranking a
-        token's children needs no more precision, and int8 reads a quarter of the bytes."""
-        if self._child_rows is None:
-            codes, scales = quantize_int8(self.centroids)
-            table = codes.float() * scales.unsqueeze(1)
-            self._child_rows = (codes.numpy(), scales.numpy(), table)
-        return self._child_rows
 
     def refined(self, query: torch.Tensor, ranked: torch.Tensor) -> torch.Tensor:
         """``ranked`` (best first) with its first ``refine`` rows reordered by the sketch
@@ -421,6 +411,23 @@ class TokenIvf:
                 per_tok = per_tok.masked_fill(~m.unsqueeze(-1), float("-inf"))
             out[a : a + len(r)] = per_tok.max(dim=1).values.mean(dim=1)
         return out
+
+
+def child_rows(centroids: torch.Tensor) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+    """The centroids as the probe through cells reads them: int8 codes, their scales, and
+    the float rows they decode to (what the torch fallback scores). Ranking a token's
+    children needs no more precision, and int8 reads a quarter of the bytes."""
+    codes, scales = quantize_int8(centroids)
+    return codes.numpy(), scales.numpy(), codes.float() * scales.unsqueeze(1)
+
+
+def by_cell(parent: np.ndarray, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order, starts): the rows sorted by their cell ``parent`` (stable) and where each
+    cell's run begins (``cells + 1`` offsets): cell c's rows are
+    ``order[starts[c] : starts[c + 1]]``."""
+    order = np.argsort(parent, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(parent, minlength=cells))])
+    return order, starts
 
 
 @contextlib.contextmanager
@@ -529,14 +536,12 @@ def train_two_level(
     parent = assign(sample, top)
     per = lists // coarse
     out = np.repeat(top, per, axis=0)
-    order = np.argsort(parent, kind="stable")
-    counts = np.bincount(parent, minlength=coarse)
-    ends = np.cumsum(counts)
+    order, starts = by_cell(parent, coarse)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)  # a few hundred points per cell: OpenMP's wake-up dominates
     try:
         for c in range(coarse):
-            pts = sample[order[ends[c] - counts[c] : ends[c]]].astype(np.float32)
+            pts = sample[order[starts[c] : starts[c + 1]]].astype(np.float32)
             res = pts - np.outer(pts @ top[c], top[c])
             norms = np.linalg.norm(res, axis=1)
             keep = norms > 1e-6
@@ -574,18 +579,15 @@ def assign_children(
     The tokens are sorted by cell once, so each cell scores one contiguous slice against
     its children (a gather per cell cost 15 ms of indexing per cell-chunk on 2 cores); the
     small per-cell products run on one thread."""
-    order = torch.argsort(parent.long(), stable=True)
-    counts = torch.bincount(parent.long(), minlength=len(centroids) // per).tolist()
+    kids = centroids.view(-1, per, centroids.shape[1])
+    order_np, starts = by_cell(parent.numpy().astype(np.int64), len(kids))
+    order = torch.from_numpy(order_np)
     grouped = tokens[order]
     best = torch.empty(len(tokens), dtype=torch.int64)
-    kids = centroids.view(-1, per, centroids.shape[1])
     with _one_thread_if(True):
-        start = 0
-        for c, m in enumerate(counts):
-            if m:
-                part = grouped[start : start + m].float() @ kids[c].T  # (m, per)
-                best[start : start + m] = part.argmax(dim=1) + c * per
-                start += m
+        for c in np.flatnonzero(np.diff(starts)):  # the cells holding tokens
+            a, b = int(starts[c]), int(starts[c + 1])
+            best[a:b] = (grouped[a:b].float() @ kids[c].T).argmax(dim=1) + int(c) * per
     out = torch.empty(len(tokens), dtype=torch.int32)
     out[order] = best.to(torch.int32)
     return out
