@@ -55,6 +55,7 @@ from craterlab.train.ssl_patch import (
     python_random,
     require_vit,
 )
+from craterlab.train.ssl_tokens import token_contrast_loss
 from craterlab.train.ssl_views import MultiCrop
 from craterlab.train.training_state import (
     atomic_save,
@@ -304,6 +305,7 @@ def pretrain(
         groups = place_groups(source, cfg.pair_views, cfg.pair_radius)
     check_images(source, cfg, local_need, None if groups is None else len(groups))
     ibot = cfg.patch_loss == "ibot"
+    contrast = cfg.token_loss == "late_interaction"
     if ibot:
         require_vit(model)
         grid = grid_of(model, global_size)
@@ -495,7 +497,7 @@ def pretrain(
     try:
         for epoch in range(start, cfg.epochs):
             t0 = time.perf_counter()
-            total_loss, total_patch, seen = 0.0, 0.0, 0
+            total_loss, total_patch, total_token, seen = 0.0, 0.0, 0.0, 0
             with (
                 torch.random.fork_rng(devices=rng_devices(device)),
                 python_random(epoch_seed(seed, epoch, salt=37)),
@@ -559,9 +561,17 @@ def pretrain(
                                 head(_embed(model, l_in, cfg.embedding)).float().split(b)
                             )
                     loss = criterion(list(t_out.split(b)), student, teacher_temp=s["teacher_temp"])
-                    dino_value = loss.item() if ibot else None
+                    extra = {"dino_loss": loss.item()} if ibot or contrast else {}
                     if p_loss is not None:
                         loss = loss + cfg.patch_weight * p_loss
+                    if contrast:
+                        npt = int(getattr(model, "num_prefix_tokens", 1))
+                        tok_loss = token_contrast_loss(
+                            s_feats[:, npt:].float(), b, cfg.token_temperature
+                        )
+                        extra["token_loss"] = tok_loss.item()
+                        total_token += extra["token_loss"]
+                        loss = loss + cfg.token_weight * tok_loss
                     if not torch.isfinite(loss):
                         raise _diverged(loss, epoch, step, g_step, cfg, out, checkpoint)
                     optimizer.zero_grad(set_to_none=True)
@@ -581,11 +591,10 @@ def pretrain(
                         update_momentum(patch_head, teacher_patch_head, s["momentum"])
                     value = loss.item()
                     total_loss += value
-                    extra = {}
                     if ibot:
                         p_value = 0.0 if p_loss is None else p_loss.item()
                         total_patch += p_value
-                        extra = {"dino_loss": dino_value, "patch_loss": p_value}
+                        extra["patch_loss"] = p_value
                     seen += b
                     rate = seen / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate:.1f}")
@@ -600,6 +609,8 @@ def pretrain(
             }
             if ibot:
                 metrics["patch_loss"] = total_patch / steps
+            if contrast:
+                metrics["token_loss"] = total_token / steps
             due = cfg.eval_every is not None and (
                 (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
             )
@@ -629,6 +640,8 @@ def method_text(cfg: PretrainConfig, paired: bool) -> str:
     text = "dino"
     if cfg.patch_loss == "ibot":
         text += f" + ibot patch loss x{cfg.patch_weight:g}"
+    if cfg.token_loss == "late_interaction":
+        text += f" + late-interaction contrast x{cfg.token_weight:g}"
     return f"{text}, views paired by {pair_text(cfg)}" if paired else text
 
 

@@ -30,6 +30,8 @@ NON_TRAINING_KEYS = (
 # The patch objective's settings: left out of run_key while it is off, so a run made before
 # they existed keeps its key (and resumes).
 PATCH_KEYS = ("patch_weight", "patch_head", "mask_ratio", "mask_share", "patch_teacher_temp")
+# The token-contrastive objective's settings: likewise left out of run_key while it is off.
+TOKEN_KEYS = ("token_weight", "token_temperature")
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class PretrainConfig:
     mask_ratio: list[float] = field(default_factory=lambda: [0.1, 0.5])  # per masked crop
     mask_share: float = 0.5  # share of the global crops that are masked (DINOv2)
     patch_teacher_temp: float | None = None  # the patch teacher's; null: teacher_temp's schedule
+    # token-level objective: contrastive over late-interaction scores of the global crops
+    token_loss: Literal["none", "late_interaction"] = "none"
+    token_weight: float = 1.0  # total loss = DINO (+ patch) loss + token_weight * token loss
+    token_temperature: float = 0.05  # softmax temperature over the batch's LI scores
     # multi-crop views for grey orbital imagery (no colour jitter)
     global_crops: int = 2
     local_crops: int = 6
@@ -182,6 +188,12 @@ def _check_values(c: PretrainConfig) -> None:
         )
     if c.patch_teacher_temp is not None and not c.patch_teacher_temp > 0:
         problems.append("patch_teacher_temp must be > 0 or null (the DINO teacher's schedule)")
+    if not c.token_weight > 0:
+        problems.append(
+            "token_weight must be > 0 (to train without the token loss: token_loss=none)"
+        )
+    if not c.token_temperature > 0:
+        problems.append("token_temperature must be > 0 (0.05: the fine-tuning loss's default)")
     if not 0 < c.mask_share <= 1:
         problems.append("mask_share must be in (0, 1] (the share of global crops masked)")
     if not c.splits and c.images is None:
@@ -203,6 +215,9 @@ def run_key(c: PretrainConfig, backbone_identity: Any, data_identity: Any, seed:
         payload.pop(key)
     if c.patch_loss == "none":
         for key in ("patch_loss", *PATCH_KEYS):
+            payload.pop(key)
+    if c.token_loss == "none":
+        for key in ("token_loss", *TOKEN_KEYS):
             payload.pop(key)
     return stable_hash(
         {"pretrain": payload, "backbone": backbone_identity, "data": data_identity, "seed": seed}
