@@ -14,6 +14,10 @@ views):
 - **DINO + iBOT** (``dino_ibot``, ``dino_paired_ibot``: ``pretrain.patch_loss=ibot``, the
   student also predicts the teacher's projected patch tokens at block-masked positions of its
   global crops; ``--patch-weight``, ``--mask-ratio``), same recipe and steps;
+- **DINO + late-interaction contrast** (``dino_li``, ``dino_paired_li``:
+  ``pretrain.token_loss=late_interaction``, the student's global crops scored against each
+  other with late interaction, the crops of one place the positives of a softmax over the
+  batch; ``--token-weight``, ``--token-temperature``), same recipe and steps;
 - **SupCon fine-tuning** (:func:`craterlab.train.finetune.finetune`, the from-scratch recipe of
   ``bench_finetune.py``) on the same images with their crater labels, for the same wall-clock
   time as that seed's DINO run (its step count is set from 3 timed steps just before);
@@ -58,7 +62,15 @@ from craterlab.train.recipes import from_scratch_config, pretrain_cpu_config  # 
 DATA = {"n_identities": 200, "n_query_craters": 30, "image_size": 96}
 IMAGE_SIZE = 96
 K = 32
-METHODS = ("dino", "dino_paired", "dino_ibot", "dino_paired_ibot", "supcon")
+METHODS = (
+    "dino",
+    "dino_paired",
+    "dino_ibot",
+    "dino_paired_ibot",
+    "dino_li",
+    "dino_paired_li",
+    "supcon",
+)
 STEPS = 500
 """DINO steps of the default run: 12 minutes on this shared 2-core machine at load average 9.5
 (three seeds at once, one torch thread each), about 3 minutes when it was quiet."""
@@ -207,7 +219,17 @@ def main() -> None:
         "--methods",
         default="dino,supcon",
         help="dino, dino_paired (views of one place from two images: pair_views), dino_ibot, "
-        "dino_paired_ibot (+ iBOT masked patch loss), supcon",
+        "dino_paired_ibot (+ iBOT masked patch loss), dino_li, dino_paired_li (+ contrast "
+        "over late-interaction scores), supcon",
+    )
+    parser.add_argument(
+        "--token-weight", type=float, default=0.3, help="the *_li methods' pretrain.token_weight"
+    )
+    parser.add_argument(
+        "--token-temperature",
+        type=float,
+        default=0.05,
+        help="the *_li methods' pretrain.token_temperature",
     )
     parser.add_argument(
         "--patch-weight", type=float, default=1.0, help="the *_ibot methods' pretrain.patch_weight"
@@ -320,6 +342,16 @@ def main() -> None:
                             if args.patch_teacher_temp
                             else ")"
                         )
+                    )
+                if method.endswith("_li"):
+                    keys.update(
+                        token_loss="late_interaction",
+                        token_weight=args.token_weight,
+                        token_temperature=args.token_temperature,
+                    )
+                    label += (
+                        f" + LI contrast x{args.token_weight:g} "
+                        f"(temperature {args.token_temperature:g})"
                     )
                 fn = functools.partial(run_dino, data, seed, curve=args.curve, **keys)
                 steps = args.steps

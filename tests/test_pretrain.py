@@ -303,6 +303,20 @@ def test_the_paired_cpu_config_is_the_measured_paired_recipe() -> None:
     validate_pretrain_config(paired)
 
 
+def test_the_paired_token_cpu_config_is_the_measured_token_recipe() -> None:
+    """pretrain=dino_cpu_paired_li is the CPU recipe with views paired by place and the
+    late-interaction contrast the benchmark ran (bench_pretrain.py --methods dino_paired_li
+    --set lr=1e-3: token weight 0.3, temperature 0.05), nothing else."""
+    from craterlab.commands.pretrain import compose_pretrain_config
+
+    plain = compose_pretrain_config(["pretrain=dino_cpu"]).pretrain
+    tokens = compose_pretrain_config(["pretrain=dino_cpu_paired_li"]).pretrain
+    changed = {k: tokens[k] for k in plain if plain[k] != tokens[k]}
+    assert changed == {"pair_views": "place", "token_loss": "late_interaction", "token_weight": 0.3}
+    assert tokens.lr == 1e-3 and tokens.token_temperature == 0.05
+    validate_pretrain_config(tokens)
+
+
 def tiny_command_overrides(uri: str, tmp_path: Path) -> list[str]:
     """The `pretrain` command's overrides for a random-init test_vit on the tiny synthetic
     set at 32 px, tracked to ``uri``."""
