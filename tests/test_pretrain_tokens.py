@@ -21,7 +21,7 @@ from craterlab.backbones.lineage import read_lineage
 from craterlab.errors import ConfigError
 from craterlab.train.pretrain import ImageSource, pretrain
 from craterlab.train.pretrain_config import PretrainConfig, run_key, validate_pretrain_config
-from craterlab.train.ssl_tokens import token_contrast_loss
+from craterlab.train.ssl_tokens import require_patch_tokens, token_contrast_loss
 
 TOKENS = {**TINY, "token_loss": "late_interaction", "token_weight": 0.5}
 
@@ -79,6 +79,16 @@ def test_token_config_refusals_name_the_fix() -> None:
     with pytest.raises(ConfigError, match="token_loss") as info:
         validate_pretrain_config({"token_loss": "colbert"})
     assert "late_interaction" in str(info.value)  # names the valid choices
+
+
+def test_a_model_without_patch_tokens_or_a_second_crop_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="timm VisionTransformer") as info:
+        require_patch_tokens(torch.nn.Linear(2, 2), 2)
+    assert "pretrain.token_loss=none" in str(info.value)
+    cfg = {**TOKENS, "global_crops": 1}
+    with pytest.raises(ConfigError, match="pretrain.global_crops is 1"):
+        pretrain(cfg, vit(), ImageSource(GreyImages()), device="cpu", seed=0, out_dir=tmp_path)
+    assert not (tmp_path / "train_state.pt").exists()
 
 
 def test_run_key_of_a_run_without_the_token_loss_is_unchanged() -> None:

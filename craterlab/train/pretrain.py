@@ -55,7 +55,7 @@ from craterlab.train.ssl_patch import (
     python_random,
     require_vit,
 )
-from craterlab.train.ssl_tokens import token_contrast_loss
+from craterlab.train.ssl_tokens import require_patch_tokens, token_contrast_loss
 from craterlab.train.ssl_views import MultiCrop
 from craterlab.train.training_state import (
     atomic_save,
@@ -276,7 +276,8 @@ def pretrain(
     """DINO-pretrain ``backbone.model`` on ``source``; return the teacher's ``model.pt``.
 
     Callbacks: ``on_step(step, {loss, lr, weight_decay, momentum, teacher_temp})`` every step
-    (with ``patch_loss=ibot`` also ``dino_loss`` and ``patch_loss``; ``loss`` is their weighted
+    (with ``patch_loss=ibot`` also ``dino_loss`` and ``patch_loss``, with
+    ``token_loss=late_interaction`` ``dino_loss`` and ``token_loss``; ``loss`` is their weighted
     sum), ``on_epoch_end(epoch, {loss, seconds, images_per_second, ...eval metrics})``;
     ``evaluate(backbone)`` (with the teacher's weights loaded) every ``eval_every`` epochs.
     """
@@ -306,6 +307,8 @@ def pretrain(
     check_images(source, cfg, local_need, None if groups is None else len(groups))
     ibot = cfg.patch_loss == "ibot"
     contrast = cfg.token_loss == "late_interaction"
+    if contrast:
+        require_patch_tokens(model, cfg.global_crops)
     if ibot:
         require_vit(model)
         grid = grid_of(model, global_size)

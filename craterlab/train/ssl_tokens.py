@@ -17,7 +17,29 @@ from __future__ import annotations
 
 import torch
 
+from craterlab.errors import ConfigError
 from craterlab.train.losses import LateInteractionContrastiveLoss
+
+
+def require_patch_tokens(model: torch.nn.Module, global_crops: int) -> None:
+    """Refuse a model without a sequence of patch tokens (not a timm VisionTransformer), or
+    fewer than 2 global crops (a crop needs a positive)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(
+            f"pretrain.token_loss=late_interaction scores the patch tokens of a timm "
+            f"VisionTransformer, and the backbone's model is a {type(model).__name__}. Use a "
+            "ViT backbone (e.g. backbone=dino_s16, or backbone.model=test_vit), or turn the "
+            "token objective off (pretrain.token_loss=none)."
+        )
+    if global_crops < 2:
+        raise ConfigError(
+            f"pretrain.token_loss=late_interaction contrasts the global crops of each batch "
+            f"element with each other, and pretrain.global_crops is {global_crops}. Set "
+            "pretrain.global_crops=2 (or more), or turn the token objective off "
+            "(pretrain.token_loss=none)."
+        )
 
 
 def token_contrast_loss(tokens: torch.Tensor, batch_size: int, temperature: float) -> torch.Tensor:
