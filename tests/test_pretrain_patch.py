@@ -221,9 +221,11 @@ def stop_after_first_epoch(epoch: int, metrics: dict) -> None:
         raise Interrupted  # after epoch 1's state was saved, as a killed run would
 
 
-def test_an_interrupted_ibot_run_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+def assert_resumes_to_the_uninterrupted_weights(cfg: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """Run ``cfg`` for 2 epochs straight, and again killed after epoch 1 and resumed: the
+    resumed call runs only epoch 2 and ends on bit-identical weights. The two checkpoints."""
     data = ImageSource(GreyImages())
-    cfg = {**IBOT, "epochs": 2}
+    cfg = {**cfg, "epochs": 2}
     straight = pretrain(cfg, vit(), data, device="cpu", seed=0, out_dir=tmp_path / "a")
     with pytest.raises(Interrupted):
         pretrain(
@@ -239,6 +241,11 @@ def test_an_interrupted_ibot_run_resumes_to_the_uninterrupted_weights(tmp_path: 
     a, b = (torch.load(p, weights_only=True) for p in (straight, resumed))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    return straight, resumed
+
+
+def test_an_interrupted_ibot_run_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    straight, resumed = assert_resumes_to_the_uninterrupted_weights(IBOT, tmp_path)
     sa, sb = (torch.load(p.parent / STATE_FILE, weights_only=True) for p in (straight, resumed))
     torch.testing.assert_close(sb["patch"], sa["patch"], rtol=0, atol=0)
 

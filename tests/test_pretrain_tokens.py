@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from test_pretrain import TINY, GreyImages, vit
-from test_pretrain_patch import IBOT, Interrupted, stop_after_first_epoch
+from test_pretrain_patch import IBOT, assert_resumes_to_the_uninterrupted_weights
 
 from craterlab.backbones.lineage import read_lineage
 from craterlab.errors import ConfigError
@@ -129,15 +129,4 @@ def test_token_and_patch_losses_add_up(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_token_run_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
-    data = ImageSource(GreyImages())
-    cfg = {**TOKENS, "epochs": 2}
-    straight = pretrain(cfg, vit(), data, device="cpu", seed=0, out_dir=tmp_path / "a")
-    with pytest.raises(Interrupted):
-        pretrain(
-            cfg, vit(), data, device="cpu", seed=0, out_dir=tmp_path / "b",
-            on_epoch_end=stop_after_first_epoch,
-        )  # fmt: skip
-    resumed = pretrain(cfg, vit(), data, device="cpu", seed=0, out_dir=tmp_path / "b")
-    a, b = (torch.load(p, weights_only=True) for p in (straight, resumed))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
+    assert_resumes_to_the_uninterrupted_weights(TOKENS, tmp_path)
