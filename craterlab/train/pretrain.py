@@ -496,6 +496,7 @@ def pretrain(
         atomic_save(snapshot["teacher"], checkpoint)
         _write_lineage(checkpoint, parent, step_info, snapshot, run_id)
 
+    prefix = int(getattr(model, "num_prefix_tokens", 1))  # CLS/register tokens before the patches
     model.train()
     try:
         for epoch in range(start, cfg.epochs):
@@ -541,9 +542,8 @@ def pretrain(
                         if student_encoder is None:
                             s_feats = model.forward_features(g_in)
                         else:  # the student sees the global crops with masked patch tokens
-                            npt = int(getattr(model, "num_prefix_tokens", 1))
                             mask, block = block_masks(
-                                len(g_in), grid, npt, cfg.mask_ratio, cfg.mask_share, device
+                                len(g_in), grid, prefix, cfg.mask_ratio, cfg.mask_share, device
                             )
                             s_feats = student_encoder.encode(g_in, mask=mask)
                             p_loss = patch_loss(
@@ -568,9 +568,8 @@ def pretrain(
                     if p_loss is not None:
                         loss = loss + cfg.patch_weight * p_loss
                     if contrast:
-                        npt = int(getattr(model, "num_prefix_tokens", 1))
                         tok_loss = token_contrast_loss(
-                            s_feats[:, npt:].float(), b, cfg.token_temperature
+                            s_feats[:, prefix:], b, cfg.token_temperature
                         )
                         extra["token_loss"] = tok_loss.item()
                         total_token += extra["token_loss"]

@@ -32,6 +32,9 @@ NON_TRAINING_KEYS = (
 PATCH_KEYS = ("patch_weight", "patch_head", "mask_ratio", "mask_share", "patch_teacher_temp")
 # The token-contrastive objective's settings: likewise left out of run_key while it is off.
 TOKEN_KEYS = ("token_weight", "token_temperature")
+OPTIONAL_OBJECTIVES = {"patch_loss": PATCH_KEYS, "token_loss": TOKEN_KEYS}
+"""Each optional objective's switch and its settings: while the switch is "none", both are
+left out of run_key."""
 
 
 @dataclass(frozen=True)
@@ -213,12 +216,10 @@ def run_key(c: PretrainConfig, backbone_identity: Any, data_identity: Any, seed:
     payload = dataclasses.asdict(c)
     for key in NON_TRAINING_KEYS:
         payload.pop(key)
-    if c.patch_loss == "none":
-        for key in ("patch_loss", *PATCH_KEYS):
-            payload.pop(key)
-    if c.token_loss == "none":
-        for key in ("token_loss", *TOKEN_KEYS):
-            payload.pop(key)
+    for switch, keys in OPTIONAL_OBJECTIVES.items():
+        if getattr(c, switch) == "none":
+            for key in (switch, *keys):
+                payload.pop(key)
     return stable_hash(
         {"pretrain": payload, "backbone": backbone_identity, "data": data_identity, "seed": seed}
     )

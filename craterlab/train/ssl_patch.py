@@ -25,16 +25,20 @@ import torch
 from craterlab.errors import ConfigError
 
 
-def require_vit(model: torch.nn.Module) -> None:
-    """Refuse a model whose patch tokens cannot be masked (not a timm VisionTransformer)."""
+def require_vit(
+    model: torch.nn.Module,
+    objective: str = "pretrain.patch_loss=ibot masks",
+    off: str = "pretrain.patch_loss=none",
+) -> None:
+    """Refuse a model without a sequence of patch tokens (not a timm VisionTransformer) for
+    the token-level ``objective`` ("<option> <what it does with them>"); ``off`` turns it off."""
     from timm.models.vision_transformer import VisionTransformer
 
     if not isinstance(model, VisionTransformer):
         raise ConfigError(
-            f"pretrain.patch_loss=ibot masks patch tokens of a timm VisionTransformer, and "
-            f"the backbone's model is a {type(model).__name__}. Use a ViT backbone (e.g. "
-            "backbone=dino_s16, or backbone.model=test_vit), or turn the patch objective off "
-            "(pretrain.patch_loss=none)."
+            f"{objective} patch tokens of a timm VisionTransformer, and the backbone's model "
+            f"is a {type(model).__name__}. Use a ViT backbone (e.g. backbone=dino_s16, or "
+            f"backbone.model=test_vit), or turn the objective off ({off})."
         )
 
 

@@ -19,20 +19,14 @@ import torch
 
 from craterlab.errors import ConfigError
 from craterlab.train.losses import LateInteractionContrastiveLoss
+from craterlab.train.ssl_patch import require_vit
 
 
 def require_patch_tokens(model: torch.nn.Module, global_crops: int) -> None:
     """Refuse a model without a sequence of patch tokens (not a timm VisionTransformer), or
     fewer than 2 global crops (a crop needs a positive)."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
-        raise ConfigError(
-            f"pretrain.token_loss=late_interaction scores the patch tokens of a timm "
-            f"VisionTransformer, and the backbone's model is a {type(model).__name__}. Use a "
-            "ViT backbone (e.g. backbone=dino_s16, or backbone.model=test_vit), or turn the "
-            "token objective off (pretrain.token_loss=none)."
-        )
+    objective = "pretrain.token_loss=late_interaction scores the"
+    require_vit(model, objective, off="pretrain.token_loss=none")
     if global_crops < 2:
         raise ConfigError(
             f"pretrain.token_loss=late_interaction contrasts the global crops of each batch "
