@@ -1,6 +1,7 @@
 """Resume: the job identity ignores launch-local keys only, a FINISHED run of the identity is
 found (FAILED and KILLED ones are not), a skipped job gets the earlier run's results, and
-"database is locked" is retried rather than losing a write."""
+"database is locked" and a lost insert race are retried rather than losing a write, and
+parallel jobs' shared-view columns are merged, not overwritten."""
 
 from __future__ import annotations
 
@@ -23,7 +24,13 @@ from craterlab.sweeps.resume import (
     record_skip,
     strip_keys,
 )
-from craterlab.tracking.mlflow import MlflowTracker, is_locked_error, retry_locked
+from craterlab.tracking.mlflow import (
+    RACE_RETRIES,
+    MlflowTracker,
+    is_insert_race,
+    is_locked_error,
+    retry_locked,
+)
 
 CONFIG = {
     "k": 32,
@@ -207,3 +214,70 @@ def test_only_locked_errors_are_retried_and_only_within_the_budget() -> None:
     with pytest.raises(RuntimeError):
         retry_locked(fails(wrapped), budget_s=0.5, sleep=waited.append)
     assert len(calls) > 1 and waited  # retried (a wrapped lock error counts) until the budget
+
+
+def test_a_lost_insert_race_is_written_again_a_bounded_number_of_times() -> None:
+    """Two jobs creating the same tag at once: the loser's insert fails with "UNIQUE
+    constraint failed" (what CI met); written again it finds the row and updates it."""
+    db = sqlite3.connect(":memory:")
+    db.execute("create table tags (key text primary key, value text)")
+    state = {"seen": False}
+
+    def upsert() -> str:  # MLflow's tag write: look, then insert or update
+        exists = db.execute("select 1 from tags where key = 'view'").fetchone() or state["seen"]
+        if not exists:
+            state["seen"] = True
+            db.execute("insert into tags values ('view', 'other job')")  # the other job wins
+            db.execute("insert into tags values ('view', 'mine')")  # raises IntegrityError
+        db.execute("update tags set value = 'mine' where key = 'view'")
+        return "written"
+
+    with pytest.raises(sqlite3.IntegrityError) as caught:
+        upsert()
+    assert is_insert_race(caught.value) and not is_locked_error(caught.value)
+    db.execute("delete from tags")
+    state["seen"] = False
+    assert retry_locked(upsert, budget_s=0, sleep=lambda s: None) == "written"
+    assert db.execute("select value from tags").fetchall() == [("mine",)]
+
+    calls = []
+
+    def always() -> None:
+        calls.append(1)
+        raise sqlite3.IntegrityError("UNIQUE constraint failed: experiment_tags.key")
+
+    with pytest.raises(sqlite3.IntegrityError):
+        retry_locked(always, budget_s=10, sleep=lambda s: None)
+    assert len(calls) == RACE_RETRIES + 1  # a real duplicate is not retried for the budget
+
+
+def test_parallel_jobs_merge_their_columns_into_the_shared_view(mlflow_store, monkeypatch) -> None:
+    """Two jobs finishing together, each reading the view before the other wrote it: without
+    the view lock the second write drops the first job's columns (a lost update)."""
+    from mlflow.tracking import MlflowClient
+
+    from craterlab.tracking.view import LATEST_VIEW, VIEW_TAG
+
+    store = {k: v for k, v in mlflow_store.items() if k != "name"}
+    read = MlflowClient.get_experiment
+
+    def slow_read(self, experiment_id):  # hold the read open while the other job reads too
+        found = read(self, experiment_id)
+        time.sleep(0.5)
+        return found
+
+    trackers = [MlflowTracker(**store) for _ in range(2)]
+    for i, tracker in enumerate(trackers):
+        tracker.start({"job": str(i)})
+        tracker.log_metrics({f"mode{i}/mAP": 0.5})
+    monkeypatch.setattr(MlflowClient, "get_experiment", slow_read)
+    jobs = [threading.Thread(target=t.finish) for t in trackers]
+    for job in jobs:
+        job.start()
+    for job in jobs:
+        job.join()
+    assert [t.not_logged for t in trackers] == [[], []]
+    client = MlflowClient(store["uri"])
+    experiment = client.get_experiment_by_name(store["experiment"])
+    shown = json.loads(experiment.tags[VIEW_TAG + LATEST_VIEW])["selectedColumns"]
+    assert {"metrics.`mode0/mAP`", "metrics.`mode1/mAP`"} <= set(shown)

@@ -10,10 +10,17 @@ one is allowed ``NEW_STORE_S`` instead.
 Each run is tagged with the process id and host that run it. When a run starts, runs of the
 same experiment still RUNNING whose process on this host is gone (a killed job, a sweep
 interrupted with SIGKILL) are closed as KILLED, with the reason in ``craterlab.end_reason``.
+
+Parallel jobs on one store lose nothing: a write that meets "database is locked" waits and
+is retried; a tag that two jobs create at the same moment (MLflow's tag write is a read, then
+an insert: the second insert fails with "UNIQUE constraint failed") is written again, now as
+an update. The shared view's read-merge-write runs under a file lock beside a local SQLite
+store, so one job's columns are never overwritten by another's stale copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -21,7 +28,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,21 +54,34 @@ NEW_STORE_S = 120.0  # time allowed to create a new SQLite store (schema migrati
 LOCKED_RETRY_S = 120.0
 LOOKUP_S = 60.0  # time allowed to look up a finished run when resuming a sweep
 LOCKED_MESSAGES = ("database is locked", "database table is locked", "database is busy")
+# Two writers inserting the same new key: the loser's retry finds the row and updates it.
+RACE_MESSAGES = ("unique constraint failed", "duplicate key value violates unique constraint")
+RACE_RETRIES = 3
 
 
 class StoreError(Exception):
     """The tracking store can't be used; the message says why and what to do."""
 
 
-def is_locked_error(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an exception it wraps) is SQLite's "database is locked"."""
+def mentions(exc: BaseException | None, messages: Sequence[str]) -> bool:
+    """Whether ``exc``, or an exception it wraps, says one of ``messages`` (lower case)."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if any(m in str(exc).lower() for m in LOCKED_MESSAGES):
+        if any(m in str(exc).lower() for m in messages):
             return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        exc = exc.__cause__ or exc.__context__
     return False
+
+
+def is_locked_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it wraps) is SQLite's "database is locked"."""
+    return mentions(exc, LOCKED_MESSAGES)
+
+
+def is_insert_race(exc: BaseException) -> bool:
+    """Whether ``exc`` is a unique-key insert lost to a parallel writer of the same key."""
+    return mentions(exc, RACE_MESSAGES)
 
 
 def retry_locked(
@@ -72,20 +92,55 @@ def retry_locked(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Any:
     """``fn()``, called again while it fails with "database is locked", for up to ``budget_s``
-    seconds (waits double from ``first_wait_s`` to 2 s, with jitter); other errors propagate."""
+    seconds (waits double from ``first_wait_s`` to 2 s, with jitter), and up to
+    ``RACE_RETRIES`` times when it lost a unique-key insert race; other errors propagate."""
     import random
 
     deadline = time.monotonic() + budget_s
     wait = first_wait_s
+    races = 0
     while True:
         try:
             return fn()
         except Exception as exc:
+            if is_insert_race(exc) and races < RACE_RETRIES:
+                races += 1
+                log.debug("Tracking: another writer created the same key first; writing again")
+                continue
             if not is_locked_error(exc) or time.monotonic() + wait > deadline:
                 raise
             log.debug("Tracking: store locked by another writer; retrying in %.2f s", wait)
         sleep(wait * random.uniform(0.5, 1.5))
         wait = min(wait * 2, 2.0)
+
+
+@contextlib.contextmanager
+def view_lock(uri: str, timeout_s: float) -> Iterator[None]:
+    """Exclusive lock for the shared view's read-merge-write on a local SQLite store (file
+    ``<db>.view.lock`` beside it), waited for up to ``timeout_s`` (then TimeoutError). Other
+    stores are not locked: a server offers no lock, and a lost view costs columns, not data."""
+    import fcntl
+
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".view.lock")
+    deadline = time.monotonic() + timeout_s
+    with open(lock, "a+") as f:
+        while True:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"another job held {lock} for more than {timeout_s:g} s"
+                    ) from None
+                time.sleep(0.02)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def call_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -369,7 +424,9 @@ class MlflowTracker(Tracker):
 
         metrics, params = self._columns
         if metrics:
-            save_view(self._client, self.experiment_id, key_columns(metrics, params), merge=True)
+            with view_lock(self.uri, self.timeout_s / 2):  # the rest of timeout_s writes it
+                columns = key_columns(metrics, params)
+                save_view(self._client, self.experiment_id, columns, merge=True)
 
     # -- logging ----------------------------------------------------------------------------
 
