@@ -42,6 +42,7 @@ import torch
 
 from craterlab.errors import CraterlabError
 from craterlab.hashing import sha256_of, stable_hash
+from craterlab.locks import exclusive
 from craterlab.types import Features
 
 log = logging.getLogger(__name__)
@@ -450,8 +451,6 @@ class FeatureCache:
 
         In a directory this process cannot write, no lock is taken: entries are only read.
         """
-        import fcntl
-
         handle = None
         if writable_dir(self.root):
             with contextlib.suppress(OSError):
@@ -463,16 +462,9 @@ class FeatureCache:
             log.warning("Feature cache %s is not writable: using it read-only.", self.root)
             yield
             return
-        with handle as f:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("Waiting for another run that is extracting %s ...", name)
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+        waiting = f"Waiting for another run that is extracting {name} ..."
+        with handle as f, exclusive(f, waiting):
+            yield
 
     def load(self, name: str, *, verify: bool | None = None) -> Features | None:
         """The entry's features, None when absent; a corrupt entry is removed (with a warning)."""

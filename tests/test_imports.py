@@ -26,6 +26,7 @@ FLOORS: dict[str, int] = {
     "craterlab.kinds": 0,
     "craterlab.hookspecs": 0,
     "craterlab.lazy": 0,
+    "craterlab.locks": 0,
     "craterlab.registry": 1,
     "craterlab.devices": 1,
     "craterlab.plugins": 1,

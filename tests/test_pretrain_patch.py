@@ -49,13 +49,22 @@ def test_patch_config_refusals_name_the_fix() -> None:
         ({"mask_share": 0.0}, "mask_share must be in"),
         ({"patch_teacher_temp": 0.0}, "patch_teacher_temp must be > 0 or null"),
     ]
+    assert_objective_refusals({"patch_loss": "ibot"}, cases, unknown="mae")
+
+
+def assert_objective_refusals(
+    switch: dict[str, str], cases: list[tuple[dict, str]], unknown: str
+) -> None:
+    """Each bad value beside the objective's ``switch`` is refused naming the problem and the
+    way to set it; an ``unknown`` objective name is refused naming the valid one."""
+    (key, valid) = next(iter(switch.items()))
     for values, problem in cases:
         with pytest.raises(ConfigError, match=problem) as info:
-            validate_pretrain_config({"patch_loss": "ibot", **values})
+            validate_pretrain_config({**switch, **values})
         assert "pretrain.KEY=VALUE" in str(info.value)
-    with pytest.raises(ConfigError, match="patch_loss") as info:
-        validate_pretrain_config({"patch_loss": "mae"})
-    assert "ibot" in str(info.value)  # names the valid choices
+    with pytest.raises(ConfigError, match=key) as info:
+        validate_pretrain_config({key: unknown})
+    assert valid in str(info.value)  # names the valid choices
 
 
 def test_a_model_without_patch_tokens_is_refused() -> None:

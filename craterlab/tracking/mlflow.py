@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from craterlab.locks import exclusive
 from craterlab.results import (
     DEFAULT_ARTIFACTS,
     END_TAG,
@@ -119,28 +120,12 @@ def view_lock(uri: str, timeout_s: float) -> Iterator[None]:
     """Exclusive lock for the shared view's read-merge-write on a local SQLite store (file
     ``<db>.view.lock`` beside it), waited for up to ``timeout_s`` (then TimeoutError). Other
     stores are not locked: a server offers no lock, and a lost view costs columns, not data."""
-    import fcntl
-
     if not uri.startswith("sqlite:///"):
         yield
         return
-    lock = Path(uri.removeprefix("sqlite:///") + ".view.lock")
-    deadline = time.monotonic() + timeout_s
-    with open(lock, "a+") as f:
-        while True:
-            try:
-                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"another job held {lock} for more than {timeout_s:g} s"
-                    ) from None
-                time.sleep(0.02)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    lock = uri.removeprefix("sqlite:///") + ".view.lock"
+    with open(lock, "a+") as f, exclusive(f, timeout_s=timeout_s):
+        yield
 
 
 def call_with_timeout(fn: Callable[[], Any], timeout_s: float, what: str) -> Any:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from craterlab.errors import ConfigError, DataError
+from craterlab.locks import exclusive
 
 log = logging.getLogger("craterlab")
 
@@ -162,8 +163,6 @@ def clear_partial(path: Path) -> Path:
 def index_lock(path: Path) -> Iterator[None]:
     """Exclusive lock on the index at ``path`` (file ``DIR.lock`` beside it): a second
     update waits for the first, then loads what the first saved."""
-    import fcntl
-
     lock = _sibling(path, ".lock")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,16 +172,8 @@ def index_lock(path: Path) -> Iterator[None]:
             f"Cannot create the lock file {lock} for index {path} ({exc.strerror}); the "
             "index's folder must be writable to update it."
         ) from None
-    with handle as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("Waiting for another update of index %s ...", path)
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    with handle as f, exclusive(f, f"Waiting for another update of index {path} ..."):
+        yield
 
 
 def human(n: float) -> str:
